@@ -1,0 +1,187 @@
+"""Pydantic models of one trial: the single source of truth for what a trainer builds and runs.
+
+The orchestrator's spec embeds these models (teacher/student model and schedule, data, distillation) and
+adds the experiment-level parts (ablation grid, table, resources). A trainer receives a validated
+`TrialConfig` and nothing else. Derived values (e.g. a family's default FFN width) are computed by
+properties, never stored twice.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Family = Literal["conditional_detr", "deformable_detr", "adamixer"]
+BackboneName = Literal["resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v2"]
+
+# Family defaults that differ between the original papers' configs.
+FAMILY_DEFAULTS = {
+    "conditional_detr": dict(ffn_dim=2048, num_feature_levels=1),
+    "deformable_detr": dict(ffn_dim=1024, num_feature_levels=4),
+    "adamixer": dict(ffn_dim=2048, num_feature_levels=4),
+}
+
+
+class StrictModel(BaseModel):
+    """Unknown keys are errors: a typo in a spec must never be silently ignored."""
+    model_config = ConfigDict(extra="forbid", frozen=False, validate_assignment=True)
+
+
+class ModelConfig(StrictModel):
+    family: Family = "conditional_detr"
+    backbone: BackboneName = "resnet50"
+    backbone_weights: Optional[Path] = None  # local torchvision state_dict file; None = random init
+    train_backbone: bool = True
+    encoder_layers: int = Field(6, ge=0)
+    decoder_layers: int = Field(6, ge=1)
+    num_queries: int = Field(300, ge=1)
+    hidden_dim: int = Field(256, ge=8)
+    num_heads: int = Field(8, ge=1)
+    ffn_dim: Optional[int] = Field(None, ge=8)  # None = the family's default
+    num_feature_levels: Optional[int] = Field(None, ge=1, le=5)  # None = the family's default
+    num_points: int = Field(4, ge=1)  # deformable attention sampling points per head and level
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModelConfig":
+        if self.hidden_dim % self.num_heads:
+            raise ValueError(f"hidden_dim {self.hidden_dim} is not divisible by num_heads {self.num_heads}")
+        if self.family == "conditional_detr" and self.levels != 1:
+            raise ValueError("conditional_detr uses one feature level (C5); num_feature_levels must be 1")
+        if self.family == "adamixer" and "encoder_layers" in self.model_fields_set and self.encoder_layers:
+            raise ValueError("adamixer has no transformer encoder; leave encoder_layers unset")
+        return self
+
+    @property
+    def ffn(self) -> int:
+        return self.ffn_dim or FAMILY_DEFAULTS[self.family]["ffn_dim"]
+
+    @property
+    def levels(self) -> int:
+        return self.num_feature_levels or FAMILY_DEFAULTS[self.family]["num_feature_levels"]
+
+
+class AugmentConfig(StrictModel):
+    """DETR's augmentation: multi-scale resize (shorter side from `scales`, longer side <= max_size), a
+    random-crop branch taken with probability 0.5, horizontal flip; evaluation resizes to `test_size`."""
+    scales: list[int] = Field(default_factory=lambda: [480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800])
+    max_size: int = 1333
+    crop: bool = True
+    crop_resize: list[int] = Field(default_factory=lambda: [400, 500, 600])
+    crop_min: int = 384
+    crop_max: int = 600
+    flip: float = Field(0.5, ge=0.0, le=1.0)
+    test_size: int = 800
+
+
+class DataConfig(StrictModel):
+    """COCO-format data on disk, or the synthetic task (generated once into `root` and reused)."""
+    format: Literal["coco", "synthetic"] = "synthetic"
+    root: Path = Path("data/synthetic")
+    train: str = "annotations/instances_train.json"
+    val: str = "annotations/instances_val.json"
+    train_images: str = "train"  # image folder relative to root
+    val_images: str = "val"
+    # synthetic generator settings (ignored for coco)
+    synthetic_train: int = Field(2000, ge=1)
+    synthetic_val: int = Field(300, ge=1)
+    synthetic_seed: int = 0
+    synthetic_image_size: int = Field(256, ge=32)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    num_workers: int = Field(2, ge=0)
+    limit_train: Optional[int] = Field(None, ge=1)  # use only the first N training images (debug, overfit)
+    limit_val: Optional[int] = Field(None, ge=1)
+
+
+class LossConfig(StrictModel):
+    """DETR set loss: focal classification, L1 and GIoU box terms, matched with the same-weighted costs."""
+    cls_weight: float = 2.0
+    l1_weight: float = 5.0
+    giou_weight: float = 2.0
+    match_cls: float = 2.0
+    match_l1: float = 5.0
+    match_giou: float = 2.0
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+
+
+class ScheduleConfig(StrictModel):
+    """Optimisation: AdamW, lr x `lr_backbone_mult` for the backbone and x `lr_linear_proj_mult` for
+    deformable sampling offsets / reference points, linear warm-up, step decay at `lr_drop_epochs`."""
+    epochs: int = Field(50, ge=1)
+    lr: float = Field(2e-4, gt=0)
+    lr_backbone_mult: float = Field(0.1, ge=0)
+    lr_linear_proj_mult: float = Field(0.1, ge=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    batch_size: int = Field(2, ge=1)
+    grad_clip: float = Field(0.1, ge=0)  # 0 = no clipping
+    warmup_iters: int = Field(0, ge=0)
+    lr_drop_epochs: list[int] = Field(default_factory=lambda: [40])
+    lr_drop_factor: float = Field(0.1, gt=0)
+    amp: bool = True  # bf16 autocast when on CUDA; ignored on the CPU
+    eval_every: int = Field(1, ge=1)  # evaluate every N epochs (and always after the last)
+
+
+LayerMappingName = Literal["layerwise", "last", "first", "uniform", "final"]
+
+
+class LogitsKDConfig(StrictModel):
+    """Hungarian-matching logits distillation (METHOD.md section 1)."""
+    weight: float = Field(1.0, ge=0)
+    split: Literal["all", "positive_negative"] = "all"  # "all" = official code; the other = paper's reading
+    threshold: float = Field(0.5, gt=0, lt=1)  # positive/negative split on max teacher probability
+    cost_cls: float = 1.0
+    cost_l1: float = 5.0
+    cost_giou: float = 2.0
+
+
+class FeatureKDConfig(StrictModel):
+    """Target-aware feature distillation (METHOD.md section 2)."""
+    weight: float = Field(1.0, ge=0)
+    top_k: int = Field(100, ge=1)
+    quality: bool = True  # False = the paper's plain-mask ablation (no prob x IoU weighting)
+
+
+class QueryPriorKDConfig(StrictModel):
+    """Query-prior assignment distillation (METHOD.md section 3)."""
+    weight: float = Field(1.0, ge=0)
+
+
+class BaselineKDConfig(StrictModel):
+    """Feature-level baselines designed for CNN detectors (FitNet, FGD, MGD); weights default to their
+    papers' detection configs, filled in by trainers.distill.baselines."""
+    weight: Optional[float] = Field(None, ge=0)
+
+
+class DistillConfig(StrictModel):
+    method: Literal["none", "detrdistill", "fitnet", "fgd", "mgd"] = "none"
+    logits: LogitsKDConfig = Field(default_factory=LogitsKDConfig)
+    feature: FeatureKDConfig = Field(default_factory=FeatureKDConfig)
+    query_prior: QueryPriorKDConfig = Field(default_factory=QueryPriorKDConfig)
+    baseline: BaselineKDConfig = Field(default_factory=BaselineKDConfig)
+    # which teacher decoder layer teaches each student layer: a strategy, or an explicit list (one teacher
+    # layer index per student layer, 0-based)
+    layer_mapping: Union[LayerMappingName, list[int]] = "last"
+
+
+class TeacherConfig(StrictModel):
+    """The frozen teacher of a distillation trial: its architecture and where its weights are (our
+    checkpoint file, or a transformers save_pretrained directory)."""
+    model: ModelConfig = Field(default_factory=lambda: ModelConfig(backbone="resnet101"))
+    checkpoint: Optional[Path] = None
+
+
+class TrialConfig(StrictModel):
+    """Everything one trial needs. Its content hash identifies it (see `trial_hash`)."""
+    name: str = "trial"
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    cpus: Optional[int] = Field(None, ge=1)  # torch threads; None = leave torch's default
+    init_checkpoint: Optional[Path] = None  # start the model from these weights (not a resume)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    teacher: Optional[TeacherConfig] = None  # required when distill.method != "none"

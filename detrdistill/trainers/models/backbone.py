@@ -1,0 +1,78 @@
+"""torchvision backbones with frozen batch norm, returning the last few stages' feature maps."""
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor, nn
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+# Output channels of the three stages used as transformer inputs (strides 8, 16, 32).
+STAGE_CHANNELS = {
+    "resnet18": [128, 256, 512],
+    "resnet34": [128, 256, 512],
+    "resnet50": [512, 1024, 2048],
+    "resnet101": [512, 1024, 2048],
+    "mobilenet_v2": [32, 96, 1280],
+}
+
+
+def _resnet_stages(net: nn.Module) -> list[nn.Module]:
+    stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1)
+    return [nn.Sequential(stem, net.layer2), net.layer3, net.layer4]
+
+
+def _mobilenet_stages(net: nn.Module) -> list[nn.Module]:
+    f = net.features  # blocks 0-6 end at stride 8, 7-13 at stride 16, 14-18 at stride 32 (1280 channels)
+    return [f[:7], f[7:14], f[14:]]
+
+
+class Backbone(nn.Module):
+    """Image -> the last `num_levels` (1 to 3) of the stride-8/16/32 feature maps, with their padding masks.
+
+    Batch norm is frozen (statistics and affine parameters are buffers), as in DETR: detection batches are
+    too small for batch statistics. The stem and first stage are never trained.
+    """
+
+    def __init__(self, name: str, num_levels: int, weights: Optional[Path] = None, train: bool = True):
+        super().__init__()
+        if name not in STAGE_CHANNELS:
+            raise ValueError(f"unknown backbone {name!r}; known: {sorted(STAGE_CHANNELS)}")
+        net = getattr(torchvision.models, name)(weights=None, norm_layer=FrozenBatchNorm2d)
+        if weights is not None:
+            load_backbone_weights(net, weights)
+        stages = _resnet_stages(net) if name.startswith("resnet") else _mobilenet_stages(net)
+        self.stages = nn.ModuleList(stages)
+        self.num_levels = min(num_levels, 3)
+        self.channels = STAGE_CHANNELS[name][3 - self.num_levels:]
+        for pname, p in self.named_parameters():
+            trainable = train and not (name.startswith("resnet") and pname.startswith("stages.0.0."))
+            p.requires_grad_(trainable)
+
+    def forward(self, images: Tensor, mask: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """images [B, 3, H, W], mask [B, H, W] (True = padding) -> [(features [B, C_j, H_j, W_j], mask_j)]."""
+        outs, x = [], images
+        for stage in self.stages:
+            x = stage(x)
+            outs.append(x)
+        outs = outs[3 - self.num_levels:]
+        return [(f, F.interpolate(mask[None].float(), size=f.shape[-2:])[0].bool()) for f in outs]
+
+
+def load_backbone_weights(net: nn.Module, path: Path) -> None:
+    """Load a torchvision classification state_dict (e.g. resnet50-0676ba61.pth) from a local file.
+    The classifier head may be missing or extra; anything else missing is an error naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"backbone weights file not found: {path}")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    head = ("fc.", "classifier.")
+    missing = [k for k in missing if not k.startswith(head)]
+    unexpected = [k for k in unexpected if not k.startswith(head)]
+    if missing or unexpected:
+        raise ValueError(f"{path}: not a matching torchvision backbone state_dict "
+                         f"(missing {missing[:5]}..., unexpected {unexpected[:5]}...)")
