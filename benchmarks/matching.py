@@ -1,0 +1,135 @@
+"""Hungarian matching speed: solve_assignments (parallel, exact) vs the serial scipy loop it replaced.
+
+    python benchmarks/matching.py                   # B = 2, 4, 8; L = 6; 300 x 300; torch.get_num_threads()
+    python benchmarks/matching.py --threads 16 --reps 9
+
+One "step" = the B x L assignment problems of one training step at paper size (B images, L = 6 decoder
+layer pairs, 300 student x 300 teacher queries), all handed to one call, as the KD matching and the
+ground-truth matcher do. Two kinds of float32 costs:
+  random  uniform random costs;
+  kd      the real KD cost (trainers.distill.logits.kd_cost: soft BCE over 91 classes + 5 L1 - 2 GIoU) between
+          teacher predictions (mostly confident background, ~7 objects per image) and a noisy, shuffled
+          student copy of them, as mid-training.
+Each rep times the serial scipy loop and solve_assignments back to back (so load from other processes hits
+both alike); reported: the median over --reps after a warm-up, and every result is checked identical to
+scipy's. The last line is `speedup_vs_serial_scipy: X` with X the geometric mean of the per-row speedups
+(every B and cost kind). Before the table, the numba compile time is measured in fresh processes: with an
+empty cache (a first run on a machine) and with the cache it left (every later process).
+"""
+import argparse
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from detrdistill.trainers import lsap  # noqa: E402
+from detrdistill.trainers.matching import solve_assignments  # noqa: E402
+
+N_CLASSES = 91
+
+
+def random_costs(rng, n_problems, n):
+    return [rng.random((n, n), dtype=np.float32) for _ in range(n_problems)]
+
+
+def kd_costs(seed, layers, batch, n):
+    """[L * B] KD cost matrices built like the real ones (float32, on the CPU)."""
+    from detrdistill.trainers.config import LogitsKDConfig
+    from detrdistill.trainers.distill.logits import kd_cost
+    g = torch.Generator().manual_seed(seed)
+    t_logits = torch.randn(layers, batch, n, N_CLASSES, generator=g) * 1.5 - 4.5   # background everywhere
+    for b in range(batch):                                                          # ~7 objects per image
+        q = torch.randperm(n, generator=g)[:7]
+        cls = torch.randint(0, N_CLASSES, (7,), generator=g)
+        t_logits[:, b, q, cls] = 3.0 + torch.randn(layers, 7, generator=g)
+    cxcy = torch.rand(layers, batch, n, 2, generator=g) * 0.8 + 0.1
+    wh = torch.rand(layers, batch, n, 2, generator=g) * 0.3 + 0.02
+    t_boxes = torch.cat([cxcy, wh], -1)
+    perm = torch.argsort(torch.rand(layers, batch, n, generator=g), -1)            # students are shuffled
+    s_logits = t_logits.gather(2, perm[..., None].expand_as(t_logits)) + torch.randn(t_logits.shape, generator=g)
+    s_boxes = (t_boxes.gather(2, perm[..., None].expand_as(t_boxes))
+               + 0.03 * torch.randn(t_boxes.shape, generator=g)).clamp(0.01, 0.99)
+    cost = kd_cost(s_logits, s_boxes, t_logits.sigmoid(), t_boxes, LogitsKDConfig())
+    return [c.numpy() for c in cost.reshape(layers * batch, n, n)]
+
+
+def compile_times() -> tuple[float, float]:
+    """Seconds to make the kernel callable in a fresh process: with an empty numba cache, then cached."""
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r}); "
+            "import time; t = time.perf_counter(); from detrdistill.trainers import lsap; lsap.warm_up(); "
+            "print(time.perf_counter() - t)")
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, NUMBA_CACHE_DIR=cache)
+        run = lambda: float(subprocess.run([sys.executable, "-c", code], env=env, check=True,  # noqa: E731
+                                           capture_output=True, text=True).stdout.split()[-1])
+        return run(), run()
+
+
+def time_pair(costs, threads, reps):
+    """Median seconds of (serial scipy loop, solve_assignments), alternating; checks identical results."""
+    t_scipy, t_ours = [], []
+    reference = solve_assignments(costs, backend="scipy")
+    for rep in range(reps + 1):  # the first is a warm-up
+        t0 = time.perf_counter()
+        serial = solve_assignments(costs, backend="scipy")
+        t1 = time.perf_counter()
+        ours = solve_assignments(costs, num_threads=threads)
+        t2 = time.perf_counter()
+        for (r, c), (sr, sc), (rr, rc) in zip(ours, serial, reference):
+            assert np.array_equal(r, sr) and np.array_equal(c, sc) and np.array_equal(c, rc), "results differ"
+        if rep:
+            t_scipy.append(t1 - t0)
+            t_ours.append(t2 - t1)
+    return statistics.median(t_scipy), statistics.median(t_ours)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--batches", type=int, nargs="+", default=[2, 4, 8])
+    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--queries", type=int, default=300)
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=None, help="default: torch.get_num_threads()")
+    ap.add_argument("--kinds", nargs="+", default=["random", "kd"], choices=["random", "kd"])
+    ap.add_argument("--no-compile-time", action="store_true")
+    args = ap.parse_args()
+    threads = args.threads or torch.get_num_threads()
+    if not lsap.available():
+        sys.exit("numba is not installed: solve_assignments would be the scipy loop itself")
+
+    print(f"threads: {threads} (os.cpu_count() = {os.cpu_count()}, "
+          f"sched_getaffinity = {len(os.sched_getaffinity(0))})")
+    if not args.no_compile_time:
+        cold, warm = compile_times()
+        print(f"kernel ready in a fresh process: {cold:.2f} s compiling (empty numba cache), "
+              f"{warm:.2f} s loading the cache")
+    print(f"this process: warm-up {lsap.warm_up():.2f} s")
+
+    rng = np.random.default_rng(0)
+    print(f"\n{'B':>3} {'problems':>8} {'costs':>7} {'scipy ms':>9} {'ours ms':>8} {'speedup':>8}")
+    speedups = []
+    for batch in args.batches:
+        n_problems = batch * args.layers
+        for kind in args.kinds:
+            costs = (random_costs(rng, n_problems, args.queries) if kind == "random"
+                     else kd_costs(batch, args.layers, batch, args.queries))
+            t_scipy, t_ours = time_pair(costs, threads, args.reps)
+            speedups.append(t_scipy / t_ours)
+            print(f"{batch:>3} {n_problems:>8} {kind:>7} {t_scipy * 1e3:>9.1f} {t_ours * 1e3:>8.1f} "
+                  f"{t_scipy / t_ours:>7.2f}x", flush=True)
+    print("results identical to scipy: yes (checked every rep)")
+    # X = geometric mean of the speedups of all rows above (every B and cost kind)
+    print(f"speedup_vs_serial_scipy: {math.exp(sum(map(math.log, speedups)) / len(speedups)):.2f}")
+
+
+if __name__ == "__main__":
+    main()

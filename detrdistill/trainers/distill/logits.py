@@ -1,0 +1,108 @@
+"""Hungarian-matching logits distillation (METHOD.md section 1).
+
+DETR predictions are an unordered set, so student and teacher predictions are first matched one-to-one with
+the Hungarian algorithm (cost: soft BCE summed over classes + L1 - GIoU), then matched pairs are distilled.
+All layer pairs and images of a step are matched in one call of `solve_assignments`.
+"""
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from detrdistill.trainers.box_ops import batched_pairwise_giou, clamp_cxcywh, elementwise_giou
+from detrdistill.trainers.config import LogitsKDConfig
+from detrdistill.trainers.matching import solve_assignments
+from detrdistill.trainers.models.output import DecoderPredictions
+
+
+def kd_cost(student_logits: Tensor, student_boxes: Tensor, teacher_probs: Tensor, teacher_boxes: Tensor,
+            cfg: LogitsKDConfig) -> Tensor:
+    """[P, B, N_S, C], [P, B, N_S, 4], [P, B, N_T, C], [P, B, N_T, 4] -> cost [P, B, N_S, N_T].
+
+    sum_c BCE(x, p) = sum_c softplus(x) - x . p, so the class cost of all pairs is one batched matmul.
+    """
+    x, p = student_logits.float(), teacher_probs.float()
+    cls = F.softplus(x).sum(-1, keepdim=True) - x @ p.transpose(-1, -2)
+    l1 = torch.cdist(student_boxes.float(), teacher_boxes.float(), p=1)
+    giou = batched_pairwise_giou(student_boxes.float(), teacher_boxes.float())
+    return cfg.cost_cls * cls + cfg.cost_l1 * l1 - cfg.cost_giou * giou
+
+
+def match_to_teacher(cost: Tensor, student_valid: Tensor = None, teacher_valid: Tensor = None) -> list:
+    """cost [P, B, N_S, N_T] -> per (pair, image) (student_idx, teacher_idx) LongTensors on cost's device.
+
+    Optional masks [P, B, N_S] / [P, B, N_T] restrict which predictions take part (positive/negative split).
+    """
+    P, B = cost.shape[:2]
+    cost_cpu = cost.detach().cpu()
+    problems, rows_kept, cols_kept = [], [], []
+    for pi in range(P):
+        for b in range(B):
+            rows = torch.nonzero(student_valid[pi, b]).flatten().cpu() if student_valid is not None else None
+            cols = torch.nonzero(teacher_valid[pi, b]).flatten().cpu() if teacher_valid is not None else None
+            c = cost_cpu[pi, b]
+            c = c if rows is None else c[rows]
+            c = c if cols is None else c[:, cols]
+            problems.append(c.numpy())
+            rows_kept.append(rows)
+            cols_kept.append(cols)
+    solutions = solve_assignments(problems)
+    out = []
+    for (r, c), rows, cols in zip(solutions, rows_kept, cols_kept):
+        r, c = torch.as_tensor(r, dtype=torch.long), torch.as_tensor(c, dtype=torch.long)
+        r = r if rows is None else rows[r]
+        c = c if cols is None else cols[c]
+        out.append((r.to(cost.device), c.to(cost.device)))
+    return out
+
+
+def _matched_loss(x, bs, p, bt, matches, background: bool = False) -> dict:
+    """One layer pair: x [B, N_S, C], bs [B, N_S, 4], p [B, N_T, C], bt [B, N_T, 4], matches per image.
+    Each term is summed over matched pairs (and classes / coordinates) and divided by their number."""
+    s_idx = torch.cat([torch.full_like(s, b) for b, (s, _) in enumerate(matches)]), torch.cat([s for s, _ in matches])
+    t_idx = torch.cat([torch.full_like(t, b) for b, (_, t) in enumerate(matches)]), torch.cat([t for _, t in matches])
+    xs, bss, ps, bts = x[s_idx].float(), bs[s_idx].float(), p[t_idx], bt[t_idx]
+    n = max(xs.shape[0], 1)
+    target = torch.zeros_like(ps) if background else ps
+    cls = F.binary_cross_entropy_with_logits(xs, target, reduction="sum") / n
+    l1 = (bss - bts).abs().sum() / n
+    giou = (1 - elementwise_giou(bss, bts)).sum() / n
+    return {"cls": cls, "l1": l1, "giou": giou}
+
+
+def _pairwise_loss(x, bs, p, bt, matches, background: bool = False) -> dict:
+    """Sum over layer pairs of `_matched_loss`; matches are ordered (pair, image)."""
+    P, B = x.shape[:2]
+    per_pair = [_matched_loss(x[k], bs[k], p[k], bt[k], matches[k * B:(k + 1) * B], background) for k in range(P)]
+    return {key: sum(d[key] for d in per_pair) for key in per_pair[0]}
+
+
+def logits_distillation(student: DecoderPredictions, teacher: DecoderPredictions, mapping: list[int],
+                        cfg: LogitsKDConfig) -> dict:
+    """Sum over layer pairs (s, mapping[s]) of the matched-pair KD loss. Returns the weighted total
+    'kd_logits' and its unweighted terms (summed over layer pairs) for logging.
+
+    split == "all" (official code): every teacher prediction takes part, so the teacher's confident
+    background reaches the student. split == "positive_negative" (paper's reading): teacher predictions
+    with max probability >= threshold are matched and distilled as pseudo ground truth; the rest are matched
+    among the remaining student predictions, with a class term pushing to background and the box terms.
+    """
+    t_idx = torch.as_tensor(mapping, device=teacher.logits.device)
+    x, bs = student.logits, student.boxes                          # [P, B, N_S, C], [P, B, N_S, 4]
+    p = teacher.logits.detach().float()[t_idx].sigmoid()           # [P, B, N_T, C]
+    bt = clamp_cxcywh(teacher.boxes.detach().float()[t_idx])       # [P, B, N_T, 4]
+    P, B = x.shape[:2]
+    cost = kd_cost(x.detach(), bs.detach(), p, bt, cfg)
+    if cfg.split == "all":
+        terms = _pairwise_loss(x, bs, p, bt, match_to_teacher(cost))
+    else:
+        positive = p.max(-1).values >= cfg.threshold               # [P, B, N_T]
+        pos_matches = match_to_teacher(cost, teacher_valid=positive)
+        student_free = torch.ones(x.shape[:3], dtype=torch.bool, device=x.device)
+        for k, (s, _) in enumerate(pos_matches):
+            student_free[k // B, k % B, s] = False
+        neg_matches = match_to_teacher(cost, student_valid=student_free, teacher_valid=~positive)
+        pos = _pairwise_loss(x, bs, p, bt, pos_matches)
+        neg = _pairwise_loss(x, bs, p, bt, neg_matches, background=True)
+        terms = {k: pos[k] + neg[k] for k in pos}
+    total = cfg.cost_cls * terms["cls"] + cfg.cost_l1 * terms["l1"] + cfg.cost_giou * terms["giou"]
+    return {"kd_logits": cfg.weight * total, **{f"kd_logits_{k}": v.detach() for k, v in terms.items()}}

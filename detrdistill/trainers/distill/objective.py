@@ -1,0 +1,78 @@
+"""The distillation training objective: detection loss of the student plus the configured KD terms.
+
+L = L_det(student, GT) + lambda_logits L_logits + lambda_feat L_feat + lambda_qp L_query_prior   (detrdistill)
+L = L_det(student, GT) + L_baseline                                                          (fitnet/fgd/mgd)
+
+The teacher is frozen: eval mode, no gradients, not in the optimizer, not in the student's checkpoint.
+Terms whose weight is 0 are not computed at all, so with every weight at 0 the objective is exactly the
+plain student's (same forward, same loss, same gradients).
+"""
+import torch
+from torch import nn
+
+from detrdistill.trainers.config import DistillConfig
+from detrdistill.trainers.distill.feature import feature_adapters, feature_distillation
+from detrdistill.trainers.distill.logits import logits_distillation
+from detrdistill.trainers.distill.mapping import layer_mapping
+from detrdistill.trainers.distill.query_prior import query_prior_loss
+from detrdistill.trainers.models.output import DecoderPredictions
+
+
+def _float(pred: DecoderPredictions) -> DecoderPredictions:
+    return DecoderPredictions(pred.logits.float(), pred.boxes.float(), pred.hidden)
+
+
+class DistillationLoss:
+    """Callable (student, images, mask, targets) -> dict of losses with the total under 'loss'.
+
+    `trainable` holds the objective's own learnable modules (feature adapters, baseline generators); the
+    engine optimises and checkpoints them with the student.
+    """
+
+    def __init__(self, teacher: nn.Module, criterion, cfg: DistillConfig, student_dim: int, teacher_dim: int,
+                 student_layers: int, teacher_layers: int, num_levels: int):
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.criterion = criterion
+        self.cfg = cfg
+        self.mapping = layer_mapping(cfg.layer_mapping, student_layers, teacher_layers)
+        self.trainable = nn.ModuleDict()
+        if cfg.method == "detrdistill" and cfg.feature.weight > 0:
+            self.trainable["feature_adapters"] = feature_adapters(student_dim, teacher_dim, num_levels)
+        elif cfg.method in ("fitnet", "fgd", "mgd"):
+            from detrdistill.trainers.distill.baselines import build_baseline
+            self.trainable["baseline"] = build_baseline(cfg.method, student_dim, teacher_dim, num_levels,
+                                                        cfg.baseline.weight)
+
+    def to(self, device):
+        self.teacher.to(device)
+        self.trainable.to(device)
+        return self
+
+    def __call__(self, student, images, mask, targets) -> dict:
+        cfg = self.cfg
+        use_qp = cfg.method == "detrdistill" and cfg.query_prior.weight > 0
+        with torch.no_grad():
+            t_out = self.teacher(images, mask)
+        s_out = student(images, mask, queries=t_out.queries.detach() if use_qp else None)
+        losses = self.criterion(_float(s_out.predictions), targets)
+        kd = {}
+        if cfg.method == "detrdistill":
+            if cfg.logits.weight > 0:
+                kd.update(logits_distillation(s_out.predictions, t_out.predictions, self.mapping, cfg.logits))
+            if cfg.feature.weight > 0:
+                kd.update(feature_distillation(s_out.features, t_out.features, t_out.predictions, targets,
+                                               self.trainable["feature_adapters"], cfg.feature))
+            if use_qp:
+                teacher_indices = self.criterion.indices_for(_float(t_out.predictions), targets)
+                qp = query_prior_loss(s_out.extra, teacher_indices, targets, self.mapping, self.criterion)
+                kd["kd_query_prior"] = cfg.query_prior.weight * qp["kd_query_prior"]
+        elif cfg.method in ("fitnet", "fgd", "mgd"):
+            kd[f"kd_{cfg.method}"] = self.trainable["baseline"](s_out.features, [f.detach() for f in t_out.features],
+                                                                s_out.masks, targets, tuple(images.shape[-2:]))
+        weighted = [v for k, v in kd.items() if k in ("kd_logits", "kd_feature", "kd_query_prior")
+                    or k == f"kd_{cfg.method}"]
+        if weighted:
+            losses["loss_det"] = losses["loss"].detach()
+            losses["loss"] = losses["loss"] + sum(weighted)
+        losses.update({k: v.detach() if torch.is_tensor(v) else v for k, v in kd.items()})
+        return losses

@@ -1,0 +1,23 @@
+"""Query-prior assignment distillation (METHOD.md section 3).
+
+DETR's bipartite assignment is unstable early in training. The teacher's learned initial queries go through
+the student's decoder as an extra, detached group; each of that group's queries is supervised by the ground
+truth that the teacher's own Hungarian matching assigned to the same teacher query (at the teacher layer
+mapped to the student layer). Unassigned queries are background. Training only.
+"""
+import torch
+
+from detrdistill.trainers.models.output import DecoderPredictions
+
+
+def query_prior_loss(student_group: DecoderPredictions, teacher_indices: list, targets: list, mapping: list[int],
+                     criterion) -> dict:
+    """student_group: the extra group's predictions [L_S, B, N_T, ...]; teacher_indices[t][b] = (teacher query
+    idx, target idx) of the teacher's layer-t assignment to ground truth. Returns the weighted detection loss
+    (focal, L1, GIoU as the criterion weights them) summed over student layers as 'kd_query_prior'."""
+    total = student_group.logits.new_zeros((), dtype=torch.float32)
+    for s, t in enumerate(mapping):
+        terms = criterion.layer_loss(student_group.logits[s].float(), student_group.boxes[s].float(), targets,
+                                     teacher_indices[t])
+        total = total + sum(criterion.weights[k] * terms[k] for k in criterion.weights)
+    return {"kd_query_prior": total}

@@ -1,0 +1,228 @@
+"""One trial: build data and model, train with AdamW, evaluate with COCO mAP, checkpoint every epoch, resume.
+
+`run_trial(config, workdir, report)` is the whole interface. It knows nothing of Ray or MLflow: whoever runs
+it (a test, a Ray worker) receives each epoch's metrics and checkpoint through `report(metrics, checkpoint)`.
+
+Exact resume: every epoch starts by seeding all RNGs from (seed, epoch), so what an epoch draws (sampling
+order, augmentation, dropout) does not depend on whether the run was interrupted before it. Together with
+the model, optimizer and scheduler state this makes a resumed CPU run bitwise equal to an uninterrupted one.
+"""
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
+
+from detrdistill.trainers.checkpoint import load_checkpoint, rng_state, save_checkpoint
+from detrdistill.trainers.config import ScheduleConfig, TrialConfig
+from detrdistill.trainers.criterion import SetCriterion
+from detrdistill.trainers.data.batching import collate
+from detrdistill.trainers.data.coco import build_dataset
+from detrdistill.trainers.evaluate import evaluate
+from detrdistill.trainers.models import build_detector
+
+Report = Callable[[dict, Optional[Path]], None]
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite: the trial cannot continue."""
+
+
+def select_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but CUDA is not available on this machine")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    return seed * 100_003 + epoch
+
+
+def param_groups(model: torch.nn.Module, schedule: ScheduleConfig) -> list[dict]:
+    """AdamW groups: the backbone at lr x lr_backbone_mult; deformable sampling offsets and reference points
+    at lr x lr_linear_proj_mult (Deformable DETR's recipe); everything else at lr. Frozen params are left out."""
+    groups = {"backbone": [], "linear_proj": [], "default": []}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name.startswith("backbone."):
+            groups["backbone"].append(p)
+        elif "sampling_offsets" in name or "reference_points" in name:
+            groups["linear_proj"].append(p)
+        else:
+            groups["default"].append(p)
+    mult = {"backbone": schedule.lr_backbone_mult, "linear_proj": schedule.lr_linear_proj_mult, "default": 1.0}
+    return [{"params": ps, "lr": schedule.lr * mult[k], "name": k} for k, ps in groups.items() if ps]
+
+
+def lr_factor(schedule: ScheduleConfig, iters_per_epoch: int) -> Callable[[int], float]:
+    """Step index -> lr multiplier: linear warm-up over `warmup_iters`, then x lr_drop_factor at each
+    epoch in lr_drop_epochs."""
+    def factor(step: int) -> float:
+        epoch = step // max(iters_per_epoch, 1)
+        drops = sum(epoch >= e for e in schedule.lr_drop_epochs)
+        warm = min(1.0, (step + 1) / schedule.warmup_iters) if schedule.warmup_iters else 1.0
+        return warm * schedule.lr_drop_factor ** drops
+    return factor
+
+
+class DetectionLoss:
+    """The plain student objective: the DETR set loss on every decoder layer. A distillation objective has
+    the same call signature and adds its terms (trainers.distill)."""
+
+    def __init__(self, criterion: SetCriterion):
+        self.criterion = criterion
+
+    def __call__(self, model, images, mask, targets) -> dict:
+        out = model(images, mask)
+        return self.criterion(_float_predictions(out.predictions), targets)
+
+
+def _float_predictions(pred):
+    """Losses and matching run in float32 even under bf16 autocast."""
+    from detrdistill.trainers.models.output import DecoderPredictions
+    return DecoderPredictions(pred.logits.float(), pred.boxes.float(), pred.hidden)
+
+
+def _to_device(images, mask, targets, device):
+    targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
+    return images.to(device, non_blocking=True), mask.to(device, non_blocking=True), targets
+
+
+def train_one_epoch(model, loss_fn, loader, optimizer, scheduler, device, config: TrialConfig, epoch: int,
+                    log: Callable[[str], None]) -> dict:
+    """One pass over the training loader. Returns the mean of every logged loss term."""
+    model.train()
+    schedule = config.schedule
+    use_amp = schedule.amp and device.type == "cuda"
+    sums: dict[str, float] = {}
+    n = len(loader)
+    log_every = max(1, n // 4)
+    start = time.perf_counter()
+    for step, (images, mask, targets) in enumerate(loader):
+        images, mask, targets = _to_device(images, mask, targets, device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            losses = loss_fn(model, images, mask, targets)
+        loss = losses["loss"]
+        if not torch.isfinite(loss):  # one sync per step; a NaN must stop the trial, not poison the weights
+            raise NonFiniteLossError(
+                f"trial {config.name!r}: loss became {loss.item()} at epoch {epoch + 1}, step {step + 1} "
+                f"(terms: { {k: round(float(v), 4) for k, v in losses.items()} }); lower the learning rate "
+                "or check the data")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if schedule.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
+                                           schedule.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        for k, v in losses.items():
+            sums[k] = sums.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
+        if (step + 1) % log_every == 0 or step + 1 == n:
+            rate = (step + 1) / (time.perf_counter() - start)
+            log(f"[{config.name}] epoch {epoch + 1}/{schedule.epochs} step {step + 1}/{n} "
+                f"loss {sums['loss'] / (step + 1):.4f} ({rate:.2f} it/s)")
+    return {k: v / max(n, 1) for k, v in sums.items()}
+
+
+def build_loaders(config: TrialConfig):
+    train_set, val_set = build_dataset(config.data, "train"), build_dataset(config.data, "val")
+    sampler_gen = torch.Generator()
+    train_loader = DataLoader(train_set, batch_size=config.schedule.batch_size,
+                              sampler=RandomSampler(train_set, generator=sampler_gen), collate_fn=collate,
+                              num_workers=config.data.num_workers, drop_last=False)
+    val_loader = DataLoader(val_set, batch_size=config.schedule.batch_size, sampler=SequentialSampler(val_set),
+                            collate_fn=collate, num_workers=config.data.num_workers)
+    return train_set, val_set, train_loader, val_loader, sampler_gen
+
+
+def build_loss(config: TrialConfig, num_classes: int, device: torch.device):
+    """The training objective of this trial: detection loss, plus distillation when configured."""
+    criterion = SetCriterion(num_classes, config.loss)
+    if config.distill.method == "none":
+        return DetectionLoss(criterion)
+    from detrdistill.trainers.distill import build_distillation_loss
+    return build_distillation_loss(config, criterion, num_classes, device)
+
+
+def run_trial(config: TrialConfig, workdir: Path, report: Optional[Report] = None,
+              log: Callable[[str], None] = lambda s: print(s, flush=True)) -> dict:
+    """Train and evaluate one trial; resume from workdir/checkpoint.pt if present. Returns the last metrics.
+
+    report(metrics, checkpoint_path) is called after every epoch; metrics hold 'epoch', the mean train loss
+    terms (prefixed 'train/'), 'lr', 'epoch_time' and, on evaluation epochs, AP, AP50, AP75, APs, APm, APl.
+    """
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if config.cpus:
+        torch.set_num_threads(config.cpus)
+    device = select_device(config.device)
+    seed_everything(config.seed)
+
+    train_set, val_set, train_loader, val_loader, sampler_gen = build_loaders(config)
+    num_classes = train_set.num_classes
+    model = build_detector(config.model, num_classes)
+    if config.init_checkpoint is not None:
+        model.load_state_dict(load_checkpoint(config.init_checkpoint)["model"])
+    model.to(device)
+    loss_fn = build_loss(config, num_classes, device)
+    # the objective's own learnable parts (distillation adapters) train with the student at the base lr
+    extra = getattr(loss_fn, "trainable", None)
+    groups = param_groups(model, config.schedule)
+    if extra is not None and any(p.requires_grad for p in extra.parameters()):
+        groups.append({"params": [p for p in extra.parameters() if p.requires_grad], "lr": config.schedule.lr,
+                       "name": "distill"})
+    optimizer = torch.optim.AdamW(groups, lr=config.schedule.lr, weight_decay=config.schedule.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config.schedule, len(train_loader)))
+
+    start_epoch, history = 0, []
+    ckpt_path = workdir / CHECKPOINT_NAME
+    if ckpt_path.exists():
+        ckpt = load_checkpoint(ckpt_path)
+        model.load_state_dict(ckpt["model"])
+        if extra is not None:
+            extra.load_state_dict(ckpt["distill"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        start_epoch, history = ckpt["epoch"] + 1, ckpt["history"]
+        log(f"[{config.name}] resuming after epoch {start_epoch} from {ckpt_path}")
+
+    metrics = history[-1] if history else {}
+    for epoch in range(start_epoch, config.schedule.epochs):
+        seed_everything(epoch_seed(config.seed, epoch))
+        sampler_gen.manual_seed(epoch_seed(config.seed, epoch))
+        t0 = time.perf_counter()
+        train_stats = train_one_epoch(model, loss_fn, train_loader, optimizer, scheduler, device, config, epoch, log)
+        metrics = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
+                   **{f"train/{k}": v for k, v in train_stats.items()}}
+        last = epoch + 1 == config.schedule.epochs
+        if last or (epoch + 1) % config.schedule.eval_every == 0:
+            metrics.update(evaluate(model, val_loader, device, val_set.category_ids, val_set.coco,
+                                    amp=config.schedule.amp))
+            log(f"[{config.name}] epoch {epoch + 1}: AP {metrics['AP']:.4f} AP50 {metrics['AP50']:.4f}")
+        metrics["epoch_time"] = time.perf_counter() - t0
+        history.append(metrics)
+        save_checkpoint(ckpt_path, {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "epoch": epoch, "history": history, "rng": rng_state(),
+            "model_config": config.model.model_dump(mode="json"), "config": config.model_dump(mode="json"),
+            "category_ids": list(train_set.category_ids),
+            "distill": extra.state_dict() if extra is not None else None,
+        })
+        if report is not None:
+            report(metrics, ckpt_path)
+    return metrics

@@ -1,0 +1,188 @@
+"""Conditional DETR (Meng et al., ICCV 2021), laid out as transformers' ConditionalDetr so its weights load.
+
+One feature level (C5). The decoder learns a reference point per query from its positional embedding; each
+layer's cross-attention concatenates, per head, a content part and a spatial part (the sine embedding of the
+reference point scaled by a function of the content), so a query attends to the region around its reference.
+Boxes are predicted relative to the reference point. Sigmoid (focal) classification, no no-object class.
+
+Shapes: B images, N queries, C classes, d hidden size, h heads, L decoder layers, S = H * W memory positions.
+"""
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from detrdistill.trainers.box_ops import inverse_sigmoid
+from detrdistill.trainers.config import ModelConfig
+from detrdistill.trainers.models.backbone import Backbone
+from detrdistill.trainers.models.output import DecoderPredictions, DetectorOutput, QueryGroup
+from detrdistill.trainers.models.position_encoding import sine_box_encoding, sine_position_encoding
+from detrdistill.trainers.models.transformer_layers import MLP, EncoderLayer, multi_head_attention
+
+
+class ConditionalSelfAttention(nn.Module):
+    """Decoder self-attention; content and position are projected separately, then summed for q and k."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q_content_proj = nn.Linear(dim, dim)
+        self.q_pos_proj = nn.Linear(dim, dim)
+        self.k_content_proj = nn.Linear(dim, dim)
+        self.k_pos_proj = nn.Linear(dim, dim)
+        self.v_proj = nn.Linear(dim, dim)
+        self.out_proj = nn.Linear(dim, dim)
+
+    def forward(self, tgt: Tensor, query_pos: Tensor) -> Tensor:
+        """tgt, query_pos [B, N, d] -> [B, N, d]."""
+        q = self.q_content_proj(tgt) + self.q_pos_proj(query_pos)
+        k = self.k_content_proj(tgt) + self.k_pos_proj(query_pos)
+        return self.out_proj(multi_head_attention(q, k, self.v_proj(tgt), self.num_heads))
+
+
+class ConditionalCrossAttention(nn.Module):
+    """Conditional cross-attention: per head, q = [content, spatial query], k = [content, key position],
+    so the attention weight is a content term plus a spatial term. Only the first layer also adds the
+    positional embeddings into the content parts (it has no content to condition on yet)."""
+
+    def __init__(self, dim: int, num_heads: int, first: bool):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q_content_proj = nn.Linear(dim, dim)
+        self.q_pos_proj = nn.Linear(dim, dim) if first else None
+        self.k_content_proj = nn.Linear(dim, dim)
+        self.k_pos_proj = nn.Linear(dim, dim)
+        self.v_proj = nn.Linear(dim, dim)
+        self.q_pos_sine_proj = nn.Linear(dim, dim)
+        self.out_proj = nn.Linear(dim, dim)
+
+    def forward(self, tgt: Tensor, query_pos: Tensor, query_sine: Tensor, memory: Tensor, memory_pos: Tensor,
+                memory_mask: Optional[Tensor]) -> Tensor:
+        """tgt, query_pos, query_sine [B, N, d], memory, memory_pos [B, S, d], memory_mask [B, S] -> [B, N, d]."""
+        (B, N, _), S, h = tgt.shape, memory.shape[1], self.num_heads
+        q = self.q_content_proj(tgt)
+        k = self.k_content_proj(memory)
+        k_pos = self.k_pos_proj(memory_pos)
+        if self.q_pos_proj is not None:
+            q = q + self.q_pos_proj(query_pos)
+            k = k + k_pos
+        q_sine = self.q_pos_sine_proj(query_sine)
+        # concatenate per head, so each head's q.k is content.content + spatial.spatial; widths double
+        q = torch.cat([q.view(B, N, h, -1), q_sine.view(B, N, h, -1)], dim=-1).flatten(2)  # [B, N, 2d]
+        k = torch.cat([k.view(B, S, h, -1), k_pos.view(B, S, h, -1)], dim=-1).flatten(2)   # [B, S, 2d]
+        return self.out_proj(multi_head_attention(q, k, self.v_proj(memory), h, memory_mask))
+
+
+class ConditionalDecoderLayer(nn.Module):
+    """Post-norm: self-attention, conditional cross-attention, ReLU FFN; each with dropout, residual, norm."""
+
+    def __init__(self, dim: int, num_heads: int, ffn_dim: int, dropout: float, first: bool):
+        super().__init__()
+        self.self_attn = ConditionalSelfAttention(dim, num_heads)
+        self.norm1 = nn.LayerNorm(dim)
+        self.cross_attn = ConditionalCrossAttention(dim, num_heads, first)
+        self.norm2 = nn.LayerNorm(dim)
+        self.linear1 = nn.Linear(dim, ffn_dim)
+        self.linear2 = nn.Linear(ffn_dim, dim)
+        self.norm3 = nn.LayerNorm(dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, tgt: Tensor, query_pos: Tensor, query_sine: Tensor, memory: Tensor, memory_pos: Tensor,
+                memory_mask: Optional[Tensor]) -> Tensor:
+        """tgt, query_pos, query_sine [B, N, d]; memory, memory_pos [B, S, d]; memory_mask [B, S] -> [B, N, d]."""
+        tgt = self.norm1(tgt + self.dropout(self.self_attn(tgt, query_pos)))
+        tgt = self.norm2(tgt + self.dropout(self.cross_attn(tgt, query_pos, query_sine, memory, memory_pos,
+                                                            memory_mask)))
+        return self.norm3(tgt + self.dropout(self.linear2(F.relu(self.linear1(tgt)))))
+
+
+class ConditionalDecoder(nn.Module):
+    """Queries (positional embeddings, content starting at zero) -> every layer's normed output and the
+    reference points the boxes are predicted relative to."""
+
+    def __init__(self, dim: int, num_heads: int, ffn_dim: int, num_layers: int, dropout: float):
+        super().__init__()
+        self.layers = nn.ModuleList(ConditionalDecoderLayer(dim, num_heads, ffn_dim, dropout, first=(i == 0))
+                                    for i in range(num_layers))
+        self.norm = nn.LayerNorm(dim)  # applied to every layer's output (not fed back into the next layer)
+        self.query_scale = MLP(dim, dim, dim, 2)  # content -> scale of the spatial query (layers 2..L)
+        self.ref_point_head = MLP(dim, dim, 2, 2)  # positional embedding -> reference point (before sigmoid)
+
+    def forward(self, query_pos: Tensor, memory: Tensor, memory_pos: Tensor,
+                memory_mask: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        """query_pos [N, d], memory, memory_pos [B, S, d], memory_mask [B, S] (True = padding)
+        -> hidden [L, B, N, d], reference points [B, N, 2] (normalized x, y)."""
+        query_pos = query_pos[None].expand(memory.shape[0], -1, -1)
+        reference = self.ref_point_head(query_pos).sigmoid()
+        sine = sine_box_encoding(reference, query_pos.shape[-1] // 2).to(query_pos.dtype)  # [B, N, d]
+        tgt = torch.zeros_like(query_pos)
+        hidden = []
+        for i, layer in enumerate(self.layers):
+            query_sine = sine if i == 0 else sine * self.query_scale(tgt)  # first layer: identity scale
+            tgt = layer(tgt, query_pos, query_sine, memory, memory_pos, memory_mask)
+            hidden.append(self.norm(tgt))
+        return torch.stack(hidden), reference
+
+
+class ConditionalDETR(nn.Module):
+    """Backbone C5 -> 1x1 projection -> post-norm encoder -> conditional decoder -> shared class/box heads."""
+
+    def __init__(self, config: ModelConfig, num_classes: int):
+        super().__init__()
+        d = config.hidden_dim
+        self.config = config
+        self.num_classes = num_classes
+        self.backbone = Backbone(config.backbone, 1, config.backbone_weights, config.train_backbone)
+        self.input_proj = nn.Conv2d(self.backbone.channels[-1], d, kernel_size=1)
+        self.encoder = nn.ModuleList(EncoderLayer(d, config.num_heads, config.ffn, config.dropout)
+                                     for _ in range(config.encoder_layers))
+        self.decoder = ConditionalDecoder(d, config.num_heads, config.ffn, config.decoder_layers, config.dropout)
+        self.query_embed = nn.Embedding(config.num_queries, d)
+        self.class_head = nn.Linear(d, num_classes)
+        self.box_head = MLP(d, d, 4, 3)
+        self._reset_parameters()
+
+    def _reset_parameters(self) -> None:
+        for p in list(self.encoder.parameters()) + list(self.decoder.parameters()):
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+        # focal-loss prior: every class starts at probability 0.01, so background does not swamp the loss
+        nn.init.constant_(self.class_head.bias, -math.log((1 - 0.01) / 0.01))
+        # boxes start at the reference point (offset 0) with sigmoid(0) = 0.5 width and height
+        nn.init.zeros_(self.box_head.layers[-1].weight)
+        nn.init.zeros_(self.box_head.layers[-1].bias)
+
+    def _heads(self, hidden: Tensor, reference: Tensor) -> DecoderPredictions:
+        """hidden [L, B, N, d], reference [B, N, 2] -> predictions of every layer."""
+        delta = self.box_head(hidden)  # [L, B, N, 4], (cx, cy) relative to the reference in logit space
+        center = delta[..., :2] + inverse_sigmoid(reference)
+        boxes = torch.cat([center, delta[..., 2:]], dim=-1).sigmoid()
+        return DecoderPredictions(logits=self.class_head(hidden), boxes=boxes, hidden=hidden)
+
+    def forward(self, images: Tensor, padding_mask: Optional[Tensor] = None,
+                queries: Optional[QueryGroup] = None) -> DetectorOutput:
+        """images [B, 3, H, W], padding_mask [B, H, W] bool (True = padding) or None; `queries`: an extra
+        group (its .position [N2, d]) run through the same decoder and heads, independently of ours."""
+        if padding_mask is None:
+            padding_mask = torch.zeros(images.shape[0], *images.shape[-2:], dtype=torch.bool, device=images.device)
+        (feature, mask), = self.backbone(images, padding_mask)
+        src = self.input_proj(feature)  # [B, d, H', W']
+        pos = sine_position_encoding(mask, src.shape[1]).to(src.dtype).flatten(2).transpose(1, 2)  # [B, S, d]
+        memory = src.flatten(2).transpose(1, 2)  # [B, S, d]
+        memory_mask = mask.flatten(1)
+        for layer in self.encoder:
+            memory = layer(memory, pos, memory_mask)
+
+        hidden, reference = self.decoder(self.query_embed.weight, memory, pos, memory_mask)
+        aux = {"reference": reference}
+        extra = None
+        if queries is not None:
+            if queries.position is None or queries.position.shape[-1] != src.shape[1]:
+                raise ValueError(f"conditional_detr needs an extra query group with position [N, {src.shape[1]}]")
+            extra_hidden, aux["extra_reference"] = self.decoder(queries.position, memory, pos, memory_mask)
+            extra = self._heads(extra_hidden, aux["extra_reference"])
+        return DetectorOutput(predictions=self._heads(hidden, reference), features=[src], masks=[mask],
+                              memory=memory, queries=QueryGroup(position=self.query_embed.weight), extra=extra,
+                              aux=aux)

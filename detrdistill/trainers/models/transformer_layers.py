@@ -1,0 +1,81 @@
+"""Plain transformer pieces shared by the detector families: an MLP, multi-head attention on already-projected
+inputs, a multi-head attention module with separate q/k/v projections, and DETR's post-norm encoder layer.
+
+Shapes: B batch, N queries, S keys, d model width, h heads.
+"""
+from typing import Optional
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class MLP(nn.Module):
+    """`num_layers` linear layers with ReLU between them (not after the last): [..., in] -> [..., out]."""
+
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int):
+        super().__init__()
+        dims = [input_dim] + [hidden_dim] * (num_layers - 1) + [output_dim]
+        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims[:-1], dims[1:]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = F.relu(x)
+        return x
+
+
+def multi_head_attention(q: Tensor, k: Tensor, v: Tensor, num_heads: int,
+                         key_padding_mask: Optional[Tensor] = None) -> Tensor:
+    """Scaled dot-product attention of projected inputs, split into heads.
+
+    q [B, N, h*dq], k [B, S, h*dq], v [B, S, h*dv], key_padding_mask [B, S] bool (True = ignore this key)
+    -> [B, N, h*dv]. The scale is 1/sqrt(dq), dq being the per-head width of q and k (which may differ from
+    the value's, as in Conditional DETR's cross-attention).
+    """
+    B, N, S = q.shape[0], q.shape[1], k.shape[1]
+    q = q.view(B, N, num_heads, -1).transpose(1, 2)  # [B, h, N, dq]
+    k = k.view(B, S, num_heads, -1).transpose(1, 2)
+    v = v.view(B, S, num_heads, -1).transpose(1, 2)
+    attn_mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]  # True = attend
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # [B, h, N, dv]
+    return out.transpose(1, 2).flatten(2)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with separate q/k/v/out projections (no attention-weight dropout)."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q_proj = nn.Linear(dim, dim)
+        self.k_proj = nn.Linear(dim, dim)
+        self.v_proj = nn.Linear(dim, dim)
+        self.out_proj = nn.Linear(dim, dim)
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor,
+                key_padding_mask: Optional[Tensor] = None) -> Tensor:
+        """query [B, N, d], key/value [B, S, d], key_padding_mask [B, S] (True = padding) -> [B, N, d]."""
+        out = multi_head_attention(self.q_proj(query), self.k_proj(key), self.v_proj(value), self.num_heads,
+                                   key_padding_mask)
+        return self.out_proj(out)
+
+
+class EncoderLayer(nn.Module):
+    """DETR's post-norm encoder layer: self-attention with the position embedding added to queries and keys
+    (not values), then a ReLU FFN; each followed by dropout, the residual, and LayerNorm."""
+
+    def __init__(self, dim: int, num_heads: int, ffn_dim: int, dropout: float = 0.1):
+        super().__init__()
+        self.self_attn = Attention(dim, num_heads)
+        self.norm1 = nn.LayerNorm(dim)
+        self.linear1 = nn.Linear(dim, ffn_dim)
+        self.linear2 = nn.Linear(ffn_dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, src: Tensor, pos: Tensor, padding_mask: Optional[Tensor] = None) -> Tensor:
+        """src, pos [B, S, d], padding_mask [B, S] bool (True = padding) -> [B, S, d]."""
+        qk = src + pos
+        src = self.norm1(src + self.dropout(self.self_attn(qk, qk, src, padding_mask)))
+        return self.norm2(src + self.dropout(self.linear2(F.relu(self.linear1(src)))))

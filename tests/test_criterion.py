@@ -1,0 +1,132 @@
+"""SetCriterion's terms against float64 hand computations; aux loss over layers; gradients."""
+import math
+
+import pytest
+import torch
+
+from detrdistill.trainers.config import LossConfig
+from detrdistill.trainers.criterion import SetCriterion
+from detrdistill.trainers.models.output import DecoderPredictions
+
+ALPHA, GAMMA = 0.25, 2.0
+
+
+def focal_by_formula(x, t):
+    """One logit x and its {0, 1} target t -> RetinaNet focal loss."""
+    p = 1 / (1 + math.exp(-x))
+    return -ALPHA * (1 - p) ** GAMMA * math.log(p) if t else -(1 - ALPHA) * p ** GAMMA * math.log(1 - p)
+
+
+def giou_xyxy(a, b):
+    inter = max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    hull = (max(a[2], b[2]) - min(a[0], b[0])) * (max(a[3], b[3]) - min(a[1], b[1]))
+    return inter / union - (hull - union) / hull
+
+
+def xyxy(b):
+    return [b[0] - b[2] / 2, b[1] - b[3] / 2, b[0] + b[2] / 2, b[1] + b[3] / 2]
+
+
+def num(t):
+    return t.detach().item() if torch.is_tensor(t) else float(t)
+
+
+def tiny_case():
+    """2 images, 3 queries, 4 classes; image 0 has 2 targets, image 1 has 1."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 4, generator=g) * 2
+    boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.2], [0.3, 0.4, 0.1, 0.3], [0.7, 0.7, 0.3, 0.2]],
+                          [[0.2, 0.2, 0.1, 0.1], [0.6, 0.5, 0.4, 0.4], [0.5, 0.5, 0.5, 0.5]]])
+    targets = [{"labels": torch.tensor([2, 0]), "boxes": torch.tensor([[0.55, 0.5, 0.2, 0.25], [0.3, 0.3, 0.1, 0.2]])},
+               {"labels": torch.tensor([3]), "boxes": torch.tensor([[0.62, 0.45, 0.35, 0.4]])}]
+    # known pairs: image 0 query 0 <- target 0, query 1 <- target 1; image 1 query 1 <- target 0
+    indices = [(torch.tensor([0, 1]), torch.tensor([0, 1])), (torch.tensor([1]), torch.tensor([0]))]
+    return logits, boxes, targets, indices
+
+
+def hand_losses(logits, boxes, targets, indices):
+    """The three terms in float64 by plain loops."""
+    num_boxes = max(sum(len(t["labels"]) for t in targets), 1)
+    cls = l1 = giou = 0.0
+    for b, (pred, tgt) in enumerate(indices):
+        onehot = [[0] * logits.shape[2] for _ in range(logits.shape[1])]
+        for q, t in zip(pred.tolist(), tgt.tolist()):
+            onehot[q][int(targets[b]["labels"][t])] = 1
+            pb, tb = boxes[b, q].double().tolist(), targets[b]["boxes"][t].double().tolist()
+            l1 += sum(abs(x - y) for x, y in zip(pb, tb))
+            giou += 1 - giou_xyxy(xyxy(pb), xyxy(tb))
+        for q in range(logits.shape[1]):
+            for c in range(logits.shape[2]):
+                cls += focal_by_formula(float(logits[b, q, c]), onehot[q][c])
+    return {"cls": cls / num_boxes, "l1": l1 / num_boxes, "giou": giou / num_boxes}
+
+
+def test_layer_loss_equals_hand_computation():
+    logits, boxes, targets, indices = tiny_case()
+    got = SetCriterion(4, LossConfig()).layer_loss(logits, boxes, targets, indices)
+    want = hand_losses(logits, boxes, targets, indices)
+    assert set(got) == {"cls", "l1", "giou"}
+    for k in want:
+        assert float(got[k]) == pytest.approx(want[k], rel=1e-5), k
+
+
+def test_layer_loss_with_other_indices_and_empty_image():
+    logits, boxes, targets, _ = tiny_case()
+    targets[1] = {"labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4)}
+    indices = [(torch.tensor([2, 0]), torch.tensor([1, 0])), (torch.zeros(0, dtype=torch.int64),) * 2]
+    got = SetCriterion(4).layer_loss(logits, boxes, targets, indices)
+    want = hand_losses(logits, boxes, targets, indices)
+    for k in want:
+        assert float(got[k]) == pytest.approx(want[k], rel=1e-5), k
+
+
+def test_no_targets_at_all_divides_by_one():
+    logits, boxes, _, _ = tiny_case()
+    empty = [{"labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4)}] * 2
+    crit = SetCriterion(4)
+    out = crit(DecoderPredictions(logits[None], boxes[None], torch.zeros(1, 2, 3, 8)), empty)
+    want = sum(focal_by_formula(float(x), 0) for x in logits.flatten())
+    assert float(out["loss_cls"]) == pytest.approx(want, rel=1e-5)
+    assert float(out["loss_l1"]) == 0 and float(out["loss_giou"]) == 0
+
+
+def test_aux_loss_sums_layers_and_gradients_are_finite():
+    g = torch.Generator().manual_seed(3)
+    _, _, targets, _ = tiny_case()
+    num_layers = 3
+    logits = (torch.randn(num_layers, 2, 3, 4, generator=g) * 2).requires_grad_()
+    raw_boxes = torch.randn(num_layers, 2, 3, 4, generator=g).requires_grad_()
+    pred = DecoderPredictions(logits, raw_boxes.sigmoid(), torch.zeros(num_layers, 2, 3, 8))
+    cfg = LossConfig(cls_weight=2.0, l1_weight=5.0, giou_weight=2.0)
+    crit = SetCriterion(4, cfg)
+    indices = crit.indices_for(pred, targets)
+    out = crit(pred, targets)
+
+    layers = [crit.layer_loss(pred.logits[l], pred.boxes[l], targets, indices[l]) for l in range(num_layers)]
+    for l, layer in enumerate(layers):  # the matcher's indices and the hand computation agree per layer
+        for k, v in hand_losses(pred.logits[l].detach(), pred.boxes[l].detach(), targets, indices[l]).items():
+            assert num(layer[k]) == pytest.approx(v, rel=1e-5)
+    total = sum(2.0 * x["cls"] + 5.0 * x["l1"] + 2.0 * x["giou"] for x in layers)
+    assert num(out["loss"]) == pytest.approx(num(total), rel=1e-6)
+    for k in ("cls", "l1", "giou"):
+        assert num(out[f"loss_{k}"]) == pytest.approx(num(sum(x[k] for x in layers)), rel=1e-6)
+        assert num(out[f"loss_{k}_last"]) == pytest.approx(num(layers[-1][k]), rel=1e-6)
+
+    out["loss"].backward()
+    for grad in (logits.grad, raw_boxes.grad):
+        assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    for l in range(num_layers):  # box terms reach matched queries only
+        unmatched = sorted(set(range(3)) - set(indices[l][1][0].tolist()))
+        assert raw_boxes.grad[l, 1, unmatched].abs().sum() == 0
+
+
+def test_forward_with_given_indices_uses_them():
+    logits, boxes, targets, indices = tiny_case()
+    pred = DecoderPredictions(torch.stack([logits, logits]), torch.stack([boxes, boxes]), torch.zeros(2, 2, 3, 8))
+    crit = SetCriterion(4)
+    out = crit(pred, targets, indices=[indices, indices])
+    want = hand_losses(logits, boxes, targets, indices)
+    assert float(out["loss_l1"]) == pytest.approx(2 * want["l1"], rel=1e-5)
+    with pytest.raises(ValueError, match="layers"):
+        crit(pred, targets, indices=[indices])
