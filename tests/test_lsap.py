@@ -123,8 +123,9 @@ def _child(costs, queue):
 
 def test_works_in_a_forked_child_after_the_parent_used_threads():
     rng = np.random.default_rng(7)
-    costs = [rng.random((30, 30)) for _ in range(4)]
-    expected = [c.tolist() for _, c in lsap.solve_many(costs, num_threads=2)]  # parent's pool exists now
+    costs = [rng.random((120, 120)) for _ in range(4)]
+    expected = [c.tolist() for _, c in lsap.solve_many(costs, num_threads=2)]
+    assert lsap._pool_pid is not None  # the parent has a pool now, whose threads the child will not have
     ctx = multiprocessing.get_context("fork")
     queue = ctx.Queue()
     proc = ctx.Process(target=_child, args=(costs, queue))

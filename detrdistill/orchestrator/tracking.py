@@ -5,15 +5,22 @@ metrics back to the driver, which logs them here. A retried or resumed trial fin
 trial-hash tag, so it never gets a duplicate.
 
 Run layout (what tables.py and users rely on):
-  parent run   tags detrdistill.kind=experiment, detrdistill.experiment=<spec name>, detrdistill.spec_hash
+  parent run   tags detrdistill.kind=experiment, detrdistill.experiment=<spec name>, detrdistill.spec_hash,
+               detrdistill.submitted (ms of the latest run/resume of it), detrdistill.store (the trial store);
+               artifacts spec.yaml (the resolved spec: `resume` reruns exactly it), table.{md,csv,tex}, plot.png
   child run    tags mlflow.parentRunId, detrdistill.kind=trial|teacher, detrdistill.trial_hash,
-               detrdistill.status=running|finished|failed|cached, axis.<dotted key>=<value> per ablation axis
-               (also axis.variant, axis.seed); params = the resolved trial config flattened with dotted names;
-               metrics per epoch (step = epoch): train/* loss terms, lr, AP, AP50, AP75, APs, APm, APl.
+               detrdistill.status=pending|running|finished|failed|cached|interrupted, detrdistill.failure (the
+               reason, when failed), detrdistill.attempts, axis.<dotted key>=<value> per ablation axis (also
+               axis.variant, axis.seed), detrdistill.cells (JSON list of the coordinates of every table cell
+               this trial stands for: several when the grid varies a setting the trial ignores);
+               params = the resolved trial config flattened with dotted names;
+               metrics per epoch (step = epoch): train/* loss terms, lr, epoch_time, AP, AP50, AP75, APs, APm, APl;
+               artifacts checkpoint.pt, result.json, trial.json, log.txt (from the trial store).
 """
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -43,11 +50,15 @@ def tag_value(v: Any) -> str:
 class Tracker:
     """A thin, explicit layer over MlflowClient (no fluent global state: the driver logs many runs)."""
 
-    def __init__(self, experiment: str, tracking_uri: Optional[str] = None):
+    def __init__(self, experiment: str, tracking_uri: Optional[str] = None, create: bool = True):
         self.tracking_uri = tracking_uri or DEFAULT_TRACKING_URI
         mlflow.set_tracking_uri(self.tracking_uri)
         self.client = MlflowClient(self.tracking_uri)
         found = self.client.get_experiment_by_name(experiment)
+        if found is None and not create:
+            known = sorted(e.name for e in self.client.search_experiments() if e.name != "Default")
+            raise LookupError(f"no experiment {experiment!r} in {self.tracking_uri}; experiments there: "
+                              f"{', '.join(known) or 'none'}")
         self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
         self.experiment = experiment
 
@@ -61,22 +72,28 @@ class Tracker:
         runs = self._search(f"tags.`{TAG}kind` = 'experiment' and tags.`{TAG}spec_hash` = '{spec_hash}'")
         if runs:
             run_id = runs[0].info.run_id
-            self.client.update_run(run_id, status="RUNNING")
+            self.reopen_parent(run_id)
             return run_id
         run = self.client.create_run(self.experiment_id, run_name=self.experiment, tags={
             f"{TAG}kind": "experiment", f"{TAG}experiment": self.experiment, f"{TAG}spec_hash": spec_hash,
-            "mlflow.note.content": description})
+            f"{TAG}submitted": str(int(time.time() * 1000)), "mlflow.note.content": description})
         self.client.log_text(run.info.run_id, spec_text, "spec.yaml")
         return run.info.run_id
 
+    def reopen_parent(self, run_id: str) -> None:
+        """Mark a parent run as running again (a resume), and as the experiment's latest."""
+        self.client.set_tag(run_id, f"{TAG}submitted", str(int(time.time() * 1000)))
+        self.client.update_run(run_id, status="RUNNING")
+
     def trial_run(self, parent_id: str, trial_hash: str, name: str, kind: str, params: dict,
-                  axes: dict) -> tuple[str, bool]:
+                  axes: dict, tags: Optional[dict] = None) -> tuple[str, bool]:
         """(run id, created) of the child run of `trial_hash` under `parent_id`; an existing one is reused."""
         runs = self._search(f"tags.`mlflow.parentRunId` = '{parent_id}' and tags.`{TAG}trial_hash` = '{trial_hash}'")
         if runs:
             return runs[0].info.run_id, False
         tags = {"mlflow.parentRunId": parent_id, f"{TAG}kind": kind, f"{TAG}trial_hash": trial_hash,
-                f"{TAG}status": "pending", **{f"axis.{k}": tag_value(v) for k, v in axes.items()}}
+                f"{TAG}status": "pending", **{f"axis.{k}": tag_value(v) for k, v in axes.items()},
+                **(tags or {})}
         run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
         flat = flatten(params)
         items = [Param(k, v[:6000]) for k, v in flat.items()]
@@ -95,27 +112,46 @@ class Tracker:
                  if isinstance(v, (int, float)) and k != "epoch"]
         self.client.log_batch(run_id, metrics=items)
 
-    def set_status(self, run_id: str, status: str, reason: str = "") -> None:
-        tags = [RunTag(f"{TAG}status", status)]
-        if reason:
-            tags.append(RunTag(f"{TAG}failure", reason[:5000]))
-        self.client.log_batch(run_id, tags=tags)
-        mlflow_status = {"finished": "FINISHED", "cached": "FINISHED", "failed": "FAILED"}.get(status)
+    def set_status(self, run_id: str, status: str, reason: str = "", **tags: Any) -> None:
+        """Set detrdistill.status (and the MLflow run status that matches it); `reason` goes to
+        detrdistill.failure, other keyword tags to detrdistill.<key>."""
+        items = [RunTag(f"{TAG}status", status)]
+        items += [RunTag(f"{TAG}failure", reason[:5000])] if reason else []
+        items += [RunTag(f"{TAG}{k}", tag_value(v)) for k, v in tags.items()]
+        self.client.log_batch(run_id, tags=items)
+        mlflow_status = {"finished": "FINISHED", "cached": "FINISHED", "failed": "FAILED",
+                         "interrupted": "KILLED"}.get(status)
         if mlflow_status:
             self.client.set_terminated(run_id, status=mlflow_status)
         elif status == "running":
             self.client.update_run(run_id, status="RUNNING")
 
+    def set_tags(self, run_id: str, **tags: Any) -> None:
+        self.client.log_batch(run_id, tags=[RunTag(f"{TAG}{k}", tag_value(v)) for k, v in tags.items()])
+
     def log_artifact(self, run_id: str, path: Path, artifact_path: Optional[str] = None) -> None:
         self.client.log_artifact(run_id, str(path), artifact_path)
+
+    def has_artifact(self, run_id: str, name: str) -> bool:
+        return any(f.path == name for f in self.client.list_artifacts(run_id))
 
     def finish_parent(self, run_id: str, failed: bool) -> None:
         self.client.set_terminated(run_id, status="FAILED" if failed else "FINISHED")
 
     # -- reading ------------------------------------------------------------------------------------------
     def latest_parent(self) -> Optional[Any]:
+        """The parent run most recently run or resumed (a resume reopens an older one)."""
         runs = self._search(f"tags.`{TAG}kind` = 'experiment'")
-        return runs[0] if runs else None
+        return max(runs, key=lambda r: int(r.data.tags.get(f"{TAG}submitted", r.info.start_time)), default=None)
 
     def child_runs(self, parent_id: str) -> list:
         return self._search(f"tags.`mlflow.parentRunId` = '{parent_id}'")
+
+    def logged_steps(self, run_id: str, key: str) -> set[int]:
+        """The steps (epochs) at which `key` was logged: what a resumed or cached trial must not log twice."""
+        return {m.step for m in self.client.get_metric_history(run_id, key)}
+
+    def spec_text(self, run_id: str) -> str:
+        """The resolved spec a parent run was started from (its spec.yaml artifact)."""
+        with tempfile.TemporaryDirectory() as tmp:
+            return Path(self.client.download_artifacts(run_id, "spec.yaml", tmp)).read_text(encoding="utf-8")

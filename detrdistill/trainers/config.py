@@ -45,6 +45,8 @@ class ModelConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check(self) -> "ModelConfig":
+        if self.hidden_dim % 4:
+            raise ValueError(f"hidden_dim {self.hidden_dim} must be divisible by 4 (sine position encodings)")
         if self.hidden_dim % self.num_heads:
             raise ValueError(f"hidden_dim {self.hidden_dim} is not divisible by num_heads {self.num_heads}")
         if self.family == "deformable_detr" and self.hidden_dim % 32:
@@ -74,7 +76,16 @@ class AugmentConfig(StrictModel):
     crop_min: int = 384
     crop_max: int = 600
     flip: float = Field(0.5, ge=0.0, le=1.0)
-    test_size: int = 800
+    test_size: int = Field(800, ge=16)
+
+    @model_validator(mode="after")
+    def _check(self) -> "AugmentConfig":
+        if not self.scales or min(self.scales) < 16:
+            raise ValueError("scales must be a non-empty list of shorter-side sizes >= 16")
+        if self.crop and (not self.crop_resize or self.crop_min > self.crop_max):
+            raise ValueError(f"crop needs crop_resize sizes and crop_min <= crop_max "
+                             f"(got {self.crop_min} > {self.crop_max})")
+        return self
 
 
 class DataConfig(StrictModel):

@@ -24,6 +24,7 @@ from detrdistill.trainers.criterion import SetCriterion
 from detrdistill.trainers.data.batching import collate
 from detrdistill.trainers.data.coco import build_dataset
 from detrdistill.trainers.evaluate import evaluate
+from detrdistill.trainers.matching import NonFiniteCostError
 from detrdistill.trainers.models import build_detector
 
 Report = Callable[[dict, Optional[Path]], None]
@@ -115,14 +116,18 @@ def train_one_epoch(model, loss_fn, loader, optimizer, scheduler, device, config
     start = time.perf_counter()
     for step, (images, mask, targets) in enumerate(loader):
         images, mask, targets = _to_device(images, mask, targets, device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            losses = loss_fn(model, images, mask, targets)
+        where = f"trial {config.name!r}: epoch {epoch + 1}, step {step + 1}"
+        try:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                losses = loss_fn(model, images, mask, targets)
+        except NonFiniteCostError as e:  # NaN predictions are caught by the matcher before any loss exists
+            raise NonFiniteLossError(f"{where}: loss became nan (predictions are not finite: {e}); "
+                                     "lower the learning rate or check the data") from e
         loss = losses["loss"]
         if not torch.isfinite(loss):  # one sync per step; a NaN must stop the trial, not poison the weights
-            raise NonFiniteLossError(
-                f"trial {config.name!r}: loss became {loss.item()} at epoch {epoch + 1}, step {step + 1} "
-                f"(terms: { {k: round(float(v), 4) for k, v in losses.items()} }); lower the learning rate "
-                "or check the data")
+            terms = {k: round(float(v), 4) for k, v in losses.items()}
+            raise NonFiniteLossError(f"{where}: loss became {loss.item()} (terms: {terms}); lower the learning "
+                                     "rate or check the data")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if schedule.grad_clip > 0:

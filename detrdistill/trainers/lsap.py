@@ -3,9 +3,10 @@
 The kernel is scipy's own algorithm (`scipy.optimize.linear_sum_assignment`: shortest augmenting paths
 with dual variables, Crouse 2016, one row added per augmentation; a tall matrix is solved transposed)
 with the same float64 operations in the same order and the same tie-breaking, so on any finite input it
-returns what scipy returns, not merely an assignment of equal cost. It is compiled with numba, releases
-the GIL, and `solve_many` runs the problems on a pool of threads, largest first, each thread taking the
-next unsolved problem (scipy's solver holds the GIL, so scipy cannot be parallelised with threads).
+returns what scipy returns, not merely an assignment of equal cost. It is compiled with numba, runs
+~1.5-2x faster than scipy on one thread (a branch-free scan, see `_lsap_kernel`), releases the GIL, and
+`solve_many` runs the problems on a pool of threads, largest first, each thread taking the next unsolved
+problem (scipy's solver holds the GIL: a thread pool around it gains nothing).
 
 numba is optional: `available()` says whether it imports; callers fall back to scipy when it does not.
 Threads: the caller says how many (`num_threads`); no numba threading layer is involved (plain Python
@@ -43,10 +44,18 @@ def _lsap_kernel(cost, rows_out, cols_out):
     """cost [R, C] float64 C-contiguous -> rows_out, cols_out int64 [min(R, C)]; False (and nothing
     written) if the cost has a NaN or an inf.
 
-    Mirrors scipy/optimize/rectangular_lsap/rectangular_lsap.cpp (solve + augmenting_path) statement
-    for statement, so every float64 value and every tie-break is the same. Differences are layout only:
-    the scan hoists u[i] and the cost row, and `remaining` holds unsigned indices (numba then drops its
-    negative-index wraparound code from the hot loop, ~15% faster, on par with scipy's C++).
+    scipy/optimize/rectangular_lsap/rectangular_lsap.cpp (solve + augmenting_path), computing every float64
+    value with the same operations in the same order and breaking ties by the same rule and scan order, so
+    its result is scipy's. Three changes make the scan ~1.5x faster (and leave the values alone):
+    - scipy updates path[j] (and spc[j]) only when a scanned row lowers spc[j]: a data-dependent branch the
+      CPU mispredicts. Here spc[j] = min(spc[j], r) is branch-free, and path[j] is recomputed afterwards,
+      only for the columns of the augmenting path: the row whose scan last lowered spc[j] is the first
+      scanned row (of those that saw j) whose value r equals spc[j], since a later equal r does not replace
+      it; r is recomputed with the same operands (u and v do not change during a search).
+    - the row and column sets SR / SC are the lists of scanned rows / removed columns (the duals of only
+      those are updated: O(path) per row rather than O(R + C)).
+    - `remaining` holds unsigned indices (numba drops negative-index handling from the hot loop), and the
+      "lowest, or equal and free" test is nested under one `s <= lowest` comparison.
     """
     nr0, nc0 = cost.shape
     for i in range(nr0):
@@ -68,13 +77,14 @@ def _lsap_kernel(cost, rows_out, cols_out):
 
     u = np.zeros(nr, dtype=np.float64)
     v = np.zeros(nc, dtype=np.float64)
-    spc = np.empty(nc, dtype=np.float64)  # shortestPathCosts
+    spc = np.empty(nc, dtype=np.float64)         # shortestPathCosts
     path = np.full(nc, -1, dtype=np.int64)
     col4row = np.full(nr, -1, dtype=np.int64)
     row4col = np.full(nc, -1, dtype=np.int64)
-    sr = np.zeros(nr, dtype=np.bool_)
-    sc = np.zeros(nc, dtype=np.bool_)
     remaining = np.empty(nc, dtype=np.uint64)
+    tree_row = np.empty(nr, dtype=np.int64)      # k-th row scanned in this search (scipy's SR, in order)
+    tree_min = np.empty(nr, dtype=np.float64)    # minVal when it was scanned
+    removed = np.empty(nr, dtype=np.int64)       # column chosen after the k-th scan (scipy's SC, in order)
 
     for cur_row in range(nr):
         # augmenting_path: Dijkstra from cur_row over reduced costs until a free column is reached
@@ -82,49 +92,70 @@ def _lsap_kernel(cost, rows_out, cols_out):
         num_remaining = nc
         for it in range(nc):
             remaining[it] = nc - it - 1  # reverse order: a constant matrix gives the identity (scipy #11602)
-        sr[:] = False
-        sc[:] = False
         spc[:] = np.inf
         i = cur_row
         sink = -1
+        n_scan = 0
         while sink == -1:
-            index = -1
-            lowest = np.inf
-            sr[i] = True
+            tree_row[n_scan] = i
+            tree_min[n_scan] = min_val
             ui = u[i]
             crow = c[i]
+            index = -1
+            lowest = np.inf
             for it in range(num_remaining):
                 jj = remaining[it]
                 r = min_val + crow[jj] - ui - v[jj]
                 s = spc[jj]
-                if r < s:
-                    path[jj] = i
-                    spc[jj] = r
-                    s = r
-                # among equal minima prefer a free column (it ends the path), as scipy does
-                if s < lowest or (s == lowest and row4col[jj] == -1):
-                    lowest = s
-                    index = it
+                s = r if r < s else s
+                spc[jj] = s
+                # the lowest; among equal lowest prefer a free column (it ends the path), as scipy does
+                if s <= lowest:
+                    if s < lowest or row4col[jj] == -1:
+                        lowest = s
+                        index = it
             min_val = lowest
             if min_val == np.inf:  # infeasible; cannot happen for finite costs
                 raise ValueError("infeasible cost matrix")
             j = np.int64(remaining[index])
+            removed[n_scan] = j
+            n_scan += 1
             if row4col[j] == -1:
                 sink = j
             else:
                 i = row4col[j]
-            sc[j] = True
             num_remaining -= 1
             remaining[index] = remaining[num_remaining]
 
+        # path[j] of the columns on the augmenting path (before the duals change: same operands as the scan)
+        j = sink
+        k_last = n_scan - 1  # the last scan that saw column j
+        while True:
+            sj = spc[j]
+            vj = v[j]
+            i = -1
+            for k in range(k_last + 1):
+                t = tree_row[k]
+                if tree_min[k] + c[t, j] - u[t] - vj == sj:
+                    i = t
+                    break
+            path[j] = i
+            if i == cur_row:
+                break
+            j = col4row[i]
+            for k in range(n_scan):
+                if removed[k] == j:
+                    k_last = k
+                    break
+
         # update dual variables
         u[cur_row] += min_val
-        for i in range(nr):
-            if sr[i] and i != cur_row:
-                u[i] += min_val - spc[col4row[i]]
-        for j in range(nc):
-            if sc[j]:
-                v[j] -= min_val - spc[j]
+        for k in range(1, n_scan):
+            t = tree_row[k]
+            u[t] += min_val - spc[col4row[t]]
+        for k in range(n_scan):
+            j = removed[k]
+            v[j] -= min_val - spc[j]
 
         # augment the previous solution along the path
         j = sink
@@ -208,6 +239,11 @@ def _get_pool(workers: int) -> ThreadPoolExecutor:
         return _pool
 
 
+# A thread is worth handing work to (~20-50 us) only if it gets at least about this much work
+# (R * C * min(R, C); a 300 x 300 problem is 27e6, ~2 ms; 1e6 is ~0.1 ms).
+WORK_PER_THREAD = 1_000_000
+
+
 def solve_many(costs: list, num_threads: int = 1) -> list:
     """Every 2-D problem of `costs`, on up to `num_threads` threads (the caller's thread included).
 
@@ -234,7 +270,8 @@ def solve_many(costs: list, num_threads: int = 1) -> list:
             i = order[t]
             ok[i] = kernel(_prepare(costs[i]), *out[i])
 
-    threads = max(1, min(int(num_threads), sum(1 for sh in shapes if min(sh) > 0)))
+    work = sum(sh[0] * sh[1] * min(sh) for sh in shapes)
+    threads = max(1, min(int(num_threads), sum(1 for sh in shapes if min(sh) > 0), work // WORK_PER_THREAD))
     futures = [_get_pool(threads - 1).submit(drain) for _ in range(threads - 1)] if threads > 1 else []
     drain()
     for f in futures:

@@ -22,9 +22,10 @@ from detrdistill.trainers.models.output import DecoderPredictions
 Indices = list[tuple[Tensor, Tensor]]  # per image: (pred_idx int64 [K], tgt_idx int64 [K]), K = min(N, M)
 
 
-# Below this much work (sum over problems of R * C * min(R, C)) the serial scipy loop takes well under a
-# millisecond and is used as is; above it the parallel solver wins (see benchmarks/matching.py).
-PARALLEL_MIN_WORK = 1_000_000
+# Below this much work (sum over problems of R * C * min(R, C); 60^3 = one 60 x 60 problem) the serial
+# scipy loop takes ~0.1 ms and is used as is, sparing small-only processes the numba import and cache
+# load (~1 s); above it lsap wins, even on one thread (see benchmarks/matching.py).
+PARALLEL_MIN_WORK = 200_000
 
 
 def solve_assignments(costs: list[np.ndarray], num_threads: int | None = None,
@@ -68,8 +69,12 @@ def solve_assignments(costs: list[np.ndarray], num_threads: int | None = None,
     return out
 
 
+class NonFiniteCostError(ValueError):
+    """A cost matrix holds NaN or inf: the predictions it was built from diverged."""
+
+
 def _non_finite(i: int, cost: np.ndarray) -> ValueError:
-    return ValueError(f"cost matrix {i} (shape {cost.shape}) contains NaN or inf; "
+    return NonFiniteCostError(f"cost matrix {i} (shape {cost.shape}) contains NaN or inf; "
                       "check the predictions for NaN (diverged training, degenerate boxes)")
 
 

@@ -1,0 +1,306 @@
+"""DETRDistill's three terms and the layer mapping, each against an independent reference."""
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from conftest import tiny_trial
+from detrdistill.trainers.config import DistillConfig, FeatureKDConfig, LogitsKDConfig, ModelConfig, TeacherConfig
+from detrdistill.trainers.criterion import SetCriterion
+from detrdistill.trainers.distill.feature import feature_adapters, feature_distillation
+from detrdistill.trainers.distill.logits import kd_cost, logits_distillation, match_to_teacher
+from detrdistill.trainers.distill.mapping import layer_mapping
+from detrdistill.trainers.distill.objective import DistillationLoss
+from detrdistill.trainers.distill.query_prior import query_prior_loss
+from detrdistill.trainers.engine import DetectionLoss, run_trial
+from detrdistill.trainers.models import build_detector
+from detrdistill.trainers.models.output import DecoderPredictions
+
+
+# -- reference helpers, float64 and loop-based -------------------------------------------------------------
+def ref_giou(a, b):
+    """a, b: (cx, cy, w, h) floats -> GIoU."""
+    ax0, ay0, ax1, ay1 = a[0] - a[2] / 2, a[1] - a[3] / 2, a[0] + a[2] / 2, a[1] + a[3] / 2
+    bx0, by0, bx1, by1 = b[0] - b[2] / 2, b[1] - b[3] / 2, b[0] + b[2] / 2, b[1] + b[3] / 2
+    iw, ih = max(0.0, min(ax1, bx1) - max(ax0, bx0)), max(0.0, min(ay1, by1) - max(ay0, by0))
+    inter = iw * ih
+    union = a[2] * a[3] + b[2] * b[3] - inter
+    hull = (max(ax1, bx1) - min(ax0, bx0)) * (max(ay1, by1) - min(ay0, by0))
+    return inter / union - (hull - union) / hull
+
+
+def ref_iou(a, b):
+    ax0, ay0, ax1, ay1 = a[0] - a[2] / 2, a[1] - a[3] / 2, a[0] + a[2] / 2, a[1] + a[3] / 2
+    bx0, by0, bx1, by1 = b[0] - b[2] / 2, b[1] - b[3] / 2, b[0] + b[2] / 2, b[1] + b[3] / 2
+    iw, ih = max(0.0, min(ax1, bx1) - max(ax0, bx0)), max(0.0, min(ay1, by1) - max(ay0, by0))
+    return iw * ih / (a[2] * a[3] + b[2] * b[3] - iw * ih)
+
+
+def ref_bce(x, p):
+    s = 1 / (1 + np.exp(-x))
+    return -(p * np.log(s) + (1 - p) * np.log(1 - s))
+
+
+def ref_cost(x, bs, p, bt, w=(1.0, 5.0, 2.0)):
+    """x [N, C] logits, bs [N, 4], p [M, C] probs, bt [M, 4] -> [N, M] by the METHOD.md formula."""
+    N, M = x.shape[0], p.shape[0]
+    c = np.zeros((N, M))
+    for n in range(N):
+        for m in range(M):
+            c[n, m] = w[0] * ref_bce(x[n], p[m]).sum() + w[1] * np.abs(bs[n] - bt[m]).sum() \
+                - w[2] * ref_giou(bs[n], bt[m])
+    return c
+
+
+def random_predictions(L, B, N, C, seed, d=8):
+    g = torch.Generator().manual_seed(seed)
+    cxcy = torch.rand(L, B, N, 2, generator=g) * 0.6 + 0.2
+    wh = torch.rand(L, B, N, 2, generator=g) * 0.3 + 0.05
+    return DecoderPredictions(torch.randn(L, B, N, C, generator=g) * 2, torch.cat([cxcy, wh], -1),
+                              torch.randn(L, B, N, d, generator=g))
+
+
+# -- layer mapping -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("strategy,teacher,student,expected", [
+    ("last", 6, 3, [3, 4, 5]), ("last", 6, 2, [4, 5]), ("last", 6, 6, [0, 1, 2, 3, 4, 5]),
+    ("last", 3, 6, [0, 0, 0, 0, 1, 2]),
+    ("first", 6, 3, [0, 1, 2]), ("first", 6, 2, [0, 1]), ("first", 3, 6, [0, 1, 2, 2, 2, 2]),
+    ("uniform", 6, 3, [1, 3, 5]), ("uniform", 6, 2, [2, 5]), ("uniform", 6, 6, [0, 1, 2, 3, 4, 5]),
+    ("uniform", 3, 6, [0, 0, 1, 1, 2, 2]),
+    ("final", 6, 3, [5, 5, 5]), ("final", 6, 2, [5, 5]), ("final", 3, 6, [2] * 6),
+    ("layerwise", 6, 6, [0, 1, 2, 3, 4, 5]), ([0, 2, 5], 6, 3, [0, 2, 5]),
+])
+def test_mapping_tables(strategy, teacher, student, expected):
+    assert layer_mapping(strategy, student, teacher) == expected
+
+
+@pytest.mark.parametrize("strategy,teacher,student,message", [
+    ("layerwise", 6, 3, "equal depths"), ([0, 1], 6, 3, "2 entries"), ([0, 1, 6], 6, 3, r"\[6\]"),
+    ("sideways", 6, 3, "unknown"),
+])
+def test_mapping_refuses_impossible(strategy, teacher, student, message):
+    with pytest.raises(ValueError, match=message):
+        layer_mapping(strategy, student, teacher)
+
+
+# -- logits distillation --------------------------------------------------------------------------------------
+def test_kd_cost_equals_formula_and_assignment_equals_scipy_and_brute_force():
+    s, t = random_predictions(2, 2, 4, 3, seed=1), random_predictions(2, 2, 4, 3, seed=2)
+    cfg = LogitsKDConfig()
+    cost = kd_cost(s.logits, s.boxes, t.logits.sigmoid(), t.boxes, cfg)
+    matches = match_to_teacher(cost)
+    for l, b in itertools.product(range(2), range(2)):
+        ref = ref_cost(s.logits[l, b].double().numpy(), s.boxes[l, b].double().numpy(),
+                       t.logits[l, b].double().sigmoid().numpy(), t.boxes[l, b].double().numpy())
+        np.testing.assert_allclose(cost[l, b].numpy(), ref, rtol=1e-5, atol=1e-5)
+        rows, cols = linear_sum_assignment(ref)
+        got_rows, got_cols = matches[l * 2 + b]
+        assert got_rows.tolist() == rows.tolist() and got_cols.tolist() == cols.tolist()
+        brute = min(sum(ref[i, perm[i]] for i in range(4)) for perm in itertools.permutations(range(4)))
+        assert ref[got_rows.numpy(), got_cols.numpy()].sum() == pytest.approx(brute)
+
+
+def test_kd_assignment_is_rectangular_when_query_counts_differ():
+    s, t = random_predictions(1, 1, 5, 3, seed=3), random_predictions(1, 1, 3, 3, seed=4)
+    cost = kd_cost(s.logits, s.boxes, t.logits.sigmoid(), t.boxes, LogitsKDConfig())
+    rows, cols = match_to_teacher(cost)[0]
+    assert len(rows) == 3 and sorted(cols.tolist()) == [0, 1, 2]
+    ref = cost[0, 0].double().numpy()
+    brute = min(sum(ref[r, c] for c, r in enumerate(perm)) for perm in itertools.permutations(range(5), 3))
+    assert ref[rows.numpy(), cols.numpy()].sum() == pytest.approx(brute, rel=1e-6)
+
+
+def test_logits_loss_equals_hand_computation():
+    s, t = random_predictions(3, 2, 4, 3, seed=5), random_predictions(4, 2, 4, 3, seed=6)
+    mapping = [1, 2, 3]
+    out = logits_distillation(s, t, mapping, LogitsKDConfig(weight=0.5))
+    expected = 0.0
+    for si, ti in enumerate(mapping):
+        pair = {"cls": 0.0, "l1": 0.0, "giou": 0.0}
+        n = 0
+        for b in range(2):
+            x, bs = s.logits[si, b].double().numpy(), s.boxes[si, b].double().numpy()
+            p, bt = t.logits[ti, b].double().sigmoid().numpy(), t.boxes[ti, b].double().numpy()
+            rows, cols = linear_sum_assignment(ref_cost(x, bs, p, bt))
+            for r, c in zip(rows, cols):
+                pair["cls"] += ref_bce(x[r], p[c]).sum()
+                pair["l1"] += np.abs(bs[r] - bt[c]).sum()
+                pair["giou"] += 1 - ref_giou(bs[r], bt[c])
+                n += 1
+        expected += (pair["cls"] + 5 * pair["l1"] + 2 * pair["giou"]) / n
+    assert out["kd_logits"].item() == pytest.approx(0.5 * expected, rel=1e-5)
+
+
+def test_positive_negative_split_matches_groups_separately():
+    s, t = random_predictions(1, 1, 6, 2, seed=7), random_predictions(1, 1, 6, 2, seed=8)
+    t.logits[0, 0, :2] = 6.0   # two confident teacher predictions (positives)
+    t.logits[0, 0, 2:] = -6.0  # the rest background
+    cfg = LogitsKDConfig(split="positive_negative", threshold=0.5)
+    out = logits_distillation(s, t, [0], cfg)
+    # reference: positives matched first among all student predictions, negatives among the remaining ones
+    x, bs = s.logits[0, 0].double().numpy(), s.boxes[0, 0].double().numpy()
+    p, bt = t.logits[0, 0].double().sigmoid().numpy(), t.boxes[0, 0].double().numpy()
+    cost = ref_cost(x, bs, p, bt)
+    pr, pc = linear_sum_assignment(cost[:, :2])
+    free = [i for i in range(6) if i not in pr]
+    nr, nc = linear_sum_assignment(cost[free][:, 2:])
+    pos = sum(ref_bce(x[r], p[c]).sum() + 5 * np.abs(bs[r] - bt[c]).sum() + 2 * (1 - ref_giou(bs[r], bt[c]))
+              for r, c in zip(pr, pc)) / 2
+    neg = sum(ref_bce(x[free[r]], np.zeros(2)).sum() + 5 * np.abs(bs[free[r]] - bt[2 + c]).sum()
+              + 2 * (1 - ref_giou(bs[free[r]], bt[2 + c])) for r, c in zip(nr, nc)) / 4
+    assert out["kd_logits"].item() == pytest.approx(pos + neg, rel=1e-5)
+
+
+# -- feature distillation -------------------------------------------------------------------------------------
+def test_feature_mask_and_loss_equal_float64_loop():
+    torch.manual_seed(0)
+    L, B, N, C, d = 2, 2, 5, 3, 8
+    t = random_predictions(L, B, N, C, seed=9, d=d)
+    targets = [{"boxes": torch.tensor([[0.5, 0.5, 0.3, 0.3], [0.3, 0.6, 0.2, 0.1]]), "labels": torch.tensor([0, 2])},
+               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}]
+    ft = [torch.randn(B, d, 4, 5), torch.randn(B, d, 2, 3)]
+    fs = [torch.randn(B, d, 4, 5), torch.randn(B, d, 2, 3)]
+    cfg = FeatureKDConfig(weight=1.0, top_k=4)
+    out = feature_distillation(fs, ft, t, targets, feature_adapters(d, d, 2), cfg)
+
+    expected = 0.0
+    for l in range(L):
+        for j in range(2):
+            H, W = ft[j].shape[-2:]
+            total = 0.0
+            for b in range(B):
+                probs = t.logits[l, b].double().sigmoid().numpy()
+                order = np.argsort(-probs.ravel(), kind="stable")[:4]
+                psi = np.zeros((H, W))
+                for flat in order:
+                    q, c = divmod(int(flat), C)
+                    box = t.boxes[l, b, q].double().numpy()
+                    gts = targets[b]["boxes"].double().numpy()
+                    quality = probs[q, c] * (max(ref_iou(box, g) for g in gts) if len(gts) else 1.0)
+                    qv = t.hidden[l, b, q].double().numpy()
+                    for h in range(H):
+                        for w in range(W):
+                            fv = ft[j][b, :, h, w].double().numpy()
+                            psi[h, w] += quality * qv.dot(fv) / (np.linalg.norm(qv) * np.linalg.norm(fv))
+                psi = np.maximum(psi, 0.01)
+                psi /= psi.max()
+                diff = psi[None] * ft[j][b].double().numpy() - psi[None] * fs[j][b].double().numpy()
+                total += (diff ** 2).sum()
+            expected += total / (B * d * H * W)
+    assert out["kd_feature"].item() == pytest.approx(expected, rel=1e-4)
+
+
+def test_feature_plain_mask_ablation_differs_from_quality_weighting():
+    t = random_predictions(1, 1, 5, 3, seed=10, d=8)
+    targets = [{"boxes": torch.tensor([[0.5, 0.5, 0.3, 0.3]]), "labels": torch.tensor([0])}]
+    ft, fs = [torch.randn(1, 8, 4, 4)], [torch.randn(1, 8, 4, 4)]
+    adapters = feature_adapters(8, 8, 1)
+    a = feature_distillation(fs, ft, t, targets, adapters, FeatureKDConfig(quality=True))["kd_feature"]
+    b = feature_distillation(fs, ft, t, targets, adapters, FeatureKDConfig(quality=False))["kd_feature"]
+    assert a.item() != pytest.approx(b.item())
+
+
+def test_feature_adapter_when_widths_differ_gets_gradient():
+    t = random_predictions(1, 1, 5, 3, seed=11, d=16)
+    targets = [{"boxes": torch.tensor([[0.5, 0.5, 0.3, 0.3]]), "labels": torch.tensor([0])}]
+    adapters = feature_adapters(8, 16, 1)
+    fs = [torch.randn(1, 8, 4, 4, requires_grad=True)]
+    out = feature_distillation(fs, [torch.randn(1, 16, 4, 4)], t, targets, adapters, FeatureKDConfig())
+    out["kd_feature"].backward()
+    assert adapters[0].weight.grad.abs().sum() > 0 and fs[0].grad.abs().sum() > 0
+
+
+# -- query prior ------------------------------------------------------------------------------------------------
+def _tiny_model(family="conditional_detr", seed=0, **kw):
+    cfg = dict(family=family, backbone="resnet18", encoder_layers=1, decoder_layers=2, num_queries=6,
+               hidden_dim=64, num_heads=4, ffn_dim=64, dropout=0.0)
+    cfg.update(kw)
+    torch.manual_seed(seed)
+    return build_detector(ModelConfig(**cfg), 4).eval()
+
+
+def _targets():
+    return [{"labels": torch.tensor([1, 3]), "boxes": torch.tensor([[0.4, 0.4, 0.3, 0.2], [0.7, 0.6, 0.2, 0.3]])},
+            {"labels": torch.tensor([0]), "boxes": torch.tensor([[0.5, 0.5, 0.5, 0.5]])}]
+
+
+@pytest.mark.parametrize("family", ["conditional_detr", "deformable_detr"])
+def test_query_prior_supervises_with_the_teachers_assignment(family):
+    """A student that IS the teacher: its extra group reproduces the teacher's predictions, so the
+    query-prior loss must equal the teacher's own set loss under its own Hungarian assignment."""
+    teacher = _tiny_model(family)
+    criterion = SetCriterion(4)
+    images = torch.randn(2, 3, 64, 80)
+    with torch.no_grad():
+        t_out = teacher(images)
+        s_out = teacher(images, queries=t_out.queries.detach())
+    indices = criterion.indices_for(t_out.predictions, _targets())
+    qp = query_prior_loss(s_out.extra, indices, _targets(), [0, 1], criterion)["kd_query_prior"]
+    reference = criterion(t_out.predictions, _targets())["loss"]
+    assert qp.item() == pytest.approx(reference.item(), rel=1e-4)
+    # and a different assignment gives a different loss: the targets really come from `indices`
+    shuffled = [[(src.flip(0), tgt) for src, tgt in layer] for layer in indices]
+    other = query_prior_loss(s_out.extra, shuffled, _targets(), [0, 1], criterion)["kd_query_prior"]
+    assert other.item() != pytest.approx(qp.item())
+
+
+# -- the objective -----------------------------------------------------------------------------------------
+def _objective(teacher, student, **distill):
+    cfg = DistillConfig(method="detrdistill", **distill)
+    return DistillationLoss(teacher, SetCriterion(4), cfg, student.config.hidden_dim, teacher.config.hidden_dim,
+                            student.config.decoder_layers, teacher.config.decoder_layers, student.config.levels)
+
+
+def test_all_weights_zero_equals_plain_student_exactly():
+    teacher, student = _tiny_model(), _tiny_model().train()
+    zero = _objective(teacher, student, logits={"weight": 0}, feature={"weight": 0}, query_prior={"weight": 0})
+    plain = DetectionLoss(SetCriterion(4))
+    images = torch.randn(2, 3, 64, 80)
+    a = zero(student, images, None, _targets())["loss"]
+    a.backward()
+    grads_a = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+    student.zero_grad()
+    b = plain(student, images, None, _targets())["loss"]
+    b.backward()
+    assert torch.equal(a, b)
+    for n, p in student.named_parameters():
+        if p.grad is not None:
+            assert torch.equal(p.grad, grads_a[n]), n
+
+
+def test_teacher_gets_no_gradient_and_stays_bitwise_unchanged():
+    teacher, student = _tiny_model(), _tiny_model(seed=1, ffn_dim=32).train()
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    objective = _objective(teacher, student)
+    params = list(student.parameters()) + list(objective.trainable.parameters())
+    opt = torch.optim.AdamW([p for p in params if p.requires_grad], lr=1e-3)
+    for _ in range(3):
+        losses = objective(student, torch.randn(2, 3, 64, 80), None, _targets())
+        assert {"kd_logits", "kd_feature", "kd_query_prior", "loss_det"} <= set(losses)
+        opt.zero_grad()
+        losses["loss"].backward()
+        opt.step()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert not teacher.training
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert not any(p is q for p in teacher.parameters() for g in opt.param_groups for q in g["params"])
+
+
+@pytest.mark.parametrize("method", ["detrdistill", "fitnet", "fgd", "mgd"])
+def test_distillation_trial_end_to_end(tiny_data_root, tmp_path_factory, method):
+    teacher_dir = tmp_path_factory.getbasetemp() / "kd-teacher"
+    if not (teacher_dir / "checkpoint.pt").exists():
+        run_trial(tiny_trial(tiny_data_root, epochs=1), teacher_dir, log=lambda s: None)
+    config = tiny_trial(tiny_data_root, epochs=1, distill=DistillConfig(method=method),
+                        teacher=TeacherConfig(model=tiny_trial(tiny_data_root).model,
+                                              checkpoint=teacher_dir / "checkpoint.pt"))
+    reports = []
+    run_trial(config, tmp_path_factory.mktemp(method), report=lambda m, c: reports.append(m), log=lambda s: None)
+    metrics = reports[-1]
+    expected = {"detrdistill": ["train/kd_logits", "train/kd_feature", "train/kd_query_prior"]}.get(
+        method, [f"train/kd_{method}"])
+    for key in expected + ["train/loss_det", "AP"]:
+        assert key in metrics and np.isfinite(metrics[key]), key

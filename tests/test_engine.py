@@ -1,0 +1,91 @@
+"""The engine: exact resume, NaN handling, optimizer groups, lr schedule, metrics reporting."""
+import math
+
+import pytest
+import torch
+
+from conftest import tiny_trial
+from detrdistill.trainers.checkpoint import load_checkpoint, load_detector
+from detrdistill.trainers.config import ScheduleConfig
+from detrdistill.trainers.engine import NonFiniteLossError, lr_factor, param_groups, run_trial
+from detrdistill.trainers.models import build_detector
+
+METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+class Interrupt(Exception):
+    pass
+
+
+def _quiet(_):
+    pass
+
+
+@pytest.mark.parametrize("family", ["conditional_detr", "deformable_detr"])
+def test_resume_is_bitwise_identical(tiny_data_root, tmp_path, family):
+    config = tiny_trial(tiny_data_root, family, epochs=2)
+    reports = []
+    final = run_trial(config, tmp_path / "straight", report=lambda m, c: reports.append((m, c)), log=_quiet)
+    assert [m["epoch"] for m, _ in reports] == [1, 2]
+    assert all(k in final for k in METRICS) and all(0.0 <= final[k] <= 1.0 for k in METRICS)
+    assert reports[-1][1] == tmp_path / "straight" / "checkpoint.pt"
+
+    def stop_after_first_epoch(metrics, checkpoint):
+        if metrics["epoch"] == 1:
+            raise Interrupt  # as if the process died right after the epoch-1 checkpoint
+    with pytest.raises(Interrupt):
+        run_trial(config, tmp_path / "resumed", report=stop_after_first_epoch, log=_quiet)
+    assert load_checkpoint(tmp_path / "resumed" / "checkpoint.pt")["epoch"] == 0
+    resumed_reports = []
+    run_trial(config, tmp_path / "resumed", report=lambda m, c: resumed_reports.append(m), log=_quiet)
+    assert [m["epoch"] for m in resumed_reports] == [2]  # epoch 1 was not trained again
+
+    a = load_checkpoint(tmp_path / "straight" / "checkpoint.pt")
+    b = load_checkpoint(tmp_path / "resumed" / "checkpoint.pt")
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), f"{name} differs after resume"
+    for (ka, va), (kb, vb) in zip(a["optimizer"]["state"].items(), b["optimizer"]["state"].items()):
+        assert torch.equal(va["exp_avg"], vb["exp_avg"]) and torch.equal(va["exp_avg_sq"], vb["exp_avg_sq"])
+    assert a["history"][-1]["train/loss"] == b["history"][-1]["train/loss"]
+
+
+def test_non_finite_loss_stops_the_trial_with_its_reason(tiny_data_root, tmp_path):
+    config = tiny_trial(tiny_data_root, epochs=3, schedule=ScheduleConfig(epochs=3, lr=1e30, batch_size=4,
+                                                                              grad_clip=0))
+    with pytest.raises(NonFiniteLossError, match=r"epoch \d, step \d: loss became (nan|inf)"):
+        run_trial(config, tmp_path / "nan", log=_quiet)
+
+
+def test_checkpoint_rebuilds_the_trained_detector(tiny_data_root, tmp_path):
+    config = tiny_trial(tiny_data_root, epochs=1)
+    run_trial(config, tmp_path / "t", log=_quiet)
+    model, meta = load_detector(tmp_path / "t" / "checkpoint.pt")
+    assert not model.training and meta["category_ids"] == list(range(1, 11))
+    images = torch.randn(1, 3, 64, 64)
+    out = model(images)
+    assert out.logits.shape == (1, 1, 10, 10) and torch.isfinite(out.boxes).all()
+
+
+def test_param_groups_follow_the_recipe():
+    from detrdistill.trainers.config import ModelConfig
+    model = build_detector(ModelConfig(family="deformable_detr", backbone="resnet18", encoder_layers=1,
+                                       decoder_layers=1, num_queries=5, hidden_dim=64, num_feature_levels=2), 3)
+    schedule = ScheduleConfig(lr=2e-4)
+    groups = {g["name"]: g for g in param_groups(model, schedule)}
+    assert groups["backbone"]["lr"] == pytest.approx(2e-5)
+    assert groups["linear_proj"]["lr"] == pytest.approx(2e-5)
+    assert groups["default"]["lr"] == pytest.approx(2e-4)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all("sampling_offsets" in names[id(p)] or "reference_points" in names[id(p)]
+               for p in groups["linear_proj"]["params"])
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert frozen and all(n.startswith("backbone.stages.0.0.") for n in frozen)  # stem + layer1 never train
+    grouped = sum(len(g["params"]) for g in groups.values())
+    assert grouped == sum(p.requires_grad for p in model.parameters())
+
+
+def test_lr_schedule_warmup_then_step_decay():
+    f = lr_factor(ScheduleConfig(warmup_iters=4, lr_drop_epochs=[2, 3], lr_drop_factor=0.1), iters_per_epoch=10)
+    assert [f(s) for s in range(4)] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert f(19) == 1.0 and f(20) == pytest.approx(0.1) and f(30) == pytest.approx(0.01)
+    assert math.isclose(lr_factor(ScheduleConfig(lr_drop_epochs=[]), 5)(1000), 1.0)
