@@ -32,3 +32,49 @@ def tiny_trial(root, family="conditional_detr", epochs=2, **overrides) -> TrialC
                cpus=1)
     cfg.update(overrides)
     return TrialConfig(**cfg)
+
+
+# ---- orchestration tests (test_plan, test_tables, test_scheduler, test_cli_run) ---------------------------
+
+@pytest.fixture(scope="session")
+def mlflow_db_template(tmp_path_factory):
+    """An empty MLflow SQLite database, made once: creating one runs MLflow's migrations (seconds)."""
+    from mlflow.tracking import MlflowClient
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def tracking_uri(tmp_path, mlflow_db_template):
+    """A fresh MLflow database of this test's own (a copy of the template)."""
+    import shutil
+    shutil.copy(mlflow_db_template, tmp_path / "mlflow.db")
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """One local Ray per test module (starting one takes seconds); the scheduler uses it as it is."""
+    import ray
+    from detrdistill.orchestrator.scheduler import start_ray
+    start_ray()
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+TINY_MODEL = ("{family: conditional_detr, backbone: resnet18, encoder_layers: 1, decoder_layers: 1, "
+              "num_queries: 10, hidden_dim: 64, num_heads: 4, ffn_dim: 128}")
+
+
+def tiny_spec(root, name, teacher=True, student_epochs=2, extra="") -> str:
+    """The YAML of a tiny experiment on the tiny dataset: students (and a teacher) of TINY_MODEL's size."""
+    text = (f"name: {name}\n"
+            f"data: {{format: coco, root: {root}, num_workers: 0,\n"
+            f"       augment: {{scales: [80, 96], max_size: 96, crop: false, test_size: {TINY_SIZE}}}}}\n"
+            f"student:\n  model: {TINY_MODEL}\n"
+            f"  schedule: {{epochs: {student_epochs}, lr: 2.0e-4, batch_size: 4, lr_drop_epochs: [10]}}\n")
+    if teacher:
+        text += (f"teacher:\n  model: {TINY_MODEL}\n"
+                 f"  schedule: {{epochs: 1, lr: 2.0e-4, batch_size: 4}}\n")
+    return text + extra

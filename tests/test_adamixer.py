@@ -12,7 +12,8 @@ from detrdistill.trainers.config import AugmentConfig, DataConfig, ModelConfig, 
 from detrdistill.trainers.engine import run_trial
 from detrdistill.trainers.models import QueryGroup, build_detector
 from detrdistill.trainers.models.adamixer import AdaMixer
-from detrdistill.trainers.models.adamixer_ops import channel_mixing, sample_3d, sampling_points, spatial_mixing
+from detrdistill.trainers.models.adamixer_ops import (AdaptiveSamplingMixing, channel_mixing, sample_3d,
+                                                     sampling_points, spatial_mixing)
 
 C, D = 3, 32
 F64 = torch.float64
@@ -110,6 +111,42 @@ def test_mixing_matches_loops(spatial):
         assert out.shape == (B, N, G, P_in, c + 1)
     err = (out - reference_mix(x, weight, spatial)).abs().max().item()
     print(f"{'spatial' if spatial else 'channel'}_mixing max |err| vs float64 loops: {err:.3g}")
+    assert err < 1e-12
+
+
+def test_sampling_mixing_module_matches_loops():
+    """The module's layout (group-major offsets and mixer weights, [G, P_out, C_g] flattening) against the
+    per-query loops above, in float64, with content-dependent generators."""
+    torch.manual_seed(2)
+    B, N, d, G, P, Q = 2, 2, 8, 2, 3, 4
+    module = AdaptiveSamplingMixing(d, G, P, Q).double()
+    module.reset_parameters()
+    with torch.no_grad():
+        module.offset_generator.weight.normal_(0, 0.3)
+        module.mixing_generator.weight.normal_(0, 0.3)
+    strides = [8, 16]
+    features = [torch.randn(B, d, 6, 8, dtype=F64), torch.randn(B, d, 3, 4, dtype=F64)]
+    content = torch.randn(B, N, d, dtype=F64)
+    xyzr = torch.tensor([[[20.0, 15.0, 3.5, 0.3], [40.0, 30.0, 4.5, -0.5]]], dtype=F64).repeat(B, 1, 1)
+    out = module(content, xyzr, features, strides)
+    c = d // G
+    ref = torch.empty(B, N, d, dtype=F64)
+    with torch.no_grad():
+        for b in range(B):
+            for n in range(N):
+                q = content[b, n]
+                offsets = (module.offset_generator.weight @ q + module.offset_generator.bias).view(1, 1, G * P, 3)
+                sampled = reference_sample_3d([f[b:b + 1] for f in features], strides,
+                                              sampling_points(offsets, xyzr[b:b + 1, n:n + 1]), G)[0, 0]
+                params = (module.mixing_generator.weight @ q + module.mixing_generator.bias).view(G, -1)
+                mixed = torch.stack([
+                    reference_mix(reference_mix(sampled[g][None], params[g, :c * c].view(1, c, c), False),
+                                  params[g, c * c:].view(1, Q, P), True)[0] for g in range(G)])  # [G, Q, c]
+                y = q + module.out_proj.weight @ mixed.flatten() + module.out_proj.bias
+                ref[b, n] = (y - y.mean()) / torch.sqrt(y.var(unbiased=False) + 1e-5) * module.norm.weight \
+                    + module.norm.bias
+    err = (out - ref).abs().max().item()
+    print(f"AdaptiveSamplingMixing max |err| vs float64 loops: {err:.3g}")
     assert err < 1e-12
 
 

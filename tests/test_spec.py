@@ -363,6 +363,16 @@ MALFORMED = [
         """, [], ["same family", "has 1 level(s) and the teacher (deformable_detr) 4"], id="families-differ"),
     pytest.param("""
         name: t
+        teacher:
+          model: {family: conditional_detr, hidden_dim: 256}
+        student:
+          model:
+            family: conditional_detr
+            hidden_dim: 128  # <- student.model.hidden_dim
+        distill: {method: detrdistill}
+        """, [], ["teacher's 256-d queries"], id="query-prior-widths-differ"),
+    pytest.param("""
+        name: t
         teacher: {}
         student: {}
         distill:

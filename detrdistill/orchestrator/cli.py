@@ -12,7 +12,7 @@ from typing import Callable, Optional, Sequence
 
 from detrdistill.orchestrator.spec import PlannedTrial, Spec, SpecError, expand_trials, load_spec
 
-EXIT_OK, EXIT_INVALID = 0, 2
+EXIT_OK, EXIT_INVALID, EXIT_INTERRUPTED = 0, 2, 130
 
 
 def add_set_argument(parser: argparse.ArgumentParser) -> None:
@@ -67,9 +67,170 @@ def summary(file: str, spec: Spec, trials: Sequence[PlannedTrial]) -> str:
     return f"{file}: ok: {spec.name}: {count}, {teacher}"
 
 
+def add_place_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where runs happen and are kept: shared by run and resume."""
+    parser.add_argument("--ray-address", default=None, metavar="ADDRESS",
+                        help="a Ray cluster to run on (e.g. ray://head:10001 or auto); default: a local Ray "
+                             "started in this process with every CPU (and GPU) of this machine")
+    parser.add_argument("--tracking-uri", default=None, metavar="URI",
+                        help="MLflow tracking URI; default: the spec's tracking.tracking_uri, else "
+                             "sqlite:///mlflow.db in the working directory")
+    parser.add_argument("--store", default=None, metavar="DIR",
+                        help="trial store: one folder per trial hash with its checkpoint, log and result, "
+                             "shared by all experiments (finished trials are never trained again); default ./runs")
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("spec", metavar="SPEC", help="spec YAML file")
+    add_set_argument(parser)
+    add_place_arguments(parser)
+
+
+def _print_spec_error(e: SpecError, command: str) -> None:
+    for problem in e.problems:
+        print(problem.format(e.file), file=sys.stderr)
+    count = len(e.problems)
+    print(f"{e.file}: {count} problem{'s' * (count != 1)}; nothing was run. Fix {'them' if count != 1 else 'it'} "
+          f"(or override with --set KEY=VALUE) and run `detrdistill {command}` again", file=sys.stderr)
+
+
+def _run_options(args: argparse.Namespace, store: Optional[str] = None):
+    from pathlib import Path
+
+    from detrdistill.orchestrator.scheduler import RunOptions
+    return RunOptions(store=Path(args.store or store or "runs"), tracking_uri=args.tracking_uri,
+                      ray_address=args.ray_address)
+
+
+def _execute(spec, options, parent_run_id: Optional[str] = None) -> int:
+    from detrdistill.orchestrator.scheduler import run_experiment
+    try:
+        outcome = run_experiment(spec, options, parent_run_id)
+    except KeyboardInterrupt:  # during start-up or the final table; the trial loop handles its own
+        print("\ndetrdistill: interrupted; checkpoints are kept: run the same command (or resume) again",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if outcome.message:
+        print(f"detrdistill: {outcome.message}", file=sys.stderr)
+    return outcome.exit_code
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run every trial of a spec on Ray, track them in MLflow, print and save the table.
+
+    Teachers train first (once per distinct teacher; a finished one is reused by any experiment); trials
+    already finished in the store are not run again. Exit status 0 when every trial finished, 1 when some
+    failed (named at the end), 2 for an invalid spec (nothing is run or written), 130 when interrupted
+    (resume it with `detrdistill resume EXPERIMENT`)."""
+    try:
+        spec = load_spec(args.spec, args.overrides)
+    except SpecError as e:
+        _print_spec_error(e, f"run {args.spec}")
+        return EXIT_INVALID
+    return _execute(spec, _run_options(args))
+
+
+def add_resume_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("experiment", metavar="EXPERIMENT", help="MLflow experiment name (the spec's name)")
+    add_place_arguments(parser)
+
+
+def resume(args: argparse.Namespace) -> int:
+    """Finish an interrupted experiment: its latest run again, from the spec stored in MLflow.
+
+    Finished trials are not run again, interrupted ones continue from their last checkpoint, all in the
+    same MLflow parent run. Exit status as for run."""
+    from detrdistill.orchestrator.scheduler import quiet_logging
+    from detrdistill.orchestrator.spec import parse_spec
+    from detrdistill.orchestrator.tracking import TAG, Tracker
+    quiet_logging()
+    try:
+        tracker = Tracker(args.experiment, _tracking_uri(args), create=False)
+    except LookupError as e:
+        print(f"detrdistill: {e}", file=sys.stderr)
+        return EXIT_INVALID
+    parent = tracker.latest_parent()
+    if parent is None:
+        print(f"detrdistill: experiment {args.experiment!r} has no run to resume; start one with "
+              f"`detrdistill run SPEC`", file=sys.stderr)
+        return EXIT_INVALID
+    where = f"runs:/{parent.info.run_id}/spec.yaml"
+    try:
+        spec = parse_spec(tracker.spec_text(parent.info.run_id), file=where)
+    except SpecError as e:
+        _print_spec_error(e, f"resume {args.experiment}")
+        return EXIT_INVALID
+    options = _run_options(args, store=parent.data.tags.get(f"{TAG}store"))
+    options.tracking_uri = tracker.tracking_uri
+    print(f"Resuming {args.experiment} (MLflow run {parent.info.run_id}) from {where}", flush=True)
+    return _execute(spec, options, parent_run_id=parent.info.run_id)
+
+
+def _tracking_uri(args: argparse.Namespace) -> str:
+    """The tracking URI to read an experiment from; LookupError for a SQLite file that does not exist
+    (opening it would create an empty database)."""
+    from pathlib import Path
+
+    from detrdistill.orchestrator.scheduler import absolute_tracking_uri, default_tracking_uri
+    uri = absolute_tracking_uri(args.tracking_uri) if args.tracking_uri else default_tracking_uri()
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise LookupError(f"no MLflow database at {uri.removeprefix('sqlite:///')}; run from the directory where "
+                          f"`detrdistill run` ran, or give --tracking-uri")
+    return uri
+
+
+def add_table_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("experiment", metavar="EXPERIMENT", help="MLflow experiment name (the spec's name)")
+    parser.add_argument("--format", choices=["md", "csv", "latex"], default="md", help="default: md")
+    parser.add_argument("--tracking-uri", default=None, metavar="URI",
+                        help="MLflow tracking URI; default sqlite:///mlflow.db in the working directory")
+
+
+def table(args: argparse.Namespace) -> int:
+    """Print an experiment's table again, from its latest run in MLflow (Markdown, CSV or LaTeX)."""
+    from detrdistill.orchestrator import tables
+    from detrdistill.orchestrator.scheduler import quiet_logging
+    quiet_logging()
+    try:
+        result = tables.table_for_experiment(args.experiment, _tracking_uri(args))
+    except LookupError as e:
+        print(f"detrdistill: {e}", file=sys.stderr)
+        return EXIT_INVALID
+    sys.stdout.write(tables.render(result, args.format))
+    return EXIT_OK
+
+
+def add_make_dataset_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("kind", choices=["synthetic"], help="the dataset to make")
+    parser.add_argument("out", metavar="OUT", help="folder to write (images and annotations/instances_*.json)")
+    parser.add_argument("--train", type=int, default=2000, metavar="N", help="training images (default 2000)")
+    parser.add_argument("--val", type=int, default=300, metavar="M", help="validation images (default 300)")
+    parser.add_argument("--seed", type=int, default=0, metavar="S", help="default 0")
+    parser.add_argument("--image-size", type=int, default=256, metavar="P",
+                        help="longer image side in pixels (default 256)")
+
+
+def make_dataset(args: argparse.Namespace) -> int:
+    """Write the synthetic detection dataset in COCO format (deterministic by seed).
+
+    A spec reads it with data: {format: coco, root: OUT}, or generates its own with format: synthetic."""
+    from detrdistill.trainers.data.synthetic import make_synthetic, print_progress
+    if min(args.train, args.val) < 1 or args.image_size < 32:
+        print("detrdistill: --train and --val must be >= 1 and --image-size >= 32", file=sys.stderr)
+        return EXIT_INVALID
+    out = make_synthetic(args.out, args.train, args.val, args.seed, args.image_size, progress=print_progress)
+    print(f"{out}: {args.train} train / {args.val} val synthetic images at {args.image_size} px (seed {args.seed}); "
+          f"annotations in {out}/annotations/")
+    return EXIT_OK
+
+
 Handler = Callable[[argparse.Namespace], int]
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Handler]] = {
     "validate": (add_validate_arguments, validate),
+    "run": (add_run_arguments, run),
+    "resume": (add_resume_arguments, resume),
+    "table": (add_table_arguments, table),
+    "make-dataset": (add_make_dataset_arguments, make_dataset),
 }
 
 

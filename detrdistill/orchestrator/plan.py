@@ -22,6 +22,8 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Literal, Optional
 
+import yaml
+
 from detrdistill.orchestrator.spec import PlannedTrial, Spec, expand_trials
 from detrdistill.trainers.config import TrialConfig
 
@@ -59,6 +61,9 @@ class Plan:
     def is_finished(self, node_hash: str) -> bool:
         return (self.workdir(node_hash) / RESULT).is_file()
 
+    def finished(self) -> set[str]:
+        return {h for h in self.nodes if self.is_finished(h)}
+
     def students_of(self, teacher_hash: str) -> list[Node]:
         return [n for n in self.nodes.values() if n.needs == teacher_hash]
 
@@ -67,6 +72,12 @@ class Plan:
         done, started = set(done), set(started)
         return [n for h, n in self.nodes.items()
                 if h not in done and h not in started and (n.needs is None or n.needs in done)]
+
+
+def spec_text(spec: Spec) -> str:
+    """The resolved spec (overrides applied) as YAML: what the parent run stores and `resume` reruns. Only
+    the settings that were given are written, so reading it back gives the same spec and the same trials."""
+    return yaml.safe_dump(spec.model_dump(mode="json", exclude_unset=True), sort_keys=False, width=110)
 
 
 def build_plan(spec: Spec, store: Path | str = DEFAULT_STORE, tracking_uri: Optional[str] = None) -> Plan:
@@ -124,11 +135,13 @@ def resolve_teacher_uri(uri: str, store: Path, tracking_uri: Optional[str]) -> P
     import mlflow.artifacts  # only specs with such a teacher pay for importing MLflow here
 
     run_id, _, artifact = uri.removeprefix("runs:/").partition("/")
-    target = store / DOWNLOADS / run_id
-    local = target / artifact if artifact else target
-    if artifact and local.exists():
+    local = store / DOWNLOADS / run_id / artifact.strip("/")
+    if artifact.strip("/") and local.exists():
         return local
+    # MLflow puts the file or folder the URI names inside dst_path (a whole run's artifacts: their contents)
+    target = local.parent if artifact.strip("/") else local
     target.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one small download, no bars
     try:
         return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(target),
                                                         tracking_uri=tracking_uri))
@@ -147,6 +160,7 @@ def read_result(workdir: Path) -> Optional[dict]:
 def write_result(workdir: Path, result: dict) -> Path:
     """Atomically (rename): a half-written result.json would mark an unfinished trial as finished."""
     path = Path(workdir) / RESULT
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=1, default=str))
     os.replace(tmp, path)

@@ -517,6 +517,12 @@ def _kd_issues(distill: DistillConfig, teacher: Optional[ModelConfig], student: 
                 f"be the same family, but the teacher is {teacher.family} and the student {student.family}; "
                 f"set distill.query_prior.weight: 0 to distil across families"),
                 related=(("student", "model", "family"),)))
+        elif None not in (student, teacher) and distill.query_prior.weight > 0 \
+                and student.hidden_dim != teacher.hidden_dim:
+            issues.append(_Issue(("student", "model", "hidden_dim"), (
+                f"query-prior distillation feeds the teacher's {teacher.hidden_dim}-d queries to the student's "
+                f"decoder, but the student's hidden_dim is {student.hidden_dim}; make them equal or set "
+                f"distill.query_prior.weight: 0"), related=(("teacher", "model", "hidden_dim"),)))
     features = distill.method in ("fitnet", "fgd", "mgd") or (
         distill.method == "detrdistill" and distill.feature.weight > 0)
     if features and None not in (student, teacher) and student.levels != teacher.levels:

@@ -135,8 +135,9 @@ class Tracker:
     def has_artifact(self, run_id: str, name: str) -> bool:
         return any(f.path == name for f in self.client.list_artifacts(run_id))
 
-    def finish_parent(self, run_id: str, failed: bool) -> None:
-        self.client.set_terminated(run_id, status="FAILED" if failed else "FINISHED")
+    def finish_parent(self, run_id: str, status: str = "FINISHED") -> None:
+        """FINISHED, FAILED (some trial failed) or KILLED (interrupted; `resume` reopens it)."""
+        self.client.set_terminated(run_id, status=status)
 
     # -- reading ------------------------------------------------------------------------------------------
     def latest_parent(self) -> Optional[Any]:

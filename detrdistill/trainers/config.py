@@ -51,6 +51,8 @@ class ModelConfig(StrictModel):
             raise ValueError(f"hidden_dim {self.hidden_dim} is not divisible by num_heads {self.num_heads}")
         if self.family == "deformable_detr" and self.hidden_dim % 32:
             raise ValueError(f"{self.family} needs hidden_dim divisible by 32 (GroupNorm(32) input projections)")
+        if self.family == "adamixer" and self.hidden_dim % 8:
+            raise ValueError("adamixer needs hidden_dim divisible by 8 (its (x, y, z, r) position encoding)")
         if self.family == "conditional_detr" and self.levels != 1:
             raise ValueError("conditional_detr uses one feature level (C5); num_feature_levels must be 1")
         if self.family == "adamixer" and "encoder_layers" in self.model_fields_set and self.encoder_layers:

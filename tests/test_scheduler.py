@@ -1,0 +1,114 @@
+"""The scheduler on a real local Ray with real MLflow (SQLite): a whole experiment, teacher reuse across
+experiments, and a worker killed mid-training that resumes in the same MLflow run."""
+import os
+import re
+import signal
+import threading
+import time
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+from conftest import tiny_spec
+from detrdistill.orchestrator import tables
+from detrdistill.orchestrator.cli import main
+from detrdistill.orchestrator.plan import PID, build_plan, read_result
+from detrdistill.orchestrator.spec import load_spec
+
+DISTIL = "distill: {method: detrdistill}\nablate: {distill.method: [none, detrdistill]}\n" \
+         "table: {rows: [distill.method], metrics: [AP, AP50], baseline: {distill.method: none}}\n"
+
+
+def runs_by_name(uri: str, experiment: str) -> dict:
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    return {r.info.run_name: r for r in runs}
+
+
+def steps(uri: str, run, key: str = "epoch_time") -> list[int]:
+    return sorted(m.step for m in MlflowClient(uri).get_metric_history(run.info.run_id, key))
+
+
+def test_experiment_end_to_end_and_a_teacher_reused_by_the_next(ray_cluster, tiny_data_root, tmp_path,
+                                                                monkeypatch, tracking_uri, capsys):
+    monkeypatch.chdir(tmp_path)
+    Path("a.yaml").write_text(tiny_spec(tiny_data_root, "exp-a", extra=DISTIL))
+    assert main(["run", "a.yaml", "--tracking-uri", tracking_uri]) == 0
+    out = capsys.readouterr().out
+    assert f"mlflow ui --backend-store-uri {tracking_uri}" in out and "| distill.method | AP | AP50 |" in out
+
+    plan = build_plan(load_spec("a.yaml"), "runs")
+    runs = runs_by_name(tracking_uri, "exp-a")
+    parent = runs.pop("exp-a")
+    assert parent.info.status == "FINISHED" and parent.data.tags["detrdistill.kind"] == "experiment"
+    client = MlflowClient(tracking_uri)
+    assert {f.path for f in client.list_artifacts(parent.info.run_id)} == {
+        "spec.yaml", "table.md", "table.csv", "table.tex", "plot.png"}
+    assert set(runs) == {"teacher", "distill.method=none seed=0", "distill.method=detrdistill seed=0"}
+    for name, run in runs.items():
+        tags = run.data.tags
+        node = plan.nodes[tags["detrdistill.trial_hash"]]
+        assert tags["mlflow.parentRunId"] == parent.info.run_id and tags["detrdistill.status"] == "finished"
+        assert tags["detrdistill.kind"] == node.kind and node.name == name
+        assert run.data.params["model.backbone"] == "resnet18" and run.data.params["schedule.batch_size"] == "4"
+        assert steps(tracking_uri, run) == list(range(1, node.config.schedule.epochs + 1))  # every epoch, once
+        assert {"train/loss", "lr", "AP", "AP50", "AP75", "APs", "APm", "APl"} <= set(run.data.metrics)
+        assert {f.path for f in client.list_artifacts(run.info.run_id)} == {
+            "checkpoint.pt", "result.json", "trial.json", "log.txt"}
+        assert read_result(plan.workdir(node.hash))["metrics"]["AP"] == run.data.metrics["AP"]
+        if node.kind == "trial":
+            method = node.config.distill.method
+            assert tags["axis.distill.method"] == method and tags["axis.seed"] == "0"
+    assert "train/kd_logits" in runs["distill.method=detrdistill seed=0"].data.metrics
+
+    # the files under results/ are the table, and `detrdistill table` prints them again from MLflow
+    for fmt, name in tables.FORMATS.items():
+        assert main(["table", "exp-a", "--format", fmt, "--tracking-uri", tracking_uri]) == 0
+        assert capsys.readouterr().out == (tmp_path / "results" / "exp-a" / name).read_text()
+
+    # another experiment with the same teacher: the teacher is not trained again
+    teacher = next(n for n in plan.nodes.values() if n.kind == "teacher")
+    log_before = (plan.workdir(teacher.hash) / "log.txt").read_text()
+    Path("b.yaml").write_text(tiny_spec(tiny_data_root, "exp-b", student_epochs=1) + "distill: {method: detrdistill}\n")
+    assert main(["run", "b.yaml", "--tracking-uri", tracking_uri]) == 0
+    assert "teacher: already finished" in capsys.readouterr().out
+    runs_b = runs_by_name(tracking_uri, "exp-b")
+    assert runs_b["teacher"].data.tags["detrdistill.status"] == "cached"
+    assert steps(tracking_uri, runs_b["teacher"]) == [1]  # its history, copied from the store
+    assert runs_b["seed=0"].data.tags["detrdistill.status"] == "finished"
+    assert (plan.workdir(teacher.hash) / "log.txt").read_text() == log_before
+
+
+def test_a_killed_worker_is_retried_and_resumes_in_the_same_run(ray_cluster, tiny_data_root, tmp_path,
+                                                                monkeypatch, tracking_uri, capsys):
+    monkeypatch.chdir(tmp_path)
+    Path("k.yaml").write_text(tiny_spec(tiny_data_root, "killed", teacher=False, student_epochs=3))
+    node = next(iter(build_plan(load_spec("k.yaml"), "runs").nodes.values()))
+    workdir = tmp_path / "runs" / node.hash
+    killed = []
+
+    def kill_after_first_checkpoint():
+        deadline = time.time() + 120
+        while not (workdir / "checkpoint.pt").exists() and time.time() < deadline:
+            time.sleep(0.02)
+        pid = int((workdir / PID).read_text())
+        os.kill(pid, signal.SIGKILL)
+        killed.append(pid)
+
+    watcher = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
+    watcher.start()
+    assert main(["run", "k.yaml", "--tracking-uri", tracking_uri]) == 0
+    watcher.join()
+    out = capsys.readouterr().out
+    assert killed and re.search(r"seed=0: its worker died; retry 1/1 resumes from its last checkpoint", out)
+
+    runs = runs_by_name(tracking_uri, "killed")
+    assert set(runs) == {"killed", "seed=0"}  # one child run, continued by the retry
+    run = runs["seed=0"]
+    assert run.data.tags["detrdistill.status"] == "finished" and run.data.tags["detrdistill.attempts"] == "2"
+    assert steps(tracking_uri, run) == [1, 2, 3]
+    log = (workdir / "log.txt").read_text()
+    assert log.count(" starts\n") == 1 and log.count("resumes from its checkpoint") == 1
+    assert "resuming after epoch 1" in log  # the second attempt did not train epoch 1 again
+    assert log.count("epoch 1/3 step 4/4") == 1
+    assert int((workdir / PID).read_text()) != killed[0]
