@@ -19,7 +19,7 @@ def _one_thread():
 
 def _model(enc=1, dec=2, queries=6, classes=3, backbone="resnet18", **kw):
     torch.manual_seed(0)
-    config = ModelConfig(family="conditional_detr", backbone=backbone, encoder_layers=enc, decoder_layers=dec,
+    config = ModelConfig(family="conditional_detr", backbone=backbone, backbone_norm="frozen_bn", encoder_layers=enc, decoder_layers=dec,
                          num_queries=queries, hidden_dim=D, num_heads=4, ffn_dim=64, **kw)
     return build_detector(config, classes)
 

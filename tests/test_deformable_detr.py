@@ -13,7 +13,8 @@ C, D = 3, 32
 
 def make(encoder_layers=1, decoder_layers=2, levels=4, queries=6, dropout=0.0, seed=0):
     torch.manual_seed(seed)
-    cfg = ModelConfig(family="deformable_detr", backbone="resnet18", encoder_layers=encoder_layers,
+    cfg = ModelConfig(family="deformable_detr", backbone="resnet18", backbone_norm="frozen_bn",
+                      encoder_layers=encoder_layers,
                       decoder_layers=decoder_layers, num_queries=queries, hidden_dim=D, num_heads=2, ffn_dim=48,
                       num_feature_levels=levels, num_points=2, dropout=dropout)
     return build_detector(cfg, C)

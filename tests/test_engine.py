@@ -68,7 +68,8 @@ def test_checkpoint_rebuilds_the_trained_detector(tiny_data_root, tmp_path):
 
 def test_param_groups_follow_the_recipe():
     from detrdistill.trainers.config import ModelConfig
-    model = build_detector(ModelConfig(family="deformable_detr", backbone="resnet18", encoder_layers=1,
+    model = build_detector(ModelConfig(family="deformable_detr", backbone="resnet18", backbone_norm="frozen_bn",
+                                       encoder_layers=1,
                                        decoder_layers=1, num_queries=5, hidden_dim=64, num_feature_levels=2), 3)
     schedule = ScheduleConfig(lr=2e-4)
     groups = {g["name"]: g for g in param_groups(model, schedule)}

@@ -239,7 +239,7 @@ class Display:
         if self.live is not None:
             self.live.update(self._table())
         elif time.time() - self.last_line >= HEARTBEAT_S:
-            running = [f"{s.node.name}: {s.summary()} {s.step}".rstrip()
+            running = [f"{s.node.name}: {s.summary()}" + (f" step {s.step}" if s.step else "")
                        for s in self.states.values() if s.state == "running"]
             counts = {k: sum(s.state == k for s in self.states.values()) for k in ("finished", "cached", "failed")}
             done = ", ".join(f"{v} {k}" for k, v in counts.items() if v)

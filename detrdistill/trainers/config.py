@@ -33,6 +33,8 @@ class ModelConfig(StrictModel):
     backbone: BackboneName = "resnet50"
     backbone_weights: Optional[Path] = None  # local torchvision state_dict file; None = random init
     train_backbone: bool = True
+    # "auto": frozen batch norm (DETR's recipe) for pretrained weights, trainable batch norm from scratch
+    backbone_norm: Literal["auto", "frozen_bn", "batch_norm"] = "auto"
     encoder_layers: int = Field(6, ge=0)
     decoder_layers: int = Field(6, ge=1)
     num_queries: int = Field(300, ge=1)
@@ -58,6 +60,12 @@ class ModelConfig(StrictModel):
         if self.family == "adamixer" and "encoder_layers" in self.model_fields_set and self.encoder_layers:
             raise ValueError("adamixer has no transformer encoder; leave encoder_layers unset")
         return self
+
+    @property
+    def norm(self) -> str:
+        if self.backbone_norm != "auto":
+            return self.backbone_norm
+        return "frozen_bn" if self.backbone_weights is not None else "batch_norm"
 
     @property
     def ffn(self) -> int:

@@ -155,7 +155,8 @@ class AdaMixer(nn.Module):
             raise ValueError(f"adamixer needs hidden_dim divisible by 8 (its position encoding) and by the "
                              f"{groups} mixing groups, got {d}")
         self.config, self.num_classes, self.hidden_dim, self.num_levels = config, num_classes, d, levels
-        self.backbone = Backbone(config.backbone, min(levels, 3), config.backbone_weights, config.train_backbone)
+        self.backbone = Backbone(config.backbone, min(levels, 3), config.backbone_weights, config.train_backbone,
+                                 config.norm)
         self.strides = [8, 16, 32][3 - self.backbone.num_levels:] + [64 * 2 ** i for i in range(levels - 3)]
         self.input_proj = nn.ModuleList(nn.Conv2d(c, d, 1) for c in self.backbone.channels)
         self.extra_convs = nn.ModuleList(nn.Conv2d(d, d, 3, stride=2, padding=1) for _ in range(levels - 3))

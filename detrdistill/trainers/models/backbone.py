@@ -31,15 +31,19 @@ def _mobilenet_stages(net: nn.Module) -> list[nn.Module]:
 class Backbone(nn.Module):
     """Image -> the last `num_levels` (1 to 3) of the stride-8/16/32 feature maps, with their padding masks.
 
-    Batch norm is frozen (statistics and affine parameters are buffers), as in DETR: detection batches are
-    too small for batch statistics. The stem and first stage are never trained.
+    norm "frozen_bn" (DETR's recipe for a pretrained backbone): batch norm statistics and affine parameters
+    are buffers, because detection batches are too small for batch statistics, and the stem and first stage
+    are never trained. norm "batch_norm" (a backbone trained from scratch, where frozen statistics would be
+    the identity and leave a deep network unnormalised): ordinary batch norm, every stage trained.
     """
 
-    def __init__(self, name: str, num_levels: int, weights: Optional[Path] = None, train: bool = True):
+    def __init__(self, name: str, num_levels: int, weights: Optional[Path] = None, train: bool = True,
+                 norm: str = "frozen_bn"):
         super().__init__()
         if name not in STAGE_CHANNELS:
             raise ValueError(f"unknown backbone {name!r}; known: {sorted(STAGE_CHANNELS)}")
-        net = getattr(torchvision.models, name)(weights=None, norm_layer=FrozenBatchNorm2d)
+        frozen = norm == "frozen_bn"
+        net = getattr(torchvision.models, name)(weights=None, norm_layer=FrozenBatchNorm2d if frozen else nn.BatchNorm2d)
         if weights is not None:
             load_backbone_weights(net, weights)
         stages = _resnet_stages(net) if name.startswith("resnet") else _mobilenet_stages(net)
@@ -47,7 +51,7 @@ class Backbone(nn.Module):
         self.num_levels = min(num_levels, 3)
         self.channels = STAGE_CHANNELS[name][3 - self.num_levels:]
         for pname, p in self.named_parameters():
-            trainable = train and not (name.startswith("resnet") and pname.startswith("stages.0.0."))
+            trainable = train and not (frozen and name.startswith("resnet") and pname.startswith("stages.0.0."))
             p.requires_grad_(trainable)
 
     def forward(self, images: Tensor, mask: Tensor) -> list[tuple[Tensor, Tensor]]:

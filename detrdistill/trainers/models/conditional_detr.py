@@ -134,7 +134,8 @@ class ConditionalDETR(nn.Module):
         d = config.hidden_dim
         self.config = config
         self.num_classes = num_classes
-        self.backbone = Backbone(config.backbone, 1, config.backbone_weights, config.train_backbone)
+        self.backbone = Backbone(config.backbone, 1, config.backbone_weights, config.train_backbone,
+                                 config.norm)
         self.input_proj = nn.Conv2d(self.backbone.channels[-1], d, kernel_size=1)
         self.encoder = nn.ModuleList(EncoderLayer(d, config.num_heads, config.ffn, config.dropout)
                                      for _ in range(config.encoder_layers))

@@ -107,7 +107,8 @@ class DeformableDETR(nn.Module):
         if d % 32:
             raise ValueError(f"deformable_detr needs hidden_dim divisible by 32 (GroupNorm(32)), got {d}")
         self.config, self.hidden_dim, self.num_levels, self.num_classes = config, d, levels, num_classes
-        self.backbone = Backbone(config.backbone, min(levels, 3), config.backbone_weights, config.train_backbone)
+        self.backbone = Backbone(config.backbone, min(levels, 3), config.backbone_weights, config.train_backbone,
+                                 config.norm)
         projections = [nn.Sequential(nn.Conv2d(c, d, 1), nn.GroupNorm(32, d)) for c in self.backbone.channels]
         in_channels = self.backbone.channels[-1]  # extra levels: stride-2 convs, the first on the last backbone map
         for _ in range(levels - len(projections)):

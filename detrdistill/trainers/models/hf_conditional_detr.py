@@ -50,7 +50,7 @@ def model_config_from_hf(hf_config) -> ModelConfig:
     out_features = config_field(c.backbone_config, "out_features") or ["stage4"]
     if config_field(c.backbone_config, "model_type") == "resnet" and out_features[-1] != "stage4":
         raise ValueError(f"Conditional DETR reads the backbone's last output; need stage4, got {out_features}")
-    return ModelConfig(family="conditional_detr", backbone=backbone_name_from_hf(c.backbone_config),
+    return ModelConfig(family="conditional_detr", backbone=backbone_name_from_hf(c.backbone_config), backbone_norm="frozen_bn",
                        encoder_layers=c.encoder_layers, decoder_layers=c.decoder_layers, num_queries=c.num_queries,
                        hidden_dim=c.d_model, num_heads=c.encoder_attention_heads, ffn_dim=c.encoder_ffn_dim,
                        dropout=c.dropout)

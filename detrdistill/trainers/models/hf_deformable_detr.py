@@ -69,7 +69,7 @@ def model_config_from_hf(hf_config) -> ModelConfig:
         if value != wanted:
             raise ValueError(f"DeformableDetrConfig.{key}={value!r} is not supported (need {wanted!r})")
     _backbone_levels(c.backbone_config, min(c.num_feature_levels, 3))
-    return ModelConfig(family="deformable_detr", backbone=backbone_name_from_hf(c.backbone_config),
+    return ModelConfig(family="deformable_detr", backbone=backbone_name_from_hf(c.backbone_config), backbone_norm="frozen_bn",
                        encoder_layers=c.encoder_layers, decoder_layers=c.decoder_layers, num_queries=c.num_queries,
                        hidden_dim=c.d_model, num_heads=c.encoder_attention_heads, ffn_dim=c.encoder_ffn_dim,
                        num_feature_levels=c.num_feature_levels, num_points=c.encoder_n_points, dropout=c.dropout)
