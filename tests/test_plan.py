@@ -1,7 +1,7 @@
 """The plan: teachers deduplicated and first, the trial store, teachers given as checkpoints, spec round trip."""
 from pathlib import Path
 
-from conftest import tiny_spec
+from conftest import TINY_MODEL, tiny_spec
 from detrdistill.orchestrator.plan import CHECKPOINT, DOWNLOADS, build_plan, spec_text, write_result
 from detrdistill.orchestrator.spec import expand_trials, load_spec, parse_spec
 
@@ -71,7 +71,7 @@ def test_a_teacher_given_as_a_checkpoint_is_not_trained(tiny_data_root, tmp_path
 
     for given in ("teacher.pt", "hf_teacher", f"runs:/{run.info.run_id}/model/teacher.pt"):
         text = tiny_spec(tiny_data_root, "given", teacher=False) + (
-            f"teacher:\n  model: {{backbone: resnet18}}\n  checkpoint: {given}\n"
+            f"teacher:\n  model: {TINY_MODEL}\n  checkpoint: {given}\n"
             "distill: {method: detrdistill}\nablate: {distill.method: [none, detrdistill]}\n")
         plan = build_plan(load_spec(write(tmp_path, "given", text)), "store", tracking_uri)
         assert [n.kind for n in plan.nodes.values()] == ["trial", "trial"]

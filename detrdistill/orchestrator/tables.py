@@ -344,7 +344,7 @@ def plot(table: Table, path: Path) -> Path:
     ax.set_xticks(range(len(xs)), [" ".join(_show(v) for v in x) or "all" for x in xs])
     ax.set_xlabel(table.row_keys[0] if table.row_keys else "")
     ax.set_ylabel(f"{metric} (x100)")
-    ax.set_title(table.title[:80], fontsize=10)
+    ax.set_title(table.title.split(": ")[0], fontsize=10)  # the experiment's name; the description is long
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
