@@ -43,6 +43,15 @@ def flatten(d: Any, prefix: str = "") -> dict[str, str]:
     return {prefix[:-1]: json.dumps(d) if isinstance(d, (list, tuple)) else str(d)}
 
 
+def local_artifact_location(tracking_uri: str, experiment: str) -> Optional[str]:
+    """Artifacts of a SQLite store live beside the database file (MLflow's default is ./mlruns in whatever
+    directory the driver happens to run in); a server decides for itself (None)."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    db = Path(tracking_uri[len("sqlite:///"):]).resolve()
+    return (db.parent / "mlartifacts" / experiment).as_uri()
+
+
 def tag_value(v: Any) -> str:
     return json.dumps(v) if isinstance(v, (list, tuple, dict)) else str(v)
 
@@ -59,7 +68,8 @@ class Tracker:
             known = sorted(e.name for e in self.client.search_experiments() if e.name != "Default")
             raise LookupError(f"no experiment {experiment!r} in {self.tracking_uri}; experiments there: "
                               f"{', '.join(known) or 'none'}")
-        self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+        self.experiment_id = found.experiment_id if found else self.client.create_experiment(
+            experiment, artifact_location=local_artifact_location(self.tracking_uri, experiment))
         self.experiment = experiment
 
     # -- runs ---------------------------------------------------------------------------------------------

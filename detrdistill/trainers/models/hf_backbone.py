@@ -119,3 +119,32 @@ def convert_hf_resnet(hf_backbone: Union[nn.Module, dict]) -> dict[str, Tensor]:
     """A transformers ResNet backbone (module or state_dict) -> a state_dict for our `Backbone`, frozen BN
     buffers included (load it with `Backbone(...).load_state_dict(..)`)."""
     return torchvision_to_backbone(hf_resnet_to_torchvision(hf_backbone))
+
+
+# -- shared by the detector converters (hf_conditional_detr.py, hf_deformable_detr.py) -----------------------
+HF_BACKBONE_PREFIX = "model.backbone.model."
+
+
+def backbone_state_from_hf(hf_state: dict) -> dict:
+    """The backbone part of a transformers detector's state_dict, renamed to ours ("backbone.stages...")."""
+    n = len(HF_BACKBONE_PREFIX)
+    hf_backbone = {k[n:]: v for k, v in hf_state.items() if k.startswith(HF_BACKBONE_PREFIX)}
+    return {"backbone." + k: v for k, v in convert_hf_resnet(hf_backbone).items()}
+
+
+def rename_key(key: str, renames) -> str:
+    """The first (regex pattern, replacement) in `renames` matching the start of `key`; KeyError if none."""
+    for pattern, repl in renames:
+        new, n = re.subn("^" + pattern, repl, key)
+        if n:
+            return new
+    raise KeyError(key)
+
+
+def load_exactly(model, state: dict, unknown: list, source: str):
+    """Load `state` into `model`; every parameter and buffer must be filled and nothing left over."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected or unknown:
+        raise ValueError(f"transformers {source} weights do not fill our model: missing {missing}, "
+                         f"unexpected {unexpected}, unmapped transformers keys {unknown}")
+    return model.eval()

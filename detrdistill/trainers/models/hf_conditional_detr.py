@@ -1,12 +1,13 @@
 """transformers' ConditionalDetrForObjectDetection -> our ConditionalDETR, same weights, same outputs."""
-import re
 import warnings
 
 from torch import nn
 
 from detrdistill.trainers.config import ModelConfig
 from detrdistill.trainers.models.conditional_detr import ConditionalDETR
-from detrdistill.trainers.models.hf_backbone import backbone_name_from_hf, config_field, convert_hf_resnet
+from detrdistill.trainers.models.hf_backbone import (HF_BACKBONE_PREFIX, backbone_name_from_hf,
+                                                     backbone_state_from_hf, config_field, load_exactly,
+                                                     rename_key)
 
 # transformers key (after the backbone) -> ours, applied in order to each key; the first matching rule wins
 _RENAMES = [
@@ -50,18 +51,11 @@ def model_config_from_hf(hf_config) -> ModelConfig:
     out_features = config_field(c.backbone_config, "out_features") or ["stage4"]
     if config_field(c.backbone_config, "model_type") == "resnet" and out_features[-1] != "stage4":
         raise ValueError(f"Conditional DETR reads the backbone's last output; need stage4, got {out_features}")
-    return ModelConfig(family="conditional_detr", backbone=backbone_name_from_hf(c.backbone_config), backbone_norm="frozen_bn",
+    return ModelConfig(family="conditional_detr", backbone=backbone_name_from_hf(c.backbone_config),
+                       backbone_norm="frozen_bn",  # a pretrained backbone: DETR's frozen batch norm
                        encoder_layers=c.encoder_layers, decoder_layers=c.decoder_layers, num_queries=c.num_queries,
                        hidden_dim=c.d_model, num_heads=c.encoder_attention_heads, ffn_dim=c.encoder_ffn_dim,
                        dropout=c.dropout)
-
-
-def _rename(key: str) -> str:
-    for pattern, repl in _RENAMES:
-        new, n = re.subn("^" + pattern, repl, key)
-        if n:
-            return new
-    raise KeyError(key)
 
 
 def convert_conditional_detr(hf_model: nn.Module) -> ConditionalDETR:
@@ -74,20 +68,14 @@ def convert_conditional_detr(hf_model: nn.Module) -> ConditionalDETR:
         warnings.warn("ConditionalDetrConfig.auxiliary_loss=True changes transformers' decoder forward; the "
                       "converted model follows the original Conditional DETR (auxiliary_loss=False) forward")
     model = ConditionalDETR(config, hf_model.config.num_labels)
-    prefix = "model.backbone.model."
     hf_state = hf_model.state_dict()
-    state = {"backbone." + k: v for k, v in
-             convert_hf_resnet({k[len(prefix):]: v for k, v in hf_state.items() if k.startswith(prefix)}).items()}
+    state = backbone_state_from_hf(hf_state)
     unknown = []
     for key, value in hf_state.items():
-        if key.startswith(prefix):
+        if key.startswith(HF_BACKBONE_PREFIX):
             continue
         try:
-            state[_rename(key)] = value
+            state[rename_key(key, _RENAMES)] = value
         except KeyError:
             unknown.append(key)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected or unknown:
-        raise ValueError(f"transformers ConditionalDetr weights do not fill our model: missing {missing}, "
-                         f"unexpected {unexpected}, unmapped transformers keys {unknown}")
-    return model.eval()
+    return load_exactly(model, state, unknown, "ConditionalDetr")

@@ -10,7 +10,8 @@ from torch import nn
 
 from detrdistill.trainers.config import ModelConfig
 from detrdistill.trainers.models.deformable_detr import DeformableDETR
-from detrdistill.trainers.models.hf_backbone import backbone_name_from_hf, convert_hf_resnet
+from detrdistill.trainers.models.hf_backbone import (HF_BACKBONE_PREFIX, backbone_name_from_hf,
+                                                     backbone_state_from_hf, load_exactly, rename_key)
 
 # transformers key (after the backbone) -> ours; the first matching rule wins. Decoder self-attention q/k/v
 # are packed separately (nn.MultiheadAttention keeps one in_proj), and per-layer heads are checked to be one.
@@ -69,18 +70,11 @@ def model_config_from_hf(hf_config) -> ModelConfig:
         if value != wanted:
             raise ValueError(f"DeformableDetrConfig.{key}={value!r} is not supported (need {wanted!r})")
     _backbone_levels(c.backbone_config, min(c.num_feature_levels, 3))
-    return ModelConfig(family="deformable_detr", backbone=backbone_name_from_hf(c.backbone_config), backbone_norm="frozen_bn",
+    return ModelConfig(family="deformable_detr", backbone=backbone_name_from_hf(c.backbone_config),
+                       backbone_norm="frozen_bn",  # a pretrained backbone: DETR's frozen batch norm
                        encoder_layers=c.encoder_layers, decoder_layers=c.decoder_layers, num_queries=c.num_queries,
                        hidden_dim=c.d_model, num_heads=c.encoder_attention_heads, ffn_dim=c.encoder_ffn_dim,
                        num_feature_levels=c.num_feature_levels, num_points=c.encoder_n_points, dropout=c.dropout)
-
-
-def _rename(key: str) -> str:
-    for pattern, repl in _RENAMES:
-        new, n = re.subn("^" + pattern, repl, key)
-        if n:
-            return new
-    raise KeyError(key)
 
 
 def convert_deformable_detr(hf_model: nn.Module) -> DeformableDETR:
@@ -88,13 +82,11 @@ def convert_deformable_detr(hf_model: nn.Module) -> DeformableDETR:
     Every parameter and buffer of ours must be filled: anything missing or left over is an error."""
     config = model_config_from_hf(hf_model.config)
     model = DeformableDETR(config, hf_model.config.num_labels)
-    prefix = "model.backbone.model."
     hf_state = hf_model.state_dict()
-    state = {"backbone." + k: v for k, v in
-             convert_hf_resnet({k[len(prefix):]: v for k, v in hf_state.items() if k.startswith(prefix)}).items()}
+    state = backbone_state_from_hf(hf_state)
     qkv, unknown = {}, []
     for key, value in hf_state.items():
-        if key.startswith(prefix):
+        if key.startswith(HF_BACKBONE_PREFIX):
             continue
         if key == "model.level_embed" and not config.encoder_layers:
             continue  # read only by the encoder; transformers keeps it even without one
@@ -107,13 +99,9 @@ def convert_deformable_detr(hf_model: nn.Module) -> DeformableDETR:
                 raise ValueError(f"{key} differs from layer 0's: per-layer heads are not supported")
             continue
         try:
-            state[_rename(key)] = value
+            state[rename_key(key, _RENAMES)] = value
         except KeyError:
             unknown.append(key)
     for (layer, kind), parts in qkv.items():
         state[f"decoder.{layer}.self_attn.in_proj_{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]])
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected or unknown:
-        raise ValueError(f"transformers DeformableDetr weights do not fill our model: missing {missing}, "
-                         f"unexpected {unexpected}, unmapped transformers keys {unknown}")
-    return model.eval()
+    return load_exactly(model, state, unknown, "DeformableDetr")
