@@ -537,7 +537,7 @@ teacher:
 student:
   model: {backbone: resnet18}
   schedule: {epochs: 2}
-distill: {method: detrdistill, layer_mapping: last}
+distill: {method: detrdistill, layer_mapping: last, query_prior: {weight: 0}}  # widths differ
 variants:
   small: {student.model.hidden_dim: 128}
   big: {student.model.hidden_dim: 256}
