@@ -8,13 +8,7 @@ from detrdistill.trainers.models import DetectorOutput, QueryGroup, build_detect
 D = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is as fast, and far faster than two when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(enc=1, dec=2, queries=6, classes=3, backbone="resnet18", **kw):
