@@ -1,19 +1,51 @@
 #!/usr/bin/env bash
-# One prepared GPU check (run on a lent GPU machine from the repo root):
-#   the test suite's CUDA-relevant parts, then the step benchmark at paper scale (fp32 and bf16, ours vs
-#   transformers, distillation overhead) and the matching benchmark. Prints short tables; logs under $OUT.
+# The prepared GPU check, run on a lent GPU machine from the repo root:
+#   bash benchmarks/gpu_check.sh [tests] [step] [distill] [matching] [kd]     (default: all, in this order)
+# tests     the CUDA tests (tests/test_gpu.py: CUDA == CPU forward and KD terms, bf16 steps, a whole amp trial)
+# step      benchmarks/step.py at paper scale: ours vs transformers, fp32 and bf16
+# distill   benchmarks/step.py --distill at paper scale: distillation step vs the floor (fp32 and bf16)
+# matching  benchmarks/matching.py with the host's cores
+# kd        experiments/synthetic_kd.yaml through benchmarks/run_local.py (teacher, then 10 students at once)
+# Each stage has its own time limit and writes its log under $OUT, so one that fails or runs long loses
+# nothing of the others. Needs no network: pydantic and pycocotools travel as wheels in .whl/ (see README).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-PY=${PY:-python3}
+PY=python3
 if [ -x .venv/bin/python ]; then PY=.venv/bin/python; fi
-$PY -m pip install -q -e '.[test]' --no-deps 2>/dev/null || true
-nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
-echo "== tests (CUDA visible) =="
-$PY -m pytest -q -x tests/test_parity_conditional.py tests/test_parity_deformable.py tests/test_ms_deform_attn.py \
-    tests/test_lsap.py tests/test_distill.py 2>&1 | tail -3 | tee "$OUT/tests.txt"
-echo "== step benchmark, paper scale =="
-$PY benchmarks/step.py --scale paper --steps 10 --warmup 3 --distill 2>&1 | tee "$OUT/step_paper.txt"
-echo "== matching benchmark =="
-$PY benchmarks/matching.py 2>&1 | tail -12 | tee "$OUT/matching.txt"
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+stages=${*:-tests step distill matching kd}
+has() { [[ " $stages " == *" $1 "* ]]; }
+t0=$(date +%s)
+stamp() { echo "== $1 ($(( $(date +%s) - t0 )) s since start) =="; }
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+$PY -c "import torch, torchvision, transformers; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'transformers', transformers.__version__, 'cpus', __import__('os').cpu_count())" | tee -a "$OUT/gpu.txt"
+if has tests; then
+    stamp tests
+    timeout 150 $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py 2>&1 | tail -15 | tee "$OUT/tests.txt"
+fi
+if has step; then
+    stamp "step benchmark, paper scale"
+    timeout 240 $PY benchmarks/step.py --scale paper --steps 10 --warmup 3 --json "$OUT/step.json" 2>&1 | tee "$OUT/step.txt"
+fi
+if has distill; then
+    stamp "distillation step vs floor, paper scale"
+    timeout 240 $PY benchmarks/step.py --scale paper --steps 10 --warmup 3 --distill-only \
+        --dtypes fp32 bf16 --json "$OUT/distill.json" 2>&1 | tee "$OUT/distill.txt"
+fi
+if has matching; then
+    stamp "matching benchmark"
+    timeout 120 $PY benchmarks/matching.py --threads "$(nproc)" 2>&1 | tail -12 | tee "$OUT/matching.txt"
+fi
+if has kd; then
+    stamp "synthetic KD experiment"
+    timeout ${KD_TIMEOUT:-420} $PY benchmarks/run_local.py experiments/synthetic_kd.yaml --parallel 11 --threads 1 \
+        --store /tmp/runs --json "$OUT/kd.json" 2>&1 | tee "$OUT/kd.txt" | grep -v "^  \[" 
+    grep "^  \[" "$OUT/kd.txt" | tail -30
+fi
+stamp done

@@ -4,12 +4,19 @@
     python benchmarks/step.py --scale paper   # 800x1066, batch 2, resnet50, 300 queries (a GPU)
     python benchmarks/step.py --distill       # also: distillation step vs student step vs the floor
 
-Each measurement runs in its own subprocess so peak memory is per configuration. One step = forward, the
-set loss (ours: our criterion; transformers: its own loss), backward, AdamW step. Reported: the median over
---steps timed steps after --warmup steps. On the CPU "peak memory" is the process's peak RSS; on CUDA it is
-torch.cuda.max_memory_allocated.
+One step = forward, the set loss (ours: our criterion; transformers: its own loss), backward, AdamW step.
+Reported: the median over --steps timed steps after --warmup steps. On the CPU every configuration runs in
+its own subprocess, so "peak memory" (the process's peak RSS) is its own; on CUDA all run in this process,
+one after another with the memory freed in between, and peak memory is torch.cuda.max_memory_allocated
+since a reset (one process saves ~10 s of start-up per configuration on a lent GPU).
+
+The distillation floor is what a distillation step cannot avoid, each part measured on its own: the student
+step, the teacher's forward (eval, no grad), and the extra cost of passing the teacher's queries through the
+student's decoder as an extra group (a query-prior-only step with the teacher's output cached, minus the
+student step). distill/floor - 1 is the overhead of the KD terms themselves (matching, feature masks, losses).
 """
 import argparse
+import gc
 import json
 import statistics
 import subprocess
@@ -20,10 +27,12 @@ FAMILIES = ["conditional_detr", "deformable_detr", "adamixer"]
 HF_FAMILIES = {"conditional_detr", "deformable_detr"}
 SCALES = {
     "tiny": dict(height=128, width=160, batch=2, backbone="resnet18", queries=50, hidden=128, enc=2, dec=2,
-                 classes=10),
+                 classes=10, teacher_backbone="resnet50"),
     "paper": dict(height=800, width=1066, batch=2, backbone="resnet50", queries=300, hidden=256, enc=6, dec=6,
-                  classes=91),
+                  classes=91, teacher_backbone="resnet101"),
 }
+# what one measurement builds: ours/transformers train steps, and the parts of a distillation step
+MODES = ("student", "transformers", "teacher_forward", "student_group", "distill")
 
 
 def _sync(device):
@@ -46,35 +55,46 @@ def _targets(scale, device):
     return out
 
 
-def _ours(family, scale, device, dtype, distill):
+def _inputs(scale, device):
     import torch
-    from detrdistill.trainers.config import ModelConfig, DistillConfig
-    from detrdistill.trainers.criterion import SetCriterion
-    from detrdistill.trainers.engine import DetectionLoss
-    from detrdistill.trainers.models import build_detector
-    kw = dict(family=family, backbone=scale["backbone"], decoder_layers=scale["dec"], num_queries=scale["queries"],
+    images = torch.randn(scale["batch"], 3, scale["height"], scale["width"], device=device)
+    mask = torch.zeros(scale["batch"], scale["height"], scale["width"], dtype=torch.bool, device=device)
+    return images, mask, _targets(scale, device)
+
+
+def _model_config(family, scale, backbone):
+    from detrdistill.trainers.config import ModelConfig
+    kw = dict(family=family, backbone=backbone, decoder_layers=scale["dec"], num_queries=scale["queries"],
               hidden_dim=scale["hidden"])
     if family != "adamixer":
         kw["encoder_layers"] = scale["enc"]
-    model = build_detector(ModelConfig(**kw), scale["classes"]).to(device).train()
-    criterion = SetCriterion(scale["classes"])
-    loss_fn = DetectionLoss(criterion)
-    if distill != "none":
-        from detrdistill.trainers.distill.objective import DistillationLoss
-        teacher = build_detector(ModelConfig(**{**kw, "backbone": "resnet50" if scale["backbone"] == "resnet18"
-                                                else "resnet101"}), scale["classes"]).to(device)
-        cfg = DistillConfig(method="detrdistill")
-        if distill == "floor":  # the parts a distillation step cannot avoid: teacher forward + extra group
-            cfg = DistillConfig(method="detrdistill", logits={"weight": 0}, feature={"weight": 0})
-        loss_fn = DistillationLoss(teacher, criterion, cfg, scale["hidden"], scale["hidden"], scale["dec"],
-                                   scale["dec"], model.config.levels).to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if getattr(loss_fn, "trainable", None) is not None:
-        params += list(loss_fn.trainable.parameters())
+    return ModelConfig(**kw)
+
+
+class _CachedTeacher:
+    """Stands in for the teacher with one precomputed output: the step then pays no teacher forward."""
+
+    def __init__(self, teacher, images, mask):
+        import torch
+        with torch.no_grad():
+            self.out = teacher(images, mask)
+
+    def eval(self):
+        return self
+
+    def requires_grad_(self, flag):
+        return self
+
+    def to(self, device):
+        return self
+
+    def __call__(self, images, mask):
+        return self.out
+
+
+def _train_step(loss_fn, model, params, images, mask, targets, device, dtype):
+    import torch
     opt = torch.optim.AdamW(params, lr=1e-4)
-    images = torch.randn(scale["batch"], 3, scale["height"], scale["width"], device=device)
-    mask = torch.zeros(scale["batch"], scale["height"], scale["width"], dtype=torch.bool, device=device)
-    targets = _targets(scale, device)
 
     def step():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
@@ -83,6 +103,39 @@ def _ours(family, scale, device, dtype, distill):
         loss.backward()
         opt.step()
     return step
+
+
+def _ours(family, scale, device, dtype, mode):
+    import torch
+    from detrdistill.trainers.config import DistillConfig
+    from detrdistill.trainers.criterion import SetCriterion
+    from detrdistill.trainers.distill.objective import DistillationLoss
+    from detrdistill.trainers.engine import DetectionLoss
+    from detrdistill.trainers.models import build_detector
+    images, mask, targets = _inputs(scale, device)
+    model = build_detector(_model_config(family, scale, scale["backbone"]), scale["classes"]).to(device).train()
+    criterion = SetCriterion(scale["classes"])
+    if mode == "student":
+        params = [p for p in model.parameters() if p.requires_grad]
+        return _train_step(DetectionLoss(criterion), model, params, images, mask, targets, device, dtype)
+    teacher = build_detector(_model_config(family, scale, scale["teacher_backbone"]), scale["classes"]).to(device)
+    if mode == "teacher_forward":
+        teacher.eval()
+
+        def forward():
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
+                teacher(images, mask)
+        return forward
+    if mode == "student_group":  # the extra query group alone: query prior on, teacher output cached
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
+            teacher = _CachedTeacher(teacher.eval(), images, mask)
+        cfg = DistillConfig(method="detrdistill", logits={"weight": 0}, feature={"weight": 0})
+    else:  # the full DETRDistill step: all three terms, weights 1
+        cfg = DistillConfig(method="detrdistill")
+    loss_fn = DistillationLoss(teacher, criterion, cfg, scale["hidden"], scale["hidden"], scale["dec"],
+                               scale["dec"], model.config.levels).to(device)
+    params = [p for p in model.parameters() if p.requires_grad] + list(loss_fn.trainable.parameters())
+    return _train_step(loss_fn, model, params, images, mask, targets, device, dtype)
 
 
 def _hf(family, scale, device, dtype):
@@ -100,35 +153,31 @@ def _hf(family, scale, device, dtype):
     else:
         model = DeformableDetrForObjectDetection(DeformableDetrConfig(**common, num_feature_levels=levels))
     model = model.to(device).train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    images = torch.randn(scale["batch"], 3, scale["height"], scale["width"], device=device)
+    images, _, targets = _inputs(scale, device)
     pixel_mask = torch.ones(scale["batch"], scale["height"], scale["width"], dtype=torch.long, device=device)
-    labels = [{"class_labels": t["labels"], "boxes": t["boxes"]} for t in _targets(scale, device)]
+    labels = [{"class_labels": t["labels"], "boxes": t["boxes"]} for t in targets]
 
-    def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
-            loss = model(pixel_values=images, pixel_mask=pixel_mask, labels=labels).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return step
+    def hf_loss(model, images, mask, targets):
+        return {"loss": model(pixel_values=images, pixel_mask=pixel_mask, labels=labels).loss}
+    params = [p for p in model.parameters() if p.requires_grad]
+    return _train_step(hf_loss, model, params, images, None, None, device, dtype)
 
 
-def measure(args) -> dict:
-    """Runs in the child process: build one configuration, time it, print a JSON line."""
+def measure(family, mode, scale_name, dtype, steps, warmup) -> dict:
+    """Build one configuration and time it -> {median_s, peak_mib, device}."""
     import resource
     import torch
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    scale = SCALES[args.scale]
-    step = _hf(args.family, scale, device, args.dtype) if args.impl == "transformers" else \
-        _ours(args.family, scale, device, args.dtype, args.distill)
-    for _ in range(args.warmup):
+    scale = SCALES[scale_name]
+    step = _hf(family, scale, device, dtype) if mode == "transformers" else _ours(family, scale, device, dtype, mode)
+    for _ in range(warmup):
         step()
+    _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = []
-    for _ in range(args.steps):
+    for _ in range(steps):
         _sync(device)
         t0 = time.perf_counter()
         step()
@@ -139,9 +188,19 @@ def measure(args) -> dict:
     return {"median_s": statistics.median(times), "peak_mib": peak, "device": str(device)}
 
 
-def run_child(family, impl, scale, dtype, steps, warmup, distill="none") -> dict:
-    cmd = [sys.executable, __file__, "--child", "--family", family, "--impl", impl, "--scale", scale,
-           "--dtype", dtype, "--steps", str(steps), "--warmup", str(warmup), "--distill", distill]
+def run_one(family, mode, scale, dtype, steps, warmup, in_process) -> dict:
+    """One measurement, in this process (CUDA) or a subprocess of its own (CPU: peak RSS is per process)."""
+    if in_process:
+        import torch
+        try:
+            return measure(family, mode, scale, dtype, steps, warmup)
+        except Exception as e:  # one failed configuration must not lose the others' numbers
+            return {"error": f"{type(e).__name__}: {e}"[:200]}
+        finally:
+            gc.collect()
+            torch.cuda.empty_cache()
+    cmd = [sys.executable, __file__, "--child", family, mode, "--scale", scale, "--dtypes", dtype,
+           "--steps", str(steps), "--warmup", str(warmup)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
     if proc.returncode != 0 or not lines:
@@ -152,53 +211,78 @@ def run_child(family, impl, scale, dtype, steps, warmup, distill="none") -> dict
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scale", choices=SCALES, default="tiny")
-    ap.add_argument("--families", nargs="+", default=FAMILIES)
-    ap.add_argument("--dtypes", nargs="+", default=None, help="fp32 and/or bf16 (bf16 only on CUDA)")
+    ap.add_argument("--families", nargs="+", default=FAMILIES, choices=FAMILIES)
+    ap.add_argument("--dtypes", nargs="+", default=None, choices=["fp32", "bf16"],
+                    help="default: fp32 and bf16 on CUDA, fp32 on the CPU")
+    ap.add_argument("--distill-dtypes", nargs="+", default=None, choices=["fp32", "bf16"],
+                    help="dtypes of the distillation table (default: as --dtypes)")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--distill", action="store_true", help="also measure distillation step vs floor")
-    # child-process arguments
-    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--family", help=argparse.SUPPRESS)
-    ap.add_argument("--impl", help=argparse.SUPPRESS)
-    ap.add_argument("--dtype", default="fp32", help=argparse.SUPPRESS)
-    ap.add_argument("--distill-mode", dest="distill_mode", help=argparse.SUPPRESS)
-    args, _ = ap.parse_known_args(argv)
+    ap.add_argument("--distill-only", action="store_true", help="only the distillation table")
+    ap.add_argument("--json", help="also write every measurement to this file")
+    ap.add_argument("--in-process", action="store_true", help="measure in this process on the CPU too")
+    ap.add_argument("--child", nargs=2, metavar=("FAMILY", "MODE"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
     if args.child:
-        args.distill = args.distill_mode if args.distill_mode else (sys.argv[sys.argv.index("--distill") + 1]
-                                                                     if "--distill" in sys.argv else "none")
-        print(json.dumps(measure(args)), flush=True)
+        family, mode = args.child
+        print(json.dumps(measure(family, mode, args.scale, args.dtypes[0], args.steps, args.warmup)), flush=True)
         return
     import torch
-    dtypes = args.dtypes or (["fp32", "bf16"] if torch.cuda.is_available() else ["fp32"])
-    print(f"scale={args.scale} {SCALES[args.scale]}")
-    print(f"{'family':18} {'dtype':5} {'ours s/step':>12} {'hf s/step':>10} {'ours/hf':>8} {'ours MiB':>9} {'hf MiB':>8}")
+    cuda = torch.cuda.is_available()
+    dtypes = args.dtypes or (["fp32", "bf16"] if cuda else ["fp32"])
+    results = []
+
+    def run(family, mode, dtype):
+        r = run_one(family, mode, args.scale, dtype, args.steps, args.warmup, in_process=cuda or args.in_process)
+        results.append({"family": family, "mode": mode, "dtype": dtype, **r})
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"scale": args.scale, "results": results}, f, indent=1)
+        return r
+
+    device = torch.cuda.get_device_name() if cuda else "cpu"
+    print(f"scale={args.scale} {SCALES[args.scale]} device={device} torch={torch.__version__}", flush=True)
+    if not args.distill_only:
+        step_table(args, dtypes, run)
+    if args.distill or args.distill_only:
+        distill_table(args, dtypes, run)
+
+
+def step_table(args, dtypes, run):
+    print(f"{'family':18} {'dtype':5} {'ours s/step':>12} {'hf s/step':>10} {'ours/hf':>8} {'ours MiB':>9} "
+          f"{'hf MiB':>8}", flush=True)
     for family in args.families:
         for dtype in dtypes:
-            ours = run_child(family, "ours", args.scale, dtype, args.steps, args.warmup)
-            hf = run_child(family, "transformers", args.scale, dtype, args.steps, args.warmup) \
-                if family in HF_FAMILIES else {}
+            ours = run(family, "student", dtype)
+            hf = run(family, "transformers", dtype) if family in HF_FAMILIES else {}
             if "error" in ours:
-                print(f"{family:18} {dtype:5} ours failed: {ours['error']}")
+                print(f"{family:18} {dtype:5} ours failed: {ours['error']}", flush=True)
                 continue
             ratio = f"{ours['median_s'] / hf['median_s']:.2f}" if "median_s" in hf else "-"
-            hf_s = f"{hf['median_s']:.4f}" if "median_s" in hf else (hf.get("error", "-")[:10])
+            hf_s = f"{hf['median_s']:.4f}" if "median_s" in hf else ("failed" if "error" in hf else "-")
             hf_m = f"{hf['peak_mib']:.0f}" if "peak_mib" in hf else "-"
-            print(f"{family:18} {dtype:5} {ours['median_s']:12.4f} {hf_s:>10} {ratio:>8} {ours['peak_mib']:9.0f} {hf_m:>8}")
-    if args.distill:
-        print("\ndistillation step (detrdistill, all terms) vs student-only step and the floor "
-              "(student step + teacher forward + extra query group)")
-        print(f"{'family':18} {'dtype':5} {'student':>9} {'floor':>9} {'distill':>9} {'distill/student':>16} "
-              f"{'distill/floor':>14}")
-        for family in args.families:
-            for dtype in dtypes:
-                r = {m: run_child(family, "ours", args.scale, dtype, args.steps, args.warmup, m)
-                     for m in ("none", "floor", "full")}
-                if any("error" in v for v in r.values()):
-                    print(f"{family:18} {dtype:5} failed: {[v.get('error') for v in r.values()]}")
-                    continue
-                s, f, d = (r[m]["median_s"] for m in ("none", "floor", "full"))
-                print(f"{family:18} {dtype:5} {s:9.4f} {f:9.4f} {d:9.4f} {d / s:16.2f} {d / f:14.2f}")
+            print(f"{family:18} {dtype:5} {ours['median_s']:12.4f} {hf_s:>10} {ratio:>8} {ours['peak_mib']:9.0f} "
+                  f"{hf_m:>8}", flush=True)
+            if "error" in hf:
+                print(f"  transformers failed: {hf['error']}", flush=True)
+
+
+def distill_table(args, dtypes, run):
+    print(f"\ndistillation step (DETRDistill, all terms; teacher {SCALES[args.scale]['teacher_backbone']}) vs the "
+          f"floor = student step + teacher forward + extra query group", flush=True)
+    print(f"{'family':18} {'dtype':5} {'student':>8} {'t.fwd':>8} {'group':>8} {'floor':>8} {'distill':>8} "
+          f"{'distill/student':>15} {'distill/floor':>13}", flush=True)
+    for family in args.families:
+        for dtype in args.distill_dtypes or dtypes:
+            r = {m: run(family, m, dtype) for m in ("student", "teacher_forward", "student_group", "distill")}
+            if any("error" in v for v in r.values()):
+                print(f"{family:18} {dtype:5} failed: {[v.get('error') for v in r.values()]}", flush=True)
+                continue
+            s, t, g, d = (r[m]["median_s"] for m in ("student", "teacher_forward", "student_group", "distill"))
+            floor = g + t  # student step with the extra group (= student + group) + teacher forward
+            print(f"{family:18} {dtype:5} {s:8.4f} {t:8.4f} {g - s:8.4f} {floor:8.4f} {d:8.4f} {d / s:15.2f} "
+                  f"{d / floor:13.2f}", flush=True)
 
 
 if __name__ == "__main__":

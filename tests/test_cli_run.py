@@ -1,5 +1,6 @@
 """`detrdistill run / resume / make-dataset`: exit codes, a NaN trial failing alone, Ctrl-C then resume,
 invalid input refused before anything is written."""
+from collections import Counter
 import json
 import os
 import re
@@ -133,3 +134,13 @@ def test_make_dataset(tmp_path, capsys):
     train = json.loads((out / "annotations" / "instances_train.json").read_text())
     assert len(train["images"]) == 3 and len(list((out / "val").glob("*.jpg"))) == 2
     assert max(max(i["width"], i["height"]) for i in train["images"]) == 64
+
+
+def test_make_dataset_max_objects(tmp_path):
+    out = tmp_path / "easy"
+    assert main(["make-dataset", "synthetic", str(out), "--train", "12", "--val", "1", "--image-size", "64",
+                 "--max-objects", "1"]) == 0
+    train = json.loads((out / "annotations" / "instances_train.json").read_text())
+    per_image = Counter(a["image_id"] for a in train["annotations"])
+    assert per_image and max(per_image.values()) == 1
+    assert main(["make-dataset", "synthetic", str(tmp_path / "bad"), "--max-objects", "0"]) == 2

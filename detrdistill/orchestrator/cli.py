@@ -208,6 +208,8 @@ def add_make_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, metavar="S", help="default 0")
     parser.add_argument("--image-size", type=int, default=256, metavar="P",
                         help="longer image side in pixels (default 256)")
+    parser.add_argument("--max-objects", type=int, default=8, metavar="K",
+                        help="1 to K objects per image (default 8; fewer is easier)")
 
 
 def make_dataset(args: argparse.Namespace) -> int:
@@ -215,10 +217,11 @@ def make_dataset(args: argparse.Namespace) -> int:
 
     A spec reads it with data: {format: coco, root: OUT}, or generates its own with format: synthetic."""
     from detrdistill.trainers.data.synthetic import make_synthetic, print_progress
-    if min(args.train, args.val) < 1 or args.image_size < 32:
-        print("detrdistill: --train and --val must be >= 1 and --image-size >= 32", file=sys.stderr)
+    if min(args.train, args.val, args.max_objects) < 1 or args.image_size < 32:
+        print("detrdistill: --train, --val and --max-objects must be >= 1 and --image-size >= 32", file=sys.stderr)
         return EXIT_INVALID
-    out = make_synthetic(args.out, args.train, args.val, args.seed, args.image_size, progress=print_progress)
+    out = make_synthetic(args.out, args.train, args.val, args.seed, args.image_size, args.max_objects,
+                         progress=print_progress)
     print(f"{out}: {args.train} train / {args.val} val synthetic images at {args.image_size} px (seed {args.seed}); "
           f"annotations in {out}/annotations/")
     return EXIT_OK

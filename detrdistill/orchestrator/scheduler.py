@@ -144,7 +144,8 @@ def _data_task(key: str, data_json: dict, queue: Queue) -> str:
                        time.time()))
 
     ensure_synthetic(data_json["root"], data_json["synthetic_train"], data_json["synthetic_val"],
-                     data_json["synthetic_seed"], data_json["synthetic_image_size"], progress=progress)
+                     data_json["synthetic_seed"], data_json["synthetic_image_size"],
+                     data_json["synthetic_max_objects"], progress=progress)
     return key
 
 

@@ -111,6 +111,7 @@ class DataConfig(StrictModel):
     synthetic_val: int = Field(300, ge=1)
     synthetic_seed: int = 0
     synthetic_image_size: int = Field(256, ge=32)
+    synthetic_max_objects: int = Field(8, ge=1)  # 1..N objects per image: fewer makes an easier task
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     num_workers: int = Field(2, ge=0)
     limit_train: Optional[int] = Field(None, ge=1)  # use only the first N training images (debug, overfit)

@@ -226,7 +226,8 @@ def build_dataset(data_config: DataConfig, split: str) -> CocoDetection:
     if data_config.format == "synthetic":
         try:
             ensure_synthetic(root, data_config.synthetic_train, data_config.synthetic_val,
-                             data_config.synthetic_seed, data_config.synthetic_image_size)
+                             data_config.synthetic_seed, data_config.synthetic_image_size,
+                             data_config.synthetic_max_objects)
         except ValueError as e:
             raise DatasetError(str(e)) from None
     train = split == "train"

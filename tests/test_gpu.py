@@ -1,0 +1,129 @@
+"""The same code on CUDA: forward equal to the CPU's, bf16 training steps finite and close to fp32, the
+distillation terms equal to the CPU's, a whole trial (amp) that trains, evaluates and resumes.
+
+Run on a machine with a GPU: `pytest -m gpu tests/test_gpu.py` (benchmarks/gpu_check.sh does). Without CUDA
+these tests are skipped: there is nothing to compare."""
+import math
+
+import pytest
+import torch
+
+from conftest import tiny_trial
+from detrdistill.trainers.config import DistillConfig, ModelConfig
+from detrdistill.trainers.criterion import SetCriterion
+from detrdistill.trainers.distill.objective import DistillationLoss
+from detrdistill.trainers.engine import DetectionLoss, run_trial
+from detrdistill.trainers.models import build_detector
+from test_ms_deform_attn import SHAPES, random_inputs, reference_core
+from detrdistill.trainers.models.ms_deform_attn import ms_deform_attn_core
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+FAMILIES = ["conditional_detr", "deformable_detr", "adamixer"]
+CUDA = torch.device("cuda")
+
+
+@pytest.fixture(autouse=True)
+def exact_fp32():
+    """fp32 comparisons mean fp32: no TF32 matmuls or convolutions."""
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def small(family, backbone="resnet18", hidden=64):
+    kw = dict(family=family, backbone=backbone, decoder_layers=2, num_queries=12, hidden_dim=hidden, num_heads=4,
+              ffn_dim=128, dropout=0.0)
+    if family != "adamixer":
+        kw["encoder_layers"] = 2
+    if family == "deformable_detr":
+        kw["num_feature_levels"] = 3
+    return ModelConfig(**kw)
+
+
+def batch(device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(2, 3, 96, 128, generator=g)
+    mask = torch.zeros(2, 96, 128, dtype=torch.bool)
+    mask[1, :, 100:] = True  # padding in the second image
+    targets = [{"labels": torch.randint(0, 5, (n,), generator=g),
+                "boxes": torch.cat([torch.rand(n, 2, generator=g) * 0.5 + 0.25, torch.rand(n, 2, generator=g) * 0.3 + 0.1], 1),
+                "size": torch.tensor([96, 128])} for n in (3, 2)]
+    targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+    return images.to(device), mask.to(device), targets
+
+
+def test_ms_deform_attn_core_on_cuda_equals_float64_loop():
+    value, locations, weights = random_inputs(torch.float64)
+    out = ms_deform_attn_core(value.to(CUDA), SHAPES, locations.to(CUDA), weights.to(CUDA)).cpu()
+    assert (out - reference_core(value, SHAPES, locations, weights)).abs().max().item() < 1e-12
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_forward_on_cuda_equals_cpu(family):
+    torch.manual_seed(0)
+    model = build_detector(small(family), 5).eval()
+    images, mask, _ = batch("cpu")
+    with torch.no_grad():
+        cpu = model(images, mask).predictions
+        gpu = model.to(CUDA)(images.to(CUDA), mask.to(CUDA)).predictions
+    assert (gpu.logits.cpu() - cpu.logits).abs().max().item() < 1e-3
+    assert (gpu.boxes.cpu() - cpu.boxes).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bf16_train_steps_are_finite_and_close_to_fp32(family):
+    torch.manual_seed(0)
+    model = build_detector(small(family), 5).to(CUDA).train()
+    loss_fn = DetectionLoss(SetCriterion(5))
+    images, mask, targets = batch(CUDA)
+    fp32 = loss_fn(model, images, mask, targets)["loss"]
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        bf16 = loss_fn(model, images, mask, targets)["loss"]
+    assert bf16.dtype == torch.float32  # losses are computed in float32 under autocast
+    assert math.isfinite(bf16.item()) and abs(bf16.item() - fp32.item()) < 0.05 * fp32.item()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    for _ in range(3):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = loss_fn(model, images, mask, targets)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+        opt.step()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_distillation_terms_on_cuda_equal_cpu(family):
+    torch.manual_seed(0)
+    student = build_detector(small(family), 5).train()
+    teacher = build_detector(small(family, "resnet34", hidden=64), 5)
+    cfg = DistillConfig(method="detrdistill")
+    terms = {}
+    for device in ("cpu", CUDA):
+        torch.manual_seed(1)  # the feature adapters' init
+        loss_fn = DistillationLoss(teacher, SetCriterion(5), cfg, 64, 64, 2, 2, student.config.levels).to(device)
+        student.to(device)
+        # dropout is 0: train mode is deterministic, and the feature term sees train-mode features
+        out = loss_fn(student, *batch(device))
+        terms[str(device)] = {k: float(v.detach()) for k, v in out.items() if torch.is_tensor(v) and v.dim() == 0}
+    cpu, gpu = terms["cpu"], terms["cuda"]
+    assert {"kd_logits", "kd_feature", "kd_query_prior"} <= set(cpu)
+    for k in cpu:
+        assert abs(gpu[k] - cpu[k]) <= 1e-3 * max(1.0, abs(cpu[k])), (k, cpu[k], gpu[k])
+
+
+def test_trial_trains_evaluates_and_resumes_on_cuda_with_amp(tiny_data_root, tmp_path):
+    config = tiny_trial(tiny_data_root, "deformable_detr", epochs=2, device="cuda")
+    assert config.schedule.amp
+    reports = []
+
+    def stop_after_first(metrics, checkpoint):
+        reports.append(metrics)
+        if metrics["epoch"] == 1:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        run_trial(config, tmp_path, report=stop_after_first, log=lambda s: None)
+    final = run_trial(config, tmp_path, report=lambda m, c: reports.append(m), log=lambda s: None)
+    assert [m["epoch"] for m in reports] == [1, 2]
+    assert all(math.isfinite(m["train/loss"]) for m in reports)
+    assert all(0.0 <= final[k] <= 1.0 for k in ("AP", "AP50"))
