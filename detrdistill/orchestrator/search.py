@@ -59,8 +59,8 @@ from ray import tune
 
 from detrdistill.orchestrator import tables
 from detrdistill.orchestrator.plan import LOG, TRIAL, build_plan, spec_text, teacher_plan
-from detrdistill.orchestrator.scheduler import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_INVALID, EXIT_OK, Display,
-                                               RunOptions, absolute_tracking_uri, check_resources,
+from detrdistill.orchestrator.scheduler import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_INVALID, EXIT_OK, HEARTBEAT_S,
+                                               Display, RunOptions, absolute_tracking_uri, check_resources,
                                                default_tracking_uri, quiet_logging, resolve_gpus, run_nodes,
                                                start_ray, ui_command)
 from detrdistill.orchestrator.spec import (SearchCell, SearchParam, Spec, point_spec, search_cells, teacher_trial,
@@ -198,6 +198,9 @@ class _Callback(tune.Callback):
     def on_experiment_end(self, trials, **info):
         self._session().ended(trials)
 
+    def on_step_end(self, iteration, trials, **info):
+        self._session().heartbeat(trials)
+
 
 @dataclasses.dataclass
 class _TrialRecord:
@@ -265,6 +268,8 @@ class _Session:
 
     def completed(self, trial) -> None:
         rec = self.record(trial)
+        last = trial.last_result or {}  # also what an earlier run of a resumed search saw
+        rec.epoch, rec.value = max(rec.epoch, int(last.get("epoch", 0))), last.get(self.search.metric, rec.value)
         early = rec.epoch < rec.epochs
         rec.status = "early_stopped" if early else "finished"
         self._artifacts(rec, trial)
@@ -287,6 +292,15 @@ class _Session:
             if rec is not None and rec.status == "running":
                 rec.status = "interrupted"
                 self.tracker.set_status(rec.run_id, "interrupted")
+
+    def heartbeat(self, trials) -> None:
+        """A status line at least every HEARTBEAT_S, as the scheduler prints: epochs can be long."""
+        if time.time() - self.display.last_line < HEARTBEAT_S:
+            return
+        running = [f"{rec.name} epoch {rec.epoch}/{rec.epochs}" for trial in trials
+                   if trial.status == "RUNNING" and (rec := self.records.get(trial.trial_id)) is not None]
+        done = sum(trial.status in ("TERMINATED", "ERROR") for trial in trials)
+        self.display.event(f"{done} of {self.search.num_samples} trial(s) done; running: {'; '.join(running) or 'none'}")
 
     def _artifacts(self, rec: _TrialRecord, trial) -> None:
         """The trial's config and log into its run. (The trainer's folder is on this machine unless the
@@ -395,6 +409,7 @@ class _Search:
         self.cells = search_cells(spec)
         self.max_concurrent = self.search.max_concurrent or spec.resources.max_concurrent or self._fit()
         outcome.max_concurrent = self.max_concurrent
+        self.sessions: list[_Session] = []  # of this run: what the concurrency is measured on
 
     def _fit(self) -> int:
         """As many trials as the cluster's CPUs (and GPUs) hold at once."""
@@ -457,7 +472,10 @@ class _Search:
                 state = states.get(trial_hash(config)) if config is not None else None
                 if state is not None and state.state == "failed":
                     failed[cell.index] = f"its teacher ({state.node.name}) failed: {state.reason}"
-        self._ensure_data(specs.values())
+        for cell in self.cells:
+            problem = self._ensure_data(specs[cell.index].data)
+            if problem:
+                failed.setdefault(cell.index, f"its dataset could not be made: {problem}")
         return failed
 
     def _distils(self, cell_spec: Spec) -> bool:
@@ -467,13 +485,23 @@ class _Search:
             return any(v != "none" for v in method.values)
         return cell_spec.distill.method != "none"
 
-    def _ensure_data(self, specs) -> None:
-        """A synthetic dataset is generated once here, not by every trial at once."""
+    def _ensure_data(self, data) -> Optional[str]:
+        """A synthetic dataset is generated once, here, rather than by every trial at once (the teachers'
+        run made it already when there are teachers). Returns why it cannot be made, or None."""
         from detrdistill.trainers.data.synthetic import ensure_synthetic
-        for data in {json.dumps(s.data.model_dump(mode="json"), sort_keys=True): s.data for s in specs}.values():
-            if data.format == "synthetic":
-                ensure_synthetic(data.root, data.synthetic_train, data.synthetic_val, data.synthetic_seed,
-                                 data.synthetic_image_size, progress=None)
+
+        def progress(split: str, done: int, total: int) -> None:
+            if done == total or (total >= 400 and done % (total // 4) == 0):
+                self.display.event(f"synthetic dataset {data.root}: {split} {done}/{total} images")
+
+        if data.format != "synthetic":
+            return None
+        try:
+            ensure_synthetic(data.root, data.synthetic_train, data.synthetic_val, data.synthetic_seed,
+                             data.synthetic_image_size, progress=progress)
+        except (ValueError, OSError) as e:
+            return str(e)
+        return None
 
     # -- one cell -------------------------------------------------------------------------------------------
     def _run_cell(self, cell: SearchCell) -> CellResult:
@@ -499,7 +527,7 @@ class _Search:
                 grid = tuner.fit()
         finally:
             _SESSIONS.pop(key, None)
-        self.sessions = getattr(self, "sessions", []) + [session]
+        self.sessions.append(session)
         statuses = [_status(r) for r in grid]
         if len(grid) < self.search.num_samples or "running" in statuses:
             return CellResult(cell, trials=sum(s != "running" for s in statuses), interrupted=True)
@@ -537,8 +565,9 @@ class _Search:
             scheduler = ASHAScheduler(time_attr="epoch", max_t=search.scheduler.max_t or epochs,
                                       grace_period=search.scheduler.grace_period,
                                       reduction_factor=search.scheduler.reduction_factor)
-        # max_concurrent_trials wraps the searcher in a ConcurrencyLimiter, which is also what lets Tune keep
-        # that many trials pending (with a bare searcher it starts them one at a time)
+        # max_concurrent_trials wraps the searcher in a ConcurrencyLimiter: the cap on trials at once, and on
+        # points TPE has handed out without results. (Ray 2.60 runs OptunaSearch trials in parallel with or
+        # without it, as many as the CPUs hold: measured; some older releases did not.)
         return tune.TuneConfig(metric=search.metric, mode=search.direction, search_alg=searcher,
                                scheduler=scheduler, num_samples=search.num_samples,
                                max_concurrent_trials=self.max_concurrent, trial_dirname_creator=_trial_dirname,
@@ -571,8 +600,7 @@ class _Search:
             result.best = {"trial": trial_id, "name": name, "value": value, "point": point, "run_id": run_id}
             paths.insert(0, self._best_config(cell, point, result, out_dir / BEST_CONFIG))
             self.tracker.set_tags(self.parent_id, **{f"best.{cell.key}": json.dumps(result.best, default=str)})
-            self.tracker.client.log_metric(self.parent_id, f"best_{_metric_key(self.search.metric)}", value,
-                                           step=cell.index)
+            self.tracker.log_metric(self.parent_id, f"best_{_metric_key(self.search.metric)}", value, step=cell.index)
             if run_id is not None:
                 self.tracker.set_tags(run_id, best="true", cells=json.dumps([cell.coords]))
                 if best.checkpoint is not None and not self.tracker.has_artifact(run_id, CHECKPOINT):
@@ -600,11 +628,11 @@ class _Search:
 
     def _finish(self) -> SearchOutcome:
         cells, out = self.outcome.cells, self.out
-        spans = [tuple(s) for session in getattr(self, "sessions", []) for rec in session.records.values()
+        spans = [tuple(s) for session in self.sessions for rec in session.records.values()
                  for s in rec.spans.values()]
         self.outcome.concurrency = max_overlap(spans)
         if spans:  # none when every cell had finished before this resume
-            self.tracker.client.log_metric(self.parent_id, "concurrency_max", self.outcome.concurrency)
+            self.tracker.log_metric(self.parent_id, "concurrency_max", self.outcome.concurrency)
         if len(self.cells) > 1 or self.spec.table is not None:
             table = tables.table_for_parent(self.tracker, self.parent_id, self.spec)
             for path in tables.write_outputs(table, self.options.results_dir / self.experiment):

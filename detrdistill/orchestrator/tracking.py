@@ -16,6 +16,8 @@ Run layout (what tables.py and users rely on):
                params = the resolved trial config flattened with dotted names;
                metrics per epoch (step = epoch): train/* loss terms, lr, epoch_time, AP, AP50, AP75, APs, APm, APl;
                artifacts checkpoint.pt, result.json, trial.json, log.txt (from the trial store).
+A search (search.py) has the same shape: its parent run has detrdistill.kind=search and one child run per Tune
+trial, identified by detrdistill.tune_trial_id (the same point may be sampled twice), besides its teachers'.
 """
 from __future__ import annotations
 
@@ -127,6 +129,9 @@ class Tracker:
         items = [Metric(k, float(v), now, step) for k, v in metrics.items()
                  if isinstance(v, (int, float)) and k != "epoch"]
         self.client.log_batch(run_id, metrics=items)
+
+    def log_metric(self, run_id: str, key: str, value: float, step: int = 0) -> None:
+        self.client.log_metric(run_id, key, float(value), step=step)
 
     def set_status(self, run_id: str, status: str, reason: str = "", **tags: Any) -> None:
         """Set detrdistill.status (and the MLflow run status that matches it); `reason` goes to
