@@ -645,7 +645,8 @@ class _Search:
             if c.best is None:
                 print(f"\nSearch{where}: no trial finished{': ' + c.reason if c.reason else ''}", file=out)
                 continue
-            print(f"\nSearch{where}: {c.trials} trials ({c.early_stopped} stopped early by ASHA, {c.failed} failed); "
+            asha = f"{c.early_stopped} stopped early by ASHA, " if self.search.scheduler else ""
+            print(f"\nSearch{where}: {c.trials} trials ({asha}{c.failed} failed); "
                   f"best {self.search.metric} {_fmt(c.best['value'])} by {c.best['name']}: "
                   f"{_show_point(c.best['point'])}\n  best config: {c.files[0]}  (detrdistill run {c.files[0]})",
                   file=out)
@@ -770,7 +771,7 @@ def _plot_trials(grid, statuses: list[str], metric: str, mode: str, path: Path) 
 
 
 def _plot_importances(db_uri: str, study_name: str, path: Path) -> Path:
-    """Optuna's parameter importances (fANOVA) over the study's finished trials."""
+    """Optuna's parameter importances (optuna.importance, fANOVA) over the study's finished trials."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -779,7 +780,11 @@ def _plot_importances(db_uri: str, study_name: str, path: Path) -> Path:
     study = optuna.load_study(study_name=study_name, storage=db_uri)
     fig, ax = plt.subplots(figsize=(7, 3))
     try:
-        importances = optuna.importance.get_param_importances(study)
+        with warnings.catch_warnings():  # a few trials make for rough importances; the plot says how many
+            warnings.simplefilter("ignore")
+            # fANOVA, seeded: the same study gives the same plot (Optuna 5's default is PED-ANOVA)
+            importances = optuna.importance.get_param_importances(
+                study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
     except (RuntimeError, ValueError) as e:  # fewer than two finished trials, or nothing varied
         ax.text(0.5, 0.5, f"no importances: {e}", ha="center", va="center", wrap=True)
         ax.set_axis_off()
