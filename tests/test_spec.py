@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from detrdistill.orchestrator.spec import (PlannedTrial, SpecError, SpecProblem, expand_trials, load_spec,
-                                           parse_spec, teacher_trial, trial_hash, validate_spec)
+                                           parse_spec, point_spec, search_cells, teacher_trial, trial_hash,
+                                           validate_spec)
 
 
 @pytest.fixture(autouse=True)
@@ -380,6 +381,77 @@ MALFORMED = [
           layer_mapping: lst  # <- distill.layer_mapping
         """, [], ["expected one of layerwise, last, first, uniform, final or a list of integers, got 'lst'"],
         id="mapping-not-a-strategy"),
+    pytest.param("""
+        name: t
+        student: {}
+        search:
+          space:
+            student.schedule.lr: {type: loguniform, low: 1.0e-5, high: 1.0e-3}
+          metrc: AP  # <- search.metrc
+        """, [], ["did you mean 'metric'"], id="search-unknown-key"),
+    pytest.param("""
+        name: t
+        student: {}
+        search:
+          space:
+            student.schedule.lr: {type: loguniform, low: 0, high: 1.0e-3}  # <- search.space.student.schedule.lr.low
+            student.schedule.weight_decay: {type: uniform, low: 0.1, high: 0.01}  # <- search.space.student.schedule.weight_decay.low
+            student.model.num_queries: {type: uniform, low: 10, high: 100}  # <- search.space.student.model.num_queries.type
+            student.model.dropout: {type: int, low: 0, high: 1.5}  # <- search.space.student.model.dropout.low
+            student.model.family: {type: choice, values: [conditional_detr, detr]}  # <- search.space.student.model.family.values[1]
+        """, [], ["loguniform needs low > 0", "low (0.1) must be below high (0.01)",
+                  "student.model.num_queries is a whole number; search it with type: int",
+                  "int needs whole numbers", "student.model.family=detr: expected one of"], id="search-bad-ranges"),
+    pytest.param("""
+        name: t
+        teacher: {}
+        student: {}
+        distill: {method: detrdistill}
+        ablate:
+          distill.logits.weight: [0.5, 1.0]
+        search:
+          space:
+            distill.logits.weight: {type: uniform, low: 0.1, high: 2.0}  # <- search.space.distill.logits.weight
+            teacher.schedule.lr: {type: uniform, low: 0.1, high: 2.0}  # <- search.space.teacher.schedule.lr
+            student.schedule.lrr: {type: uniform, low: 0.1, high: 2.0}  # <- search.space.student.schedule.lrr
+        """, [], ["is also ablated", "the teacher is trained once and shared by every trial", "did you mean 'lr'"],
+        id="search-keys-that-cannot-be-searched"),
+    pytest.param("""
+        name: t
+        student:
+          schedule: {epochs: 3, eval_every: 3}
+        seeds: [0, 1]  # <- seeds
+        search:
+          space:
+            student.schedule.lr: {type: loguniform, low: 1.0e-5, high: 1.0e-3}
+          metric: AP  # <- search.metric
+          scheduler: {grace_period: 3}  # <- search.scheduler.grace_period
+        """, [], ["it takes one seed", "eval_every is 3", "leaves ASHA nothing to stop"], id="search-metric-asha-seeds"),
+    pytest.param("""
+        name: t
+        student: {}
+        search:
+          space:
+            student.schedule.lr: {type: loguniform, low: 1.0e-5, high: 1.0e-3}
+          metric: train/loss
+          mode: max  # <- search.mode
+        """, [], ["mode max would maximise a training loss"], id="search-mode-against-metric"),
+    pytest.param("""
+        name: t
+        teacher: {}
+        student: {}
+        distill: {method: detrdistill}
+        ablate:
+          student.model.decoder_layers: [6, 2]
+        search:
+          space:
+            distill.layer_mapping:
+              type: choice
+              values:
+                - last
+                - layerwise  # <- search.space.distill.layer_mapping.values[1]
+        """, [], ["'layerwise' mapping needs equal depths", "(with student.model.decoder_layers=2)"],
+        id="search-value-impossible-in-one-cell"),
 ]
 
 
@@ -665,3 +737,39 @@ variants:
     trials = expand_trials(parse_spec(text))
     assert [t.config.model.family for t in trials] == ["conditional_detr", "adamixer"]
     assert len({t.teacher.hash for t in trials}) == 2
+
+
+SEARCH = OK + """
+ablate:
+  student.model.decoder_layers: [6, 2]
+search:
+  space:
+    distill.logits.weight: {type: loguniform, low: 0.1, high: 10.0}
+    student.model.num_queries: {type: int, low: 50, high: 300}
+  scheduler: {type: asha}
+"""
+
+
+def test_a_search_is_one_per_cell_and_a_point_is_a_spec_of_its_own():
+    spec = parse_spec(SEARCH)
+    assert spec.search.direction == "max" and spec.search.metric == "AP" and spec.search.sampler.type == "tpe"
+    cells = search_cells(spec)
+    assert [c.coords for c in cells] == [{"student.model.decoder_layers": 6}, {"student.model.decoder_layers": 2}]
+    assert cells[1].label == "student.model.decoder_layers=2" and cells[1].key == "cell-1"
+    point = point_spec(cells[1], {"distill.logits.weight": 0.5, "student.model.num_queries": 100}, name="p")
+    assert point.search is None and point.ablate == {} and point.name == "p"
+    assert (point.student.model.decoder_layers, point.student.model.num_queries) == (2, 100)
+    assert point.distill.logits.weight == 0.5
+    # the cell itself, with no point, is the trial the grid would run (same hash)
+    assert [expand_trials(point_spec(c, {}))[0].hash for c in cells] == [t.hash for t in expand_trials(spec)]
+    with pytest.raises(SpecError, match="distill.logits.weight: expected a number >= 0"):
+        point_spec(cells[0], {"distill.logits.weight": -1.0})
+
+
+def test_search_overrides_reach_inside_the_space():
+    spec = parse_spec(SEARCH, overrides=["search.space.distill.logits.weight.high=100", "search.num_samples=2",
+                                         "search.space.student.schedule.lr={type: loguniform, low: 1.0e-5, high: 1.0e-3}"])
+    assert spec.search.space["distill.logits.weight"].high == 100 and spec.search.num_samples == 2
+    assert spec.search.space["student.schedule.lr"].type == "loguniform"
+    with pytest.raises(SpecError, match=r"search.space.distill.logits.weight.low: .*must be below high"):
+        parse_spec(SEARCH, overrides=["search.space.distill.logits.weight.low=20"])

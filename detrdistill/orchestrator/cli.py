@@ -7,6 +7,7 @@ docstring is its help. Imports stay light here: validating a spec must not start
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from typing import Callable, Optional, Sequence
 
@@ -55,6 +56,11 @@ def summary(file: str, spec: Spec, trials: Sequence[PlannedTrial]) -> str:
     count = f"{len(trials)} trial{'s' * (len(trials) != 1)}"
     if distinct != len(trials):
         count += f" ({distinct} distinct)"
+    if spec.search is not None:  # one search per cell: its trials are what the sampler makes of the cell
+        cells, search = len({json.dumps(t.coords, sort_keys=True, default=str) for t in trials}), spec.search
+        searches = f"{cells} searches of {search.num_samples}" if cells > 1 else "a search"
+        count = (f"{cells * search.num_samples} trials ({searches} over {', '.join(search.space)}, "
+                 f"{search.direction}imising {search.metric}{', ASHA' if search.scheduler else ''})")
     teachers = {t.teacher.hash: t.teacher.config.model for t in trials if t.teacher is not None}
     if teachers:
         names = sorted({f"{m.family} {m.backbone}" for m in teachers.values()})
@@ -103,7 +109,11 @@ def _run_options(args: argparse.Namespace, store: Optional[str] = None):
 
 
 def _execute(spec, options, parent_run_id: Optional[str] = None) -> int:
-    from detrdistill.orchestrator.scheduler import run_experiment
+    """Run (or resume) an ablation, or a search when the spec has a search block."""
+    if spec.search is not None:
+        from detrdistill.orchestrator.search import run_search as run_experiment
+    else:
+        from detrdistill.orchestrator.scheduler import run_experiment
     try:
         outcome = run_experiment(spec, options, parent_run_id)
     except KeyboardInterrupt:  # during start-up or the final table; the trial loop handles its own
@@ -119,9 +129,11 @@ def run(args: argparse.Namespace) -> int:
     """Run every trial of a spec on Ray, track them in MLflow, print and save the table.
 
     Teachers train first (once per distinct teacher; a finished one is reused by any experiment); trials
-    already finished in the store are not run again. Exit status 0 when every trial finished, 1 when some
-    failed (named at the end), 2 for an invalid spec (nothing is run or written), 130 when interrupted
-    (resume it with `detrdistill resume EXPERIMENT`)."""
+    already finished in the store are not run again. A spec with a search block runs a hyperparameter search
+    instead (Ray Tune + Optuna, one per ablate cell) and writes the best configuration as a spec. Exit status
+    0 when every trial finished (a search: when each found a best trial), 1 when some failed (named at the
+    end), 2 for an invalid spec (nothing is run or written), 130 when interrupted (resume it with
+    `detrdistill resume EXPERIMENT`)."""
     try:
         spec = load_spec(args.spec, args.overrides)
     except SpecError as e:
@@ -139,7 +151,8 @@ def resume(args: argparse.Namespace) -> int:
     """Finish an interrupted experiment: its latest run again, from the spec stored in MLflow.
 
     Finished trials are not run again, interrupted ones continue from their last checkpoint, all in the
-    same MLflow parent run. Exit status as for run."""
+    same MLflow parent run. A search continues with its searcher's state (Tuner.restore) and ends with
+    exactly num_samples trials. Exit status as for run."""
     from detrdistill.orchestrator.scheduler import quiet_logging
     from detrdistill.orchestrator.spec import parse_spec
     from detrdistill.orchestrator.tracking import TAG, Tracker

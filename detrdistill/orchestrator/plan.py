@@ -20,11 +20,11 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterable, Literal, Optional
+from typing import Any, Iterable, Literal, Mapping, Optional
 
 import yaml
 
-from detrdistill.orchestrator.spec import PlannedTrial, Spec, expand_trials
+from detrdistill.orchestrator.spec import PlannedTrial, Spec, expand_trials, teacher_trial, trial_hash
 from detrdistill.trainers.config import TrialConfig
 
 CHECKPOINT, RESULT, TRIAL, LOG, PID = "checkpoint.pt", "result.json", "trial.json", "log.txt", "worker.pid"
@@ -105,6 +105,22 @@ def build_plan(spec: Spec, store: Path | str = DEFAULT_STORE, tracking_uri: Opti
     if len(teacher_of) > 1:  # name each teacher after what its students share, e.g. "teacher variant=adamixer"
         for teacher_hash, students in teacher_of.items():
             nodes[teacher_hash].name = "teacher " + _common_label(students)
+    return Plan(store, nodes)
+
+
+def teacher_plan(specs: Mapping[str, Spec], store: Path | str = DEFAULT_STORE) -> Plan:
+    """Only the teachers that these specs train, each once (deduplicated by hash, named after the first key
+    that needs it when there are several): what a search trains before its trials. A spec whose teacher is
+    a checkpoint, or that has no teacher, adds nothing."""
+    store = Path(store).resolve()
+    nodes: dict[str, Node] = {}
+    for label, spec in specs.items():
+        config = teacher_trial(spec)
+        if config is not None and trial_hash(config) not in nodes:
+            node_hash = trial_hash(config)
+            nodes[node_hash] = Node(node_hash, "teacher", f"teacher {label}".strip(), _dispatchable(config, spec))
+    if len(nodes) == 1:
+        next(iter(nodes.values())).name = "teacher"
     return Plan(store, nodes)
 
 

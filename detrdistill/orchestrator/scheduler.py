@@ -62,6 +62,7 @@ def quiet_logging() -> None:
     """MLflow logs its database set-up and alembic migrations at INFO; progress is ours to show."""
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # small files (spec.yaml): no bars
 
 
 # ---------------------------------------------------------------------------------------------- Ray
@@ -83,7 +84,15 @@ def start_ray(address: Optional[str] = None) -> bool:
     return True
 
 
-def _check_resources(spec: Spec, gpus: float) -> Optional[str]:
+def resolve_gpus(spec: Spec) -> float:
+    """GPUs per trial: the spec's, else 1 when the cluster has GPUs and 0 when it has none."""
+    gpus = spec.resources.gpus_per_trial
+    if gpus is None:
+        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    return gpus
+
+
+def check_resources(spec: Spec, gpus: float) -> Optional[str]:
     """Why no node of the cluster can ever run one trial (Ray would wait forever), or None."""
     cpus = spec.resources.cpus_per_trial
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
@@ -306,10 +315,8 @@ def run_experiment(spec: Spec, options: Optional[RunOptions] = None, parent_run_
         return outcome
     started_ray = start_ray(options.ray_address)
     try:
-        gpus = spec.resources.gpus_per_trial
-        if gpus is None:
-            gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-        problem = _check_resources(spec, gpus)
+        gpus = resolve_gpus(spec)
+        problem = check_resources(spec, gpus)
         if problem:
             outcome.exit_code, outcome.message = EXIT_INVALID, problem
             return outcome
@@ -324,6 +331,17 @@ def run_experiment(spec: Spec, options: Optional[RunOptions] = None, parent_run_
     finally:
         if started_ray:
             ray.shutdown()
+
+
+def run_nodes(spec: Spec, plan: Plan, options: RunOptions, tracking_uri: str, experiment: str, gpus: float,
+              parent_run_id: str) -> tuple[bool, dict[str, TrialState]]:
+    """Run a plan's nodes as child runs of an existing parent run, with no table at the end: the teachers a
+    search trains before its trials. Returns (interrupted, the state of every node)."""
+    driver = _Driver(spec, plan, options, tracking_uri, experiment, gpus)
+    driver.prepare(parent_run_id)
+    interrupted = driver.loop()
+    driver.close()
+    return interrupted, driver.states
 
 
 class _Driver:
@@ -524,9 +542,12 @@ class _Driver:
                 state.state = "interrupted"
                 self.tracker.set_status(state.run_id, "interrupted")
 
-    def finish(self, interrupted: bool) -> Optional[tables.Table]:
+    def close(self) -> None:
         self.display.close()
         ray.kill(self.queue.actor)
+
+    def finish(self, interrupted: bool) -> Optional[tables.Table]:
+        self.close()
         out, states = self.options.out, self.states.values()
         if interrupted:
             self.tracker.finish_parent(self.parent_id, status="KILLED")

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Sequence, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from detrdistill.trainers.config import (DataConfig, DistillConfig, LossConfig, ModelConfig, ScheduleConfig,
                                          StrictModel, TeacherConfig, TrialConfig)
@@ -77,6 +77,101 @@ class TrackingSpec(StrictModel):
     tracking_uri: Optional[str] = None  # None = the command line's --tracking-uri, else sqlite:///mlflow.db
 
 
+# What a search optimises: an evaluation metric (every epoch needs evaluating: eval_every 1) or a training loss
+# term, which the engine reports every epoch. train/loss includes the weighted distillation terms, so it is
+# no fair judge of distillation weights; the detection terms are.
+SearchMetric = Literal["AP", "AP50", "AP75", "APs", "APm", "APl",
+                       "train/loss", "train/loss_cls", "train/loss_l1", "train/loss_giou"]
+SEARCH_SECTIONS = ("student", "distill")  # what a search may vary: the teacher is trained once for all trials
+ChoiceValue = Union[None, bool, int, float, str]  # what Optuna stores as a categorical choice
+
+
+class SearchParam(StrictModel):
+    """One searched setting: `uniform` or `loguniform` floats in [low, high], `int` integers from low to high
+    (both included), or a `choice` among `values` (plain scalars)."""
+    type: Literal["uniform", "loguniform", "int", "choice"]
+    low: Optional[Union[int, float]] = None
+    high: Optional[Union[int, float]] = None
+    values: Optional[list[ChoiceValue]] = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> "SearchParam":
+        if self.type == "choice":
+            if self.values is None:
+                raise ValueError("a choice needs values: [...]")
+            if self.low is not None or self.high is not None:
+                raise ValueError("a choice takes values, not low and high")
+            if len({json.dumps(v) for v in self.values}) != len(self.values):
+                raise ValueError("values of a choice must be distinct")
+            return self
+        if self.values is not None:
+            raise ValueError(f"{self.type} takes low and high, not values (values are for a choice)")
+        if self.low is None or self.high is None:
+            raise ValueError(f"{self.type} needs both low and high")
+        if self.type == "int" and not all(isinstance(v, int) for v in (self.low, self.high)):
+            raise ValueError(f"int needs whole numbers for low and high, got {self.low} and {self.high}")
+        if self.low >= self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        if self.type == "loguniform" and self.low <= 0:
+            raise ValueError(f"loguniform needs low > 0 (it samples the logarithm), got low {self.low}")
+        return self
+
+    def ends(self) -> list[tuple[tuple, Any]]:
+        """(where in the param, value) of every value that bounds what can be sampled: both ends, or each choice."""
+        if self.type == "choice":
+            return [(("values", i), v) for i, v in enumerate(self.values)]
+        cast = int if self.type == "int" else float
+        return [(("low",), cast(self.low)), (("high",), cast(self.high))]
+
+
+class SamplerSpec(StrictModel):
+    """Optuna's sampler: TPE (after `startup_trials` random ones; None = Optuna's default, 10) or random."""
+    type: Literal["tpe", "random"] = "tpe"
+    seed: int = Field(0, ge=0, lt=2**32)
+    startup_trials: Optional[int] = Field(None, ge=1)
+
+
+class AshaSpec(StrictModel):
+    """Asynchronous successive halving on the per-epoch metric: at epochs grace_period x reduction_factor^k a
+    trial that is not among the best 1/reduction_factor of those that reached that epoch is stopped."""
+    type: Literal["asha"] = "asha"
+    grace_period: int = Field(1, ge=1)
+    reduction_factor: float = Field(2.0, gt=1)
+    max_t: Optional[int] = Field(None, ge=1)  # None = the student's epochs
+
+    @model_validator(mode="after")
+    def _check(self) -> "AshaSpec":
+        if self.max_t is not None and self.grace_period >= self.max_t:
+            raise ValueError(f"grace_period ({self.grace_period}) must be below max_t ({self.max_t}), or ASHA can "
+                             f"never stop a trial early")
+        return self
+
+
+class SearchSpec(StrictModel):
+    """A hyperparameter search: Ray Tune trials with Optuna's sampler over `space` (dotted student.* and
+    distill.* keys), one search per ablate/variant cell."""
+    space: dict[str, SearchParam] = Field(min_length=1)
+    metric: SearchMetric = "AP"
+    mode: Optional[Literal["max", "min"]] = None  # None: max for AP metrics, min for losses
+    num_samples: int = Field(8, ge=1)  # trials per search (per cell)
+    max_concurrent: Optional[int] = Field(None, ge=1)  # None = resources.max_concurrent, else what fits the cluster
+    sampler: SamplerSpec = Field(default_factory=SamplerSpec)
+    scheduler: Optional[AshaSpec] = None  # None: every trial runs all its epochs
+
+    @model_validator(mode="after")
+    def _check(self) -> "SearchSpec":
+        natural = "min" if self.metric.startswith("train/") else "max"
+        if self.mode is not None and self.mode != natural:
+            what = "a training loss" if natural == "min" else "an accuracy"
+            raise ValueError(f"mode {self.mode} would {'maximise' if natural == 'min' else 'minimise'} {what} "
+                             f"({self.metric}); use mode {natural} or leave mode out")
+        return self
+
+    @property
+    def direction(self) -> Literal["max", "min"]:
+        return self.mode or ("min" if self.metric.startswith("train/") else "max")
+
+
 class Spec(StrictModel):
     """A whole experiment. Build it with `load_spec`/`parse_spec`/`validate_spec`: `Spec.model_validate`
     alone checks the structure, not the cross-field and per-trial rules."""
@@ -95,7 +190,7 @@ class Spec(StrictModel):
     table: Optional[TableSpec] = None
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
-    search: Optional[dict[str, Any]] = None  # hyperparameter search; see the search issue (not checked here)
+    search: Optional[SearchSpec] = None  # a hyperparameter search instead of one trial per cell (search.py)
 
 
 SECTION_MODELS: dict[str, type[BaseModel]] = {
@@ -264,6 +359,7 @@ def _check(data: dict, lines: dict[tuple, int], overrides: Sequence[str]) -> tup
     located = [(i.path, i.message) for i in _top_level_issues(data) + grid_issues]
     located += _cell_issues(data, axes, variants)
     located += [(i.path, i.message) for i in _table_issues(data, axes, variants)]
+    located += _search_issues(data, axes, variants)
     problems, seen = list(override_problems), set()
     for at, message in located:
         problem = _locate(at, message, lines, set_from)
@@ -572,6 +668,122 @@ def _table_issues(data, axes, variants) -> list[_Issue]:
     return issues
 
 
+def _search_issues(data: dict, axes: list[tuple[str, list]], variants: dict[str, dict[str, Any]]
+                   ) -> list[tuple[tuple, str]]:
+    """A search's keys, metric and scheduler against the trials it runs, and both ends of every range (each
+    value of a choice) checked as the trial it would become, in every cell: a sampled point must never be
+    the first to find that a value is impossible."""
+    search = data.get("search")
+    if not isinstance(search, dict):
+        return []
+    issues: list[tuple[tuple, str]] = []
+    seeds = data.get("seeds")
+    if isinstance(seeds, list) and len(seeds) > 1:
+        issues.append((("seeds",), "a search runs one trial per sampled point, so it takes one seed; run the "
+                                   "search again with another seed to measure the noise"))
+    params: dict[str, SearchParam] = {}
+    space = search.get("space")
+    for key, value in (space.items() if isinstance(space, dict) else ()):
+        error = _search_key_error(key, axes, variants, list(params))
+        if error:
+            issues.append((("search", "space", key), error))
+            continue
+        try:
+            param = SearchParam.model_validate(value)
+        except ValidationError:
+            continue  # reported with the rest of the spec's structure
+        error = _search_type_error(key, param)
+        if error:
+            issues.append((("search", "space", key, "type"), error))
+        else:
+            params[key] = param
+    cells = _cells(data, axes, variants)
+    issues += _search_metric_issues(search, params, cells)
+    found: dict[tuple[tuple, str], list[str]] = {}  # (where, message) -> labels of the cells that have it
+    for cell in cells:
+        known = {(i.path, i.message) for i in _trial_issues(cell.raw)}  # reported where they are written
+        for key, param in params.items():
+            for where, value in param.ends():
+                raw = copy.deepcopy(cell.raw)
+                _set(raw, tuple(key.split(".")), value)
+                for issue in _trial_issues(raw):
+                    if (issue.path, issue.message) not in known:
+                        at = "" if issue.path == tuple(key.split(".")) else f"{_fmt(issue.path)}: "
+                        found.setdefault((("search", "space", key) + where, f"{key}={_label(value)}: {at}{issue.message}"),
+                                         []).append(", ".join(o.label for o in cell.origins))
+    for (at, message), labels in found.items():  # a problem of only some cells names them
+        issues += [(at, message)] if len(labels) == len(cells) else [(at, f"{message} (with {x})") for x in labels]
+    return issues
+
+
+def _search_key_error(key: Any, axes: list[tuple[str, list]], variants: dict[str, dict[str, Any]],
+                      searched: list[str]) -> Optional[str]:
+    """Why `key` cannot be searched, or None."""
+    error = _trial_key_error(key)
+    if error:
+        return error
+    if key.split(".")[0] not in SEARCH_SECTIONS:
+        return (f"{key!r} cannot be searched: the teacher is trained once and shared by every trial of a search, "
+                f"and data, loss and teacher settings shape it too; search student.* and distill.* settings, and "
+                f"ablate this one instead (one search per cell)")
+    for axis, _ in axes:
+        if _overlaps(_split(axis), _split(key)):
+            return f"is also ablated (ablate.{axis}); a setting is searched or ablated, not both"
+    for name, settings in variants.items():
+        for other in settings:
+            if _overlaps(_split(other), _split(key)):
+                return f"is also set by variant {name!r} ({other}); a setting is searched or varied, not both"
+    for other in searched:
+        if _overlaps(_split(other), _split(key)):
+            return f"overlaps searched key {other!r}: one sets part of the other"
+    return None
+
+
+def _search_type_error(key: str, param: SearchParam) -> Optional[str]:
+    """A range of the wrong kind for the setting it searches."""
+    ann = _strip(_field_annotation(tuple(key.split(".")))[0])
+    if param.type in ("uniform", "loguniform") and ann is int:
+        return f"{key} is a whole number; search it with type: int (or choice)"
+    if param.type != "choice" and ann not in (int, float):
+        return f"{key} is not a number ({_describe(ann)}); search it with type: choice"
+    return None
+
+
+def _search_metric_issues(search: dict, params: dict[str, SearchParam], cells: list[_Cell]
+                          ) -> list[tuple[tuple, str]]:
+    """The metric must be reported every epoch (Tune and ASHA compare trials epoch by epoch), and ASHA's
+    rungs must fit the student's epochs."""
+    issues: list[tuple[tuple, str]] = []
+    metric = search.get("metric", "AP")
+    scheduler = search.get("scheduler")
+    for cell in cells:
+        labels = ", ".join(o.label for o in cell.origins)
+        suffix = f" (with {labels})" if labels else ""
+        every = _get(cell.raw, ("student", "schedule", "eval_every"))
+        if isinstance(metric, str) and not metric.startswith("train/") and every not in (_MISSING, 1):
+            issues.append((("search", "metric"), (
+                f"{metric} is measured on evaluation epochs only, but student.schedule.eval_every is {every}; a "
+                f"search needs its metric every epoch: set eval_every: 1, or search on a training loss such as "
+                f"train/loss_cls{suffix}")))
+        if not isinstance(scheduler, dict):
+            continue
+        epochs = _get(cell.raw, ("student", "schedule", "epochs"))
+        epochs = ScheduleConfig().epochs if epochs is _MISSING else epochs
+        if "student.schedule.epochs" in params and params["student.schedule.epochs"].type != "choice":
+            epochs = params["student.schedule.epochs"].high
+        grace, max_t = scheduler.get("grace_period", 1), scheduler.get("max_t")
+        if not all(isinstance(v, int) for v in (epochs, grace)) or not isinstance(max_t, (int, type(None))):
+            continue  # wrong types are reported elsewhere
+        if max_t is not None and max_t > epochs:
+            issues.append((("search", "scheduler", "max_t"), (
+                f"max_t {max_t} is above the student's {epochs} epochs: no trial gets that far{suffix}")))
+        elif max_t is None and grace >= epochs:
+            issues.append((("search", "scheduler", "grace_period"), (
+                f"grace_period {grace} leaves ASHA nothing to stop: the student trains {epochs} epoch(s); "
+                f"lower it or train longer{suffix}")))
+    return issues
+
+
 # --------------------------------------------------------------------------------------------- overrides
 
 def _apply_overrides(data: dict, overrides: Sequence[str]) -> tuple[dict[tuple, str], list[SpecProblem]]:
@@ -623,6 +835,11 @@ def _split(key: str) -> tuple:
     parts = tuple(key.split("."))
     if parts[0] == "ablate" and len(parts) > 1:
         return ("ablate", ".".join(parts[1:]))
+    if parts[:2] == ("search", "space") and len(parts) > 2:  # search.space.<dotted key>[.low|high|type|values]
+        rest = parts[2:]
+        if len(rest) > 1 and rest[-1] in SearchParam.model_fields:
+            return ("search", "space", ".".join(rest[:-1]), rest[-1])
+        return ("search", "space", ".".join(rest))
     if parts[0] == "variants" and len(parts) > 2:
         return ("variants", parts[1], ".".join(parts[2:]))
     return parts
@@ -913,3 +1130,44 @@ def expand_trials(spec: Spec) -> list[PlannedTrial]:
                                        hash=trial_hash(config, teacher_ref), teacher=teacher,
                                        teacher_ref=teacher_ref))
     return trials
+
+
+# ------------------------------------------------------------------------------------------- searches
+
+@dataclasses.dataclass(frozen=True)
+class SearchCell:
+    """One search of a spec with a `search:` block: a cell of the variants x ablate grid, whose settings stay
+    fixed while the search samples the searched keys."""
+    index: int
+    coords: dict[str, Any]  # ablated key (and "variant") -> value; {} without ablate or variants
+    raw: dict  # the cell as a plain spec (JSON values): ablate, variants, search and table resolved away
+
+    @property
+    def key(self) -> str:
+        """A folder and artifact name for the cell."""
+        return f"cell-{self.index}"
+
+    @property
+    def label(self) -> str:
+        return " ".join(f"{k}={_label(v)}" for k, v in self.coords.items())
+
+
+def search_cells(spec: Spec) -> list[SearchCell]:
+    """The searches of a validated spec: one per variant x ablate cell, in expansion order."""
+    data = spec.model_dump(mode="json", exclude_unset=True)
+    cells = []
+    for i, cell in enumerate(_cells(data, list(spec.ablate.items()), spec.variants)):
+        raw = {k: v for k, v in cell.raw.items() if k not in ("search", "table")}
+        cells.append(SearchCell(i, cell.coords, raw))
+    return cells
+
+
+def point_spec(cell: SearchCell, point: dict[str, Any], **top: Any) -> Spec:
+    """The spec of one sampled point: the cell with the point's values set (and top-level keys such as name
+    or description replaced by `top`), validated as a whole like any spec; raises SpecError. It has no
+    search block, so `detrdistill run` of it trains exactly the trial that this point was."""
+    raw = copy.deepcopy(cell.raw)
+    for key, value in point.items():
+        _set(raw, tuple(key.split(".")), value)
+    raw.update(top)
+    return validate_spec(raw, file=f"search point {json.dumps(point, default=str)}")

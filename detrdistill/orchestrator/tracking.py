@@ -16,6 +16,8 @@ Run layout (what tables.py and users rely on):
                params = the resolved trial config flattened with dotted names;
                metrics per epoch (step = epoch): train/* loss terms, lr, epoch_time, AP, AP50, AP75, APs, APm, APl;
                artifacts checkpoint.pt, result.json, trial.json, log.txt (from the trial store).
+A search (search.py) has the same shape: its parent run has detrdistill.kind=search and one child run per Tune
+trial, identified by detrdistill.tune_trial_id (the same point may be sampled twice), besides its teachers'.
 """
 from __future__ import annotations
 
@@ -77,15 +79,17 @@ class Tracker:
         return self.client.search_runs([self.experiment_id], filter_string=filter_string,
                                        order_by=["attributes.start_time DESC"], max_results=1000)
 
-    def parent_run(self, spec_hash: str, spec_text: str, description: str = "") -> str:
-        """The experiment's parent run for this spec content: found again if it exists (resume), else new."""
-        runs = self._search(f"tags.`{TAG}kind` = 'experiment' and tags.`{TAG}spec_hash` = '{spec_hash}'")
+    def parent_run(self, spec_hash: str, spec_text: str, description: str = "", kind: str = "experiment",
+                   reuse: bool = True) -> str:
+        """The experiment's parent run for this spec content: found again if it exists and `reuse` (resume),
+        else new. `kind` is experiment (an ablation) or search (every run of a search spec is a new search)."""
+        runs = self._search(f"tags.`{TAG}kind` = '{kind}' and tags.`{TAG}spec_hash` = '{spec_hash}'") if reuse else []
         if runs:
             run_id = runs[0].info.run_id
             self.reopen_parent(run_id)
             return run_id
         run = self.client.create_run(self.experiment_id, run_name=self.experiment, tags={
-            f"{TAG}kind": "experiment", f"{TAG}experiment": self.experiment, f"{TAG}spec_hash": spec_hash,
+            f"{TAG}kind": kind, f"{TAG}experiment": self.experiment, f"{TAG}spec_hash": spec_hash,
             f"{TAG}submitted": str(int(time.time() * 1000)), "mlflow.note.content": description})
         self.client.log_text(run.info.run_id, spec_text, "spec.yaml")
         return run.info.run_id
@@ -96,9 +100,13 @@ class Tracker:
         self.client.update_run(run_id, status="RUNNING")
 
     def trial_run(self, parent_id: str, trial_hash: str, name: str, kind: str, params: dict,
-                  axes: dict, tags: Optional[dict] = None) -> tuple[str, bool]:
-        """(run id, created) of the child run of `trial_hash` under `parent_id`; an existing one is reused."""
-        runs = self._search(f"tags.`mlflow.parentRunId` = '{parent_id}' and tags.`{TAG}trial_hash` = '{trial_hash}'")
+                  axes: dict, tags: Optional[dict] = None, identity: Optional[str] = None) -> tuple[str, bool]:
+        """(run id, created) of the child run of `trial_hash` under `parent_id`; an existing one is reused.
+        `identity` names another tag (in `tags`) that identifies the run instead: a search may sample the same
+        point twice, and each of its trials is its own run (tag detrdistill.tune_trial_id)."""
+        key = identity or f"{TAG}trial_hash"
+        value = (tags or {}).get(key, trial_hash) if identity else trial_hash
+        runs = self._search(f"tags.`mlflow.parentRunId` = '{parent_id}' and tags.`{key}` = '{value}'")
         if runs:
             return runs[0].info.run_id, False
         tags = {"mlflow.parentRunId": parent_id, f"{TAG}kind": kind, f"{TAG}trial_hash": trial_hash,
@@ -121,6 +129,9 @@ class Tracker:
         items = [Metric(k, float(v), now, step) for k, v in metrics.items()
                  if isinstance(v, (int, float)) and k != "epoch"]
         self.client.log_batch(run_id, metrics=items)
+
+    def log_metric(self, run_id: str, key: str, value: float, step: int = 0) -> None:
+        self.client.log_metric(run_id, key, float(value), step=step)
 
     def set_status(self, run_id: str, status: str, reason: str = "", **tags: Any) -> None:
         """Set detrdistill.status (and the MLflow run status that matches it); `reason` goes to
@@ -151,12 +162,14 @@ class Tracker:
 
     # -- reading ------------------------------------------------------------------------------------------
     def latest_parent(self) -> Optional[Any]:
-        """The parent run most recently run or resumed (a resume reopens an older one)."""
-        runs = self._search(f"tags.`{TAG}kind` = 'experiment'")
+        """The parent run (an ablation or a search) most recently run or resumed (a resume reopens an older one)."""
+        runs = self._search(f"tags.`{TAG}kind` = 'experiment'") + self._search(f"tags.`{TAG}kind` = 'search'")
         return max(runs, key=lambda r: int(r.data.tags.get(f"{TAG}submitted", r.info.start_time)), default=None)
 
-    def child_runs(self, parent_id: str) -> list:
-        return self._search(f"tags.`mlflow.parentRunId` = '{parent_id}'")
+    def child_runs(self, parent_id: str, **tags: str) -> list:
+        """The child runs of a parent, or only those with these tag values."""
+        where = "".join(f" and tags.`{k}` = '{v}'" for k, v in tags.items())
+        return self._search(f"tags.`mlflow.parentRunId` = '{parent_id}'{where}")
 
     def logged_steps(self, run_id: str, key: str) -> set[int]:
         """The steps (epochs) at which `key` was logged: what a resumed or cached trial must not log twice."""
