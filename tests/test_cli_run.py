@@ -143,4 +143,15 @@ def test_make_dataset_max_objects(tmp_path):
     train = json.loads((out / "annotations" / "instances_train.json").read_text())
     per_image = Counter(a["image_id"] for a in train["annotations"])
     assert per_image and max(per_image.values()) == 1
+    assert main(["make-dataset", "synthetic", str(tmp_path / "big"), "--train", "12", "--val", "1",
+                 "--image-size", "64", "--min-size", "0.4"]) == 0
+    big = json.loads((tmp_path / "big" / "annotations" / "instances_train.json").read_text())
+    small = json.loads((tmp_path / "easy" / "annotations" / "instances_train.json").read_text())
+    # boxes cover visible pixels (occlusion, the border), so compare the medians, not the minimum
+    assert _median_size(big) > _median_size(small)
+
+
+def _median_size(coco: dict) -> int:
+    sizes = sorted(max(a["bbox"][2:]) for a in coco["annotations"])
+    return sizes[len(sizes) // 2]
     assert main(["make-dataset", "synthetic", str(tmp_path / "bad"), "--max-objects", "0"]) == 2

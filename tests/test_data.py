@@ -304,3 +304,14 @@ def test_build_dataset_generates_once_and_refuses_other_parameters(tmp_path):
     (tmp_path / "other" / "x.txt").write_text("x")
     with pytest.raises(DatasetError, match="not a synthetic dataset"):
         build_dataset(cfg.model_copy(update={"root": tmp_path / "other"}), "train")
+
+
+def test_ensure_synthetic_reuses_and_refuses_other_parameters(tmp_path):
+    from detrdistill.trainers.data import ensure_synthetic
+    root = tmp_path / "easy"
+    ensure_synthetic(root, train=3, val=1, seed=0, image_size=48, max_objects=2, min_size=0.3, progress=None)
+    stamp = (root / "train" / "000000.jpg").stat().st_mtime_ns
+    ensure_synthetic(root, train=3, val=1, seed=0, image_size=48, max_objects=2, min_size=0.3, progress=None)
+    assert (root / "train" / "000000.jpg").stat().st_mtime_ns == stamp  # reused, not regenerated
+    with pytest.raises(ValueError, match=r"min_size: 0.3 on disk, 0.08 wanted"):
+        ensure_synthetic(root, train=3, val=1, seed=0, image_size=48, max_objects=2, progress=None)

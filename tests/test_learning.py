@@ -42,22 +42,35 @@ def test_overfits_eight_images(family, data_128, tmp_path):
     assert metrics["AP"] >= 0.9, metrics
 
 
+@pytest.fixture(scope="module")
+def data_96_easy(tmp_path_factory):
+    return tmp_path_factory.mktemp("syn96easy")
+
+
+def small_config(family, root) -> TrialConfig:
+    """About 5 minutes on 2 quiet CPU cores: 1000 steps of 4 images at 96 px (4 epochs over 1000 images) on
+    the easier synthetic task (1 to 3 objects, the smallest a fifth of the image side). From scratch, so the
+    backbone trains at the full lr with batch norm; no lr drop (it did not help at this length)."""
+    data = DataConfig(root=root, synthetic_train=1000, synthetic_val=100, synthetic_image_size=96,
+                      synthetic_max_objects=3, synthetic_min_size=0.2,
+                      augment=AugmentConfig(scales=[80, 96], max_size=120, crop=False, test_size=96),
+                      num_workers=0)
+    return TrialConfig(name=f"small-{family}", data=data, model=small_model(family).model_copy(
+                           update={"backbone_norm": "batch_norm"}),
+                       schedule=ScheduleConfig(epochs=4, lr=4e-4, lr_backbone_mult=1.0, batch_size=4, warmup_iters=50,
+                                               lr_drop_epochs=[4], eval_every=4), cpus=2)
+
+
 @pytest.mark.parametrize("family", ["conditional_detr", "deformable_detr", "adamixer"])
-def test_small_config_learns_in_minutes(family, data_128, tmp_path):
-    """About 5 minutes on 2 CPU cores: 4 epochs over 600 images at 128 px. The untrained model (evaluated
-    by a 0-lr run of the same config) scores ~0 AP; the trained one must be far above it."""
+def test_small_config_learns_in_minutes(family, data_96_easy, tmp_path):
+    """The trained model's val AP must be far above the untrained one's (same config, no training)."""
     from detrdistill.trainers.engine import build_loaders, select_device
     from detrdistill.trainers.evaluate import evaluate
     from detrdistill.trainers.models import build_detector
-    data = DataConfig(root=data_128, synthetic_train=200, synthetic_val=50, synthetic_image_size=128,
-                      augment=AugmentConfig(scales=[112, 128], max_size=160, crop=False, test_size=128),
-                      num_workers=0)
-    config = TrialConfig(name=f"small-{family}", data=data, model=small_model(family),
-                         schedule=ScheduleConfig(epochs=12, lr=5e-4, batch_size=8, lr_drop_epochs=[10],
-                                                 eval_every=12), cpus=2)
+    config = small_config(family, data_96_easy)
     trained = run_trial(config, tmp_path, log=lambda s: None)
     _, val_set, _, val_loader, _ = build_loaders(config)
     untrained = evaluate(build_detector(config.model, val_set.num_classes), val_loader, select_device("cpu"),
                          val_set.category_ids, val_set.coco)
     print(f"{family}: untrained AP {untrained['AP']:.4f}, trained AP {trained['AP']:.4f} AP50 {trained['AP50']:.4f}")
-    assert trained["AP"] >= max(10 * untrained["AP"], 0.05), (trained, untrained)
+    assert trained["AP"] >= max(20 * untrained["AP"], 0.01), (trained, untrained)

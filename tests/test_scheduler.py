@@ -112,3 +112,37 @@ def test_a_killed_worker_is_retried_and_resumes_in_the_same_run(ray_cluster, tin
     assert "resuming after epoch 1" in log  # the second attempt did not train epoch 1 again
     assert log.count("epoch 1/3 step 4/4") == 1
     assert int((workdir / PID).read_text()) != killed[0]
+
+
+def test_progress_messages_do_not_let_ray_oversubscribe_cpus(ray_cluster):
+    """A task blocked in ray.get lends its CPU to another task; `send` must not block, or more one-CPU trials
+    run at once than there are CPUs (3 on 2 CPUs with Queue.put)."""
+    import ray
+    from ray.util.queue import Queue
+    from detrdistill.orchestrator.scheduler import send
+
+    cpus = int(ray.cluster_resources()["CPU"])
+    queue = Queue(actor_options={"num_cpus": 0})
+
+    @ray.remote(num_cpus=1)
+    def chatty(i, queue):
+        started = time.time()
+        for k in range(15):
+            send(queue, (i, k))
+            time.sleep(0.05)
+        return started, time.time()
+
+    spans = ray.get([chatty.remote(i, queue) for i in range(cpus + 2)])
+    events = sorted([(start, 1) for start, _ in spans] + [(end, -1) for _, end in spans])
+    running = most = 0
+    for _, step in events:
+        running += step
+        most = max(most, running)
+    assert most <= cpus
+    deadline = time.time() + 10
+    while queue.qsize() < 15 * (cpus + 2) and time.time() < deadline:  # sends are not awaited: may trail
+        time.sleep(0.05)
+    messages = queue.get_nowait_batch(queue.qsize())
+    assert len(messages) == 15 * (cpus + 2)
+    for i in range(cpus + 2):  # in order per sender
+        assert [k for j, k in messages if j == i] == list(range(15))

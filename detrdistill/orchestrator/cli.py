@@ -223,6 +223,8 @@ def add_make_dataset_arguments(parser: argparse.ArgumentParser) -> None:
                         help="longer image side in pixels (default 256)")
     parser.add_argument("--max-objects", type=int, default=8, metavar="K",
                         help="1 to K objects per image (default 8; fewer is easier)")
+    parser.add_argument("--min-size", type=float, default=0.08, metavar="F",
+                        help="smallest object's longer side / shorter image side (default 0.08; larger is easier)")
 
 
 def make_dataset(args: argparse.Namespace) -> int:
@@ -230,11 +232,12 @@ def make_dataset(args: argparse.Namespace) -> int:
 
     A spec reads it with data: {format: coco, root: OUT}, or generates its own with format: synthetic."""
     from detrdistill.trainers.data.synthetic import make_synthetic, print_progress
-    if min(args.train, args.val, args.max_objects) < 1 or args.image_size < 32:
-        print("detrdistill: --train, --val and --max-objects must be >= 1 and --image-size >= 32", file=sys.stderr)
+    if min(args.train, args.val, args.max_objects) < 1 or args.image_size < 32 or not 0 < args.min_size < 0.65:
+        print("detrdistill: --train, --val and --max-objects must be >= 1, --image-size >= 32 and "
+              "0 < --min-size < 0.65", file=sys.stderr)
         return EXIT_INVALID
     out = make_synthetic(args.out, args.train, args.val, args.seed, args.image_size, args.max_objects,
-                         progress=print_progress)
+                         args.min_size, progress=print_progress)
     print(f"{out}: {args.train} train / {args.val} val synthetic images at {args.image_size} px (seed {args.seed}); "
           f"annotations in {out}/annotations/")
     return EXIT_OK

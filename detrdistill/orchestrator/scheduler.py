@@ -105,6 +105,13 @@ def check_resources(spec: Spec, gpus: float) -> Optional[str]:
             f"--set resources.cpus_per_trial={int(most_cpus) or 1}) or give a bigger cluster with --ray-address")
 
 
+def send(queue: Queue, message: tuple) -> None:
+    """Put a message on the driver's queue from a task without waiting for it. Queue.put waits in ray.get,
+    and Ray lends the CPU of a task blocked in ray.get to another task: with blocking puts, 2 CPUs ran 3
+    one-CPU trials at once. Calls from one task to the queue actor still arrive in order."""
+    queue.actor.put_nowait.remote(message)
+
+
 def _train_task(node_hash: str, config_json: dict, workdir: str, queue: Queue) -> dict:
     """A Ray task: train one trial in its store folder, sending progress to the driver through `queue`."""
     from detrdistill.trainers.checkpoint import load_checkpoint
@@ -117,16 +124,16 @@ def _train_task(node_hash: str, config_json: dict, workdir: str, queue: Queue) -
     (work / TRIAL).write_text(json.dumps(config_json, indent=1))
     config = TrialConfig.model_validate(config_json)
     resuming = (work / CHECKPOINT).exists()
-    queue.put((node_hash, "started", {"pid": os.getpid(), "resuming": resuming}, time.time()))
+    send(queue, (node_hash, "started", {"pid": os.getpid(), "resuming": resuming}, time.time()))
     history: list[dict] = []
     with open(work / LOG, "a", buffering=1) as log_file:
         def log(line: str) -> None:
             log_file.write(line + "\n")
-            queue.put((node_hash, "log", line, time.time()))
+            send(queue, (node_hash, "log", line, time.time()))
 
         def report(metrics: dict, checkpoint: Optional[Path]) -> None:
             history.append(metrics)
-            queue.put((node_hash, "epoch", metrics, time.time()))
+            send(queue, (node_hash, "epoch", metrics, time.time()))
 
         log_file.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} pid {os.getpid()} "
                        f"{'resumes from its checkpoint' if resuming else 'starts'}\n")
@@ -149,12 +156,12 @@ def _data_task(key: str, data_json: dict, queue: Queue) -> str:
 
     def progress(split: str, done: int, total: int) -> None:
         if done == total or (total >= 400 and done % (total // 4) == 0):
-            queue.put((key, "log", f"synthetic dataset {data_json['root']}: {split} {done}/{total} images",
-                       time.time()))
+            send(queue, (key, "log", f"synthetic dataset {data_json['root']}: {split} {done}/{total} images",
+                         time.time()))
 
     ensure_synthetic(data_json["root"], data_json["synthetic_train"], data_json["synthetic_val"],
                      data_json["synthetic_seed"], data_json["synthetic_image_size"],
-                     data_json["synthetic_max_objects"], progress=progress)
+                     data_json["synthetic_max_objects"], data_json["synthetic_min_size"], progress=progress)
     return key
 
 
@@ -445,7 +452,8 @@ class _Driver:
                 self.display.event(payload)
             elif kind == "started":
                 state.started_at = state.started_at or sent_at
-                self._started(state, payload)
+                if state.state not in DONE:  # messages can trail the end of the task that sent them
+                    self._started(state, payload)
             elif kind == "log":
                 match = re.search(r"step (\d+)/(\d+)", payload)
                 if match:

@@ -112,6 +112,7 @@ class DataConfig(StrictModel):
     synthetic_seed: int = 0
     synthetic_image_size: int = Field(256, ge=32)
     synthetic_max_objects: int = Field(8, ge=1)  # 1..N objects per image: fewer makes an easier task
+    synthetic_min_size: float = Field(0.08, gt=0, lt=0.65)  # smallest object / shorter side: larger is easier
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     num_workers: int = Field(2, ge=0)
     limit_train: Optional[int] = Field(None, ge=1)  # use only the first N training images (debug, overfit)

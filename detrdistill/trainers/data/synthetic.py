@@ -1,7 +1,7 @@
 """A synthetic detection task written to disk in COCO format, for machines that cannot download COCO.
 
 Ten classes of shapes and glyphs in random colours (colour says nothing about the class, so the shape must be
-learned), sizes from 8% to 65% of the shorter image side, 1 to `max_objects` per image, later objects
+learned), sizes from `min_size` (default 8%) to 65% of the shorter image side, 1 to `max_objects` per image, later objects
 drawn over earlier ones (a box covers the visible extent; objects left mostly hidden are not labelled), on
 backgrounds with gradients, soft blobs, thin lines and arcs, and pixel noise. Images are 3:4 to 1:1 in either
 orientation so that batches need padding, as real ones do.
@@ -28,7 +28,7 @@ MARKER = "synthetic.json"  # records the generator parameters in the dataset's r
 SPLITS = ("train", "val")
 SUPERSAMPLE = 4  # masks are drawn at 4x and box-filtered down: anti-aliased edges even on 10 px objects
 MIN_VISIBLE = 0.4  # objects with less of their mask visible (occluded or outside the image) get no label
-SIZE_RANGE = (0.08, 0.65)  # longer side of an object's box / shorter image side, sampled log-uniformly
+MIN_SIZE, MAX_SIZE = 0.08, 0.65  # longer side of an object's box / shorter image side, sampled log-uniformly
 
 
 def _ngon(n: int, radius: float = 1.0, start: float = -math.pi / 2) -> np.ndarray:
@@ -134,7 +134,7 @@ def _contrasting_colour(rng: np.random.Generator, region_mean: np.ndarray) -> np
     return 255 - region_mean
 
 
-def draw_image(rng: np.random.Generator, image_size: int, max_objects: int):
+def draw_image(rng: np.random.Generator, image_size: int, max_objects: int, min_size: float = MIN_SIZE):
     """-> (image uint8 [h, w, 3], objects [(label, [x, y, w, h] box of the visible pixels)])."""
     long, short = image_size, max(1, round(image_size * rng.uniform(0.75, 1.0)))
     h, w = (long, short) if rng.random() < 0.5 else (short, long)
@@ -143,7 +143,7 @@ def draw_image(rng: np.random.Generator, image_size: int, max_objects: int):
     placed = []  # (label, x0, y0, x1, y1 of the full mask, mask pixel count)
     for _ in range(rng.integers(1, max_objects + 1)):
         label = int(rng.integers(len(CLASSES)))
-        size = min(h, w) * math.exp(rng.uniform(*np.log(SIZE_RANGE)))
+        size = min(h, w) * math.exp(rng.uniform(np.log(min_size), np.log(MAX_SIZE)))
         alpha = _object_mask(rng, CLASSES[label], size)
         mh, mw = alpha.shape
         for _ in range(20):  # place it so that it does not bury an earlier object
@@ -185,19 +185,24 @@ def _covered(box, by) -> float:
 
 
 def synthetic_params(train: int = 2000, val: int = 300, seed: int = 0, image_size: int = 256,
-                     max_objects: int = 8) -> dict:
+                     max_objects: int = 8, min_size: float = MIN_SIZE) -> dict:
     """What the marker file records: everything the files depend on."""
-    return dict(generator="detrdistill.synthetic", version=GENERATOR_VERSION, train=train, val=val, seed=seed,
-                image_size=image_size, max_objects=max_objects)
+    params = dict(generator="detrdistill.synthetic", version=GENERATOR_VERSION, train=train, val=val, seed=seed,
+                  image_size=image_size, max_objects=max_objects)
+    if min_size != MIN_SIZE:  # recorded only when changed: datasets made before it existed stay valid
+        params["min_size"] = min_size
+    return params
 
 
 def make_synthetic(out_dir, train: int = 2000, val: int = 300, seed: int = 0, image_size: int = 256,
-                   max_objects: int = 8, progress: Optional[Callable[[str, int, int], None]] = None) -> Path:
+                   max_objects: int = 8, min_size: float = MIN_SIZE,
+                   progress: Optional[Callable[[str, int, int], None]] = None) -> Path:
     """Write out_dir/{train,val}/NNNNNN.jpg, out_dir/annotations/instances_{train,val}.json (COCO instances)
     and the marker out_dir/synthetic.json (written last: its presence means the dataset is complete).
     progress(split, done, total) is called after every image. Returns out_dir."""
-    if min(train, val, max_objects) < 1 or image_size < 32:
-        raise ValueError("make_synthetic needs train, val, max_objects >= 1 and image_size >= 32")
+    if min(train, val, max_objects) < 1 or image_size < 32 or not 0 < min_size < MAX_SIZE:
+        raise ValueError(f"make_synthetic needs train, val, max_objects >= 1, image_size >= 32 and "
+                         f"0 < min_size < {MAX_SIZE}")
     out = Path(out_dir)
     (out / "annotations").mkdir(parents=True, exist_ok=True)
     categories = [dict(id=i + 1, name=n, supercategory="shape") for i, n in enumerate(CLASSES)]
@@ -206,7 +211,7 @@ def make_synthetic(out_dir, train: int = 2000, val: int = 300, seed: int = 0, im
         images, annotations = [], []
         for i in range(n):
             rng = np.random.default_rng([seed, split_index, i])
-            pixels, objects = draw_image(rng, image_size, max_objects)
+            pixels, objects = draw_image(rng, image_size, max_objects, min_size)
             name = f"{i:06d}.jpg"
             # JPEG like COCO: noisy images make PNGs ~6x larger and ~20x slower to write
             Image.fromarray(pixels).save(out / split / name, quality=90)
@@ -226,7 +231,7 @@ def make_synthetic(out_dir, train: int = 2000, val: int = 300, seed: int = 0, im
         with open(out / "annotations" / f"instances_{split}.json", "w") as f:
             json.dump(coco, f)
     with open(out / MARKER, "w") as f:
-        json.dump(synthetic_params(train, val, seed, image_size, max_objects), f, indent=1)
+        json.dump(synthetic_params(train, val, seed, image_size, max_objects, min_size), f, indent=1)
     return out
 
 
@@ -237,6 +242,7 @@ def print_progress(split: str, done: int, total: int) -> None:
 
 
 def ensure_synthetic(root, train: int, val: int, seed: int, image_size: int, max_objects: int = 8,
+                     min_size: float = MIN_SIZE,
                      progress: Optional[Callable[[str, int, int], None]] = print_progress) -> Path:
     """Generate the dataset into `root` unless it is already there with the same parameters.
 
@@ -245,11 +251,11 @@ def ensure_synthetic(root, train: int, val: int, seed: int, image_size: int, max
     holds something else.
     """
     root = Path(root)
-    wanted = synthetic_params(train, val, seed, image_size, max_objects)
+    wanted = synthetic_params(train, val, seed, image_size, max_objects, min_size)
     if not root.exists() or (root.is_dir() and not any(root.iterdir())):
         tmp = root.parent / f".{root.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
-            make_synthetic(tmp, train, val, seed, image_size, max_objects, progress)
+            make_synthetic(tmp, train, val, seed, image_size, max_objects, min_size, progress)
             try:
                 os.rename(tmp, root)  # atomic; fails if another process already put a complete one there
             except OSError:
@@ -262,6 +268,8 @@ def ensure_synthetic(root, train: int, val: int, seed: int, image_size: int, max
                          f"delete it or choose another data.root")
     found = json.loads(marker.read_text())
     if found != wanted:
+        implied = {"min_size": MIN_SIZE}  # what a marker without the key means
+        found, wanted = {**implied, **found}, {**implied, **wanted}
         diff = ", ".join(f"{k}: {found.get(k)!r} on disk, {v!r} wanted" for k, v in wanted.items()
                          if found.get(k) != v)
         raise ValueError(f"{root} holds a synthetic dataset made with other parameters ({diff}); "
