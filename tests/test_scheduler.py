@@ -116,33 +116,32 @@ def test_a_killed_worker_is_retried_and_resumes_in_the_same_run(ray_cluster, tin
 
 def test_progress_messages_do_not_let_ray_oversubscribe_cpus(ray_cluster):
     """A task blocked in ray.get lends its CPU to another task; `send` must not block, or more one-CPU trials
-    run at once than there are CPUs (3 on 2 CPUs with Queue.put)."""
+    run at once than there are CPUs (3 on 2 CPUs with ray.util.queue's Queue.put). Messages keep their order."""
     import ray
-    from ray.util.queue import Queue
-    from detrdistill.orchestrator.scheduler import send
+    from detrdistill.orchestrator.scheduler import Mailbox, send
 
     cpus = int(ray.cluster_resources()["CPU"])
-    queue = Queue(actor_options={"num_cpus": 0})
+    mailbox = Mailbox.remote()
 
     @ray.remote(num_cpus=1)
-    def chatty(i, queue):
+    def chatty(i, mailbox):
         started = time.time()
         for k in range(15):
-            send(queue, (i, k))
+            send(mailbox, (i, k))
             time.sleep(0.05)
         return started, time.time()
 
-    spans = ray.get([chatty.remote(i, queue) for i in range(cpus + 2)])
+    spans = ray.get([chatty.remote(i, mailbox) for i in range(cpus + 2)])
     events = sorted([(start, 1) for start, _ in spans] + [(end, -1) for _, end in spans])
     running = most = 0
     for _, step in events:
         running += step
         most = max(most, running)
     assert most <= cpus
-    deadline = time.time() + 10
-    while queue.qsize() < 15 * (cpus + 2) and time.time() < deadline:  # sends are not awaited: may trail
+    messages, deadline = [], time.time() + 10
+    while len(messages) < 15 * (cpus + 2) and time.time() < deadline:  # sends are not awaited: may trail
+        messages += ray.get(mailbox.take.remote())
         time.sleep(0.05)
-    messages = queue.get_nowait_batch(queue.qsize())
     assert len(messages) == 15 * (cpus + 2)
     for i in range(cpus + 2):  # in order per sender
         assert [k for j, k in messages if j == i] == list(range(15))

@@ -1,8 +1,8 @@
 """Run an experiment's DAG on Ray: one task per trial, MLflow written by the driver alone, progress, the table.
 
 How metrics flow: a Ray task runs trainers.engine.run_trial in <store>/<hash>/; its report callback puts
-(hash, "epoch", metrics) on a ray.util.queue.Queue (an actor). The driver's loop waits on the tasks with a
-short timeout, drains the queue and logs each epoch to the trial's child run (one writer: SQLite dislikes
+(hash, "epoch", metrics) in the driver's Mailbox (an actor). The driver's loop waits on the tasks with a
+short timeout, empties the mailbox and logs each epoch to the trial's child run (one writer: SQLite dislikes
 concurrent ones). When a task returns, its result (also in result.json) carries the whole per-epoch history;
 the driver logs any epoch it missed (a retried attempt never reports the epochs before its checkpoint, an
 interrupted driver may have missed some), so every child run ends with each epoch exactly once.
@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any, Optional, TextIO
 
 import ray
-from ray.util.queue import Queue
 
 from detrdistill.orchestrator import tables
 from detrdistill.orchestrator.plan import (CHECKPOINT, LOG, PID, TRIAL, Node, Plan, build_plan, read_result,
@@ -36,7 +35,7 @@ from detrdistill.orchestrator.spec import Spec
 from detrdistill.orchestrator.tracking import TAG, Tracker
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
-POLL_S = 0.25  # how long the driver waits on the tasks before draining the queue again
+POLL_S = 0.25  # how long the driver waits on the tasks before emptying the mailbox again
 HEARTBEAT_S = 30.0  # plain (non-terminal) output: a status line at least this often
 DONE = ("finished", "cached", "failed")
 
@@ -105,15 +104,30 @@ def check_resources(spec: Spec, gpus: float) -> Optional[str]:
             f"--set resources.cpus_per_trial={int(most_cpus) or 1}) or give a bigger cluster with --ray-address")
 
 
-def send(queue: Queue, message: tuple) -> None:
-    """Put a message on the driver's queue from a task without waiting for it. Queue.put waits in ray.get,
-    and Ray lends the CPU of a task blocked in ray.get to another task: with blocking puts, 2 CPUs ran 3
-    one-CPU trials at once. Calls from one task to the queue actor still arrive in order."""
-    queue.actor.put_nowait.remote(message)
+@ray.remote(num_cpus=0)
+class Mailbox:
+    """The driver's inbox of progress messages. A plain (not async) actor: it runs each sender's calls in the
+    order they were sent (ray.util.queue.Queue is an async actor and does not, once nobody waits on a put)."""
+
+    def __init__(self):
+        self.messages: list[tuple] = []
+
+    def post(self, message: tuple) -> None:
+        self.messages.append(message)
+
+    def take(self) -> list[tuple]:
+        messages, self.messages = self.messages, []
+        return messages
 
 
-def _train_task(node_hash: str, config_json: dict, workdir: str, queue: Queue) -> dict:
-    """A Ray task: train one trial in its store folder, sending progress to the driver through `queue`."""
+def send(mailbox, message: tuple) -> None:
+    """Post a message from a task without waiting for it. Waiting (ray.get) would let Ray lend the task's
+    CPU to another task: with blocking puts, 2 CPUs ran 3 one-CPU trials at once."""
+    mailbox.post.remote(message)
+
+
+def _train_task(node_hash: str, config_json: dict, workdir: str, mailbox) -> dict:
+    """A Ray task: train one trial in its store folder, sending progress to the driver through `mailbox`."""
     from detrdistill.trainers.checkpoint import load_checkpoint
     from detrdistill.trainers.config import TrialConfig
     from detrdistill.trainers.engine import run_trial
@@ -124,16 +138,16 @@ def _train_task(node_hash: str, config_json: dict, workdir: str, queue: Queue) -
     (work / TRIAL).write_text(json.dumps(config_json, indent=1))
     config = TrialConfig.model_validate(config_json)
     resuming = (work / CHECKPOINT).exists()
-    send(queue, (node_hash, "started", {"pid": os.getpid(), "resuming": resuming}, time.time()))
+    send(mailbox, (node_hash, "started", {"pid": os.getpid(), "resuming": resuming}, time.time()))
     history: list[dict] = []
     with open(work / LOG, "a", buffering=1) as log_file:
         def log(line: str) -> None:
             log_file.write(line + "\n")
-            send(queue, (node_hash, "log", line, time.time()))
+            send(mailbox, (node_hash, "log", line, time.time()))
 
         def report(metrics: dict, checkpoint: Optional[Path]) -> None:
             history.append(metrics)
-            send(queue, (node_hash, "epoch", metrics, time.time()))
+            send(mailbox, (node_hash, "epoch", metrics, time.time()))
 
         log_file.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} pid {os.getpid()} "
                        f"{'resumes from its checkpoint' if resuming else 'starts'}\n")
@@ -150,13 +164,13 @@ def _train_task(node_hash: str, config_json: dict, workdir: str, queue: Queue) -
     return result
 
 
-def _data_task(key: str, data_json: dict, queue: Queue) -> str:
+def _data_task(key: str, data_json: dict, mailbox) -> str:
     """A Ray task: generate the synthetic dataset once, before the trials that read it."""
     from detrdistill.trainers.data.synthetic import ensure_synthetic
 
     def progress(split: str, done: int, total: int) -> None:
         if done == total or (total >= 400 and done % (total // 4) == 0):
-            send(queue, (key, "log", f"synthetic dataset {data_json['root']}: {split} {done}/{total} images",
+            send(mailbox, (key, "log", f"synthetic dataset {data_json['root']}: {split} {done}/{total} images",
                          time.time()))
 
     ensure_synthetic(data_json["root"], data_json["synthetic_train"], data_json["synthetic_val"],
@@ -362,7 +376,7 @@ class _Driver:
         self.states: dict[str, TrialState] = {}
         self.in_flight: dict[Any, str] = {}  # ObjectRef -> node hash or data key
         self.data: dict[str, str] = {}  # data key -> "pending" | "running" | "ready" | failure reason
-        self.queue: Optional[Queue] = None
+        self.mailbox = None  # the Mailbox actor
         self.display: Optional[Display] = None
 
     # -- set-up -------------------------------------------------------------------------------------------
@@ -385,7 +399,7 @@ class _Driver:
                 tags = self.tracker.run_tags(run_id)
                 state.attempts = int(tags.get(f"{TAG}attempts", 0))
             self.states[node.hash] = state
-        self.queue = Queue(actor_options={"num_cpus": 0})
+        self.mailbox = Mailbox.remote()
         self.display = Display(f"{self.experiment}: {len(self.states)} trial(s)", self.states, self.options.out,
                                self.options.live)
         for state in self.states.values():
@@ -430,7 +444,7 @@ class _Driver:
                 return
             ref = train_remote.options(**self.task_options, name=f"trial {state.node.name}").remote(
                 state.node.hash, state.node.config.model_dump(mode="json"), str(self.plan.workdir(state.node.hash)),
-                self.queue)
+                self.mailbox)
             self.in_flight[ref] = state.node.hash
             state.state, state.submitted_at = "queued", time.time()
 
@@ -438,15 +452,12 @@ class _Driver:
         if key in self.data:
             return
         ref = data_remote.options(num_cpus=1, max_retries=1, name="synthetic dataset").remote(
-            key, node.config.data.model_dump(mode="json"), self.queue)
+            key, node.config.data.model_dump(mode="json"), self.mailbox)
         self.in_flight[ref] = key
         self.data[key] = "pending"
 
     def _drain(self) -> None:
-        count = self.queue.qsize()
-        if not count:
-            return
-        for key, kind, payload, sent_at in self.queue.get_nowait_batch(count):
+        for key, kind, payload, sent_at in ray.get(self.mailbox.take.remote()):
             state = self.states.get(key)
             if state is None:  # the dataset task
                 self.display.event(payload)
@@ -552,7 +563,7 @@ class _Driver:
 
     def close(self) -> None:
         self.display.close()
-        ray.kill(self.queue.actor)
+        ray.kill(self.mailbox)
 
     def finish(self, interrupted: bool) -> Optional[tables.Table]:
         self.close()
