@@ -18,42 +18,27 @@ import traceback
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from detrdistill.orchestrator.plan import CHECKPOINT, LOG, TRIAL, build_plan, read_result, write_result
+from detrdistill.orchestrator.plan import build_plan, read_result
 from detrdistill.orchestrator.spec import load_spec
+from detrdistill.orchestrator.store_trial import train_in_store
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
 def train_node(node_hash: str, config_json: dict, workdir: str, threads: int) -> dict:
-    """One worker process: train a trial in its store folder (resuming its checkpoint), write result.json."""
+    """One worker process: train a trial in its store folder (as the scheduler's Ray task does), printing
+    each epoch."""
     import torch
-    from detrdistill.trainers.checkpoint import load_checkpoint
-    from detrdistill.trainers.config import TrialConfig
-    from detrdistill.trainers.engine import run_trial
     torch.set_num_threads(threads)
-    config = TrialConfig.model_validate(config_json)
-    config.cpus = threads
-    work = Path(workdir)
-    work.mkdir(parents=True, exist_ok=True)
-    (work / TRIAL).write_text(json.dumps(config_json, indent=1))
-    resuming = (work / CHECKPOINT).exists()
-    history = []
-    t0 = time.time()
-    with open(work / LOG, "a", buffering=1) as log_file:
-        def log(line):
-            log_file.write(line + "\n")
+    config_json = {**config_json, "cpus": threads}
+    name, t0 = config_json["name"], time.time()
 
-        def report(metrics, checkpoint):
-            history.append(metrics)
-            shown = " ".join(f"{k} {metrics[k]:.4f}" for k in ("train/loss", "AP", "AP50") if k in metrics)
-            print(f"  [{config.name}] epoch {metrics['epoch']} {shown} ({time.time() - t0:.0f} s)", flush=True)
-        final = run_trial(config, work, report=report, log=log)
-    if resuming:
-        history = load_checkpoint(work / CHECKPOINT)["history"]
-    result = {"hash": node_hash, "name": config.name, "metrics": final, "history": history,
-              "finished_at": time.time(), "seconds": time.time() - t0}
-    write_result(work, result)
-    return result
+    def on_event(kind, payload):
+        if kind == "epoch":
+            shown = " ".join(f"{k} {payload[k]:.4f}" for k in ("train/loss", "AP", "AP50") if k in payload)
+            print(f"  [{name}] epoch {payload['epoch']} {shown} ({time.time() - t0:.0f} s)", flush=True)
+    result = train_in_store(node_hash, config_json, workdir, on_event)
+    return {**result, "seconds": time.time() - t0}
 
 
 def _run(args):

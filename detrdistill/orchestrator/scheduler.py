@@ -22,16 +22,16 @@ import os
 import re
 import sys
 import time
-import traceback
 from pathlib import Path
 from typing import Any, Optional, TextIO
 
 import ray
 
 from detrdistill.orchestrator import tables
-from detrdistill.orchestrator.plan import (CHECKPOINT, LOG, PID, TRIAL, Node, Plan, build_plan, read_result,
-                                          spec_text, write_result)
+from detrdistill.orchestrator.plan import (CHECKPOINT, LOG, TRIAL, Node, Plan, build_plan, read_result,
+                                          spec_text)
 from detrdistill.orchestrator.spec import Spec
+from detrdistill.orchestrator.store_trial import train_in_store
 from detrdistill.orchestrator.tracking import TAG, Tracker
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -83,6 +83,13 @@ def start_ray(address: Optional[str] = None) -> bool:
     return True
 
 
+def experiment_and_tracking(spec: Spec, options: "RunOptions") -> tuple[str, str]:
+    """The MLflow experiment name and the absolute tracking URI a run of `spec` uses."""
+    experiment = spec.tracking.experiment or spec.name
+    return experiment, absolute_tracking_uri(options.tracking_uri or spec.tracking.tracking_uri
+                                             or default_tracking_uri())
+
+
 def resolve_gpus(spec: Spec) -> float:
     """GPUs per trial: the spec's, else 1 when the cluster has GPUs and 0 when it has none."""
     gpus = spec.resources.gpus_per_trial
@@ -128,40 +135,8 @@ def send(mailbox, message: tuple) -> None:
 
 def _train_task(node_hash: str, config_json: dict, workdir: str, mailbox) -> dict:
     """A Ray task: train one trial in its store folder, sending progress to the driver through `mailbox`."""
-    from detrdistill.trainers.checkpoint import load_checkpoint
-    from detrdistill.trainers.config import TrialConfig
-    from detrdistill.trainers.engine import run_trial
-
-    work = Path(workdir)
-    work.mkdir(parents=True, exist_ok=True)
-    (work / PID).write_text(f"{os.getpid()}\n")
-    (work / TRIAL).write_text(json.dumps(config_json, indent=1))
-    config = TrialConfig.model_validate(config_json)
-    resuming = (work / CHECKPOINT).exists()
-    send(mailbox, (node_hash, "started", {"pid": os.getpid(), "resuming": resuming}, time.time()))
-    history: list[dict] = []
-    with open(work / LOG, "a", buffering=1) as log_file:
-        def log(line: str) -> None:
-            log_file.write(line + "\n")
-            send(mailbox, (node_hash, "log", line, time.time()))
-
-        def report(metrics: dict, checkpoint: Optional[Path]) -> None:
-            history.append(metrics)
-            send(mailbox, (node_hash, "epoch", metrics, time.time()))
-
-        log_file.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} pid {os.getpid()} "
-                       f"{'resumes from its checkpoint' if resuming else 'starts'}\n")
-        try:
-            final = run_trial(config, work, report=report, log=log)
-        except BaseException:
-            log_file.write(traceback.format_exc())
-            raise
-    if resuming:  # the epochs before the checkpoint were reported by an earlier attempt
-        history = load_checkpoint(work / CHECKPOINT)["history"]
-    result = {"hash": node_hash, "name": config.name, "metrics": final, "history": history,
-              "finished_at": time.time()}
-    write_result(work, result)
-    return result
+    return train_in_store(node_hash, config_json, workdir,
+                          lambda kind, payload: send(mailbox, (node_hash, kind, payload, time.time())))
 
 
 def _data_task(key: str, data_json: dict, mailbox) -> str:
@@ -326,8 +301,7 @@ def run_experiment(spec: Spec, options: Optional[RunOptions] = None, parent_run_
     the table. Never raises for a trial's failure: the Outcome's exit code says it."""
     options = options or RunOptions()
     quiet_logging()
-    experiment = spec.tracking.experiment or spec.name
-    tracking_uri = absolute_tracking_uri(options.tracking_uri or spec.tracking.tracking_uri or default_tracking_uri())
+    experiment, tracking_uri = experiment_and_tracking(spec, options)
     outcome = Outcome(experiment, EXIT_OK, tracking_uri=tracking_uri)
     try:
         plan = build_plan(spec, options.store, tracking_uri)

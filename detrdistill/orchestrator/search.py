@@ -60,9 +60,8 @@ from ray import tune
 from detrdistill.orchestrator import tables
 from detrdistill.orchestrator.plan import LOG, TRIAL, build_plan, spec_text, teacher_plan
 from detrdistill.orchestrator.scheduler import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_INVALID, EXIT_OK, HEARTBEAT_S,
-                                               Display, RunOptions, absolute_tracking_uri, check_resources,
-                                               default_tracking_uri, quiet_logging, resolve_gpus, run_nodes,
-                                               start_ray, ui_command)
+                                               Display, RunOptions, check_resources, experiment_and_tracking,
+                                               quiet_logging, resolve_gpus, run_nodes, start_ray, ui_command)
 from detrdistill.orchestrator.spec import (SearchCell, SearchParam, Spec, point_spec, search_cells, teacher_trial,
                                           trial_hash)
 from detrdistill.orchestrator.tracking import TAG, Tracker
@@ -383,8 +382,7 @@ def run_search(spec: Spec, options: Optional[RunOptions] = None, parent_run_id: 
     for a trial's failure: the outcome's exit code says how it ended."""
     options = options or RunOptions()
     quiet_logging()
-    experiment = spec.tracking.experiment or spec.name
-    tracking_uri = absolute_tracking_uri(options.tracking_uri or spec.tracking.tracking_uri or default_tracking_uri())
+    experiment, tracking_uri = experiment_and_tracking(spec, options)
     outcome = SearchOutcome(experiment, EXIT_OK, tracking_uri=tracking_uri)
     store = Path(options.store).resolve()
     started_ray = start_ray(options.ray_address)
