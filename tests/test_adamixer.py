@@ -9,6 +9,7 @@ import torch
 from pydantic import ValidationError
 
 from detrdistill.trainers.config import AugmentConfig, DataConfig, ModelConfig, ScheduleConfig, TrialConfig
+from detrdistill.trainers.checkpoint import load_detector
 from detrdistill.trainers.engine import run_trial
 from detrdistill.trainers.models import QueryGroup, build_detector
 from detrdistill.trainers.models.adamixer import AdaMixer
@@ -292,3 +293,8 @@ def test_engine_trains_one_epoch(tmp_path):
     metrics = run_trial(config, tmp_path / "run", report=lambda m, c: reports.append(m), log=lambda s: None)
     assert [m["epoch"] for m in reports] == [1]
     assert math.isfinite(metrics["train/loss"]) and 0.0 <= metrics["AP"] <= 1.0
+    # what a Ray worker and a teacher load do: the config through JSON, the detector from its checkpoint
+    assert TrialConfig.model_validate_json(config.model_dump_json()) == config
+    teacher, _ = load_detector(tmp_path / "run" / "checkpoint.pt")
+    assert isinstance(teacher, AdaMixer) and len(teacher.stages) == 2
+

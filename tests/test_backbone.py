@@ -1,8 +1,10 @@
-"""Backbone normalisation: frozen batch norm for pretrained weights (DETR), trainable from scratch."""
+"""Backbone normalisation (frozen batch norm for pretrained weights as DETR, trainable from scratch) and DC5."""
+import pytest
 import torch
+import torchvision
 
 from detrdistill.trainers.config import ModelConfig
-from detrdistill.trainers.models.backbone import Backbone
+from detrdistill.trainers.models.backbone import Backbone, dilate_last_stage
 
 
 def test_norm_auto_follows_pretrained_weights(tmp_path):
@@ -26,3 +28,27 @@ def test_frozen_backbone_keeps_statistics_and_stem_fixed():
     frozen = [n for n, p in net.named_parameters() if not p.requires_grad]
     assert frozen and all(n.startswith("stages.0.0.") for n in frozen)
     assert not any("bn" in n for n, _ in net.named_parameters())
+
+
+def test_dc5_equals_torchvision_dilation_and_halves_the_stride():
+    torch.manual_seed(0)
+    reference = torchvision.models.resnet50(replace_stride_with_dilation=[False, False, True]).eval()
+    ours = torchvision.models.resnet50().eval()
+    ours.load_state_dict(reference.state_dict())
+    dilate_last_stage(ours.layer4)
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        a, b = (torch.nn.Sequential(*list(net.children())[:-2])(x) for net in (reference, ours))
+    assert a.shape == (1, 2048, 4, 6) and torch.equal(a, b)
+    # BasicBlock (which torchvision refuses to dilate): C5 at stride 16
+    (feature, mask), = Backbone("resnet18", 1, dilation=True)(torch.randn(2, 3, 96, 128),
+                                                              torch.zeros(2, 96, 128, dtype=torch.bool))
+    assert feature.shape == (2, 512, 6, 8) and mask.shape == (2, 6, 8)
+
+
+def test_dc5_is_refused_where_strides_are_assumed():
+    assert ModelConfig(family="conditional_detr", backbone="resnet18", backbone_dilation=True).backbone_dilation
+    for family, backbone in (("deformable_detr", "resnet18"), ("adamixer", "resnet50"),
+                             ("conditional_detr", "mobilenet_v2")):
+        with pytest.raises(ValueError, match="backbone_dilation"):
+            ModelConfig(family=family, backbone=backbone, backbone_dilation=True)

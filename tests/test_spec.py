@@ -12,6 +12,7 @@ import pytest
 from detrdistill.orchestrator.spec import (PlannedTrial, SpecError, SpecProblem, expand_trials, load_spec,
                                            parse_spec, point_spec, search_cells, teacher_trial, trial_hash,
                                            validate_spec)
+from detrdistill.trainers.config import DataConfig, DistillConfig, TeacherConfig, TrialConfig
 
 
 @pytest.fixture(autouse=True)
@@ -374,6 +375,15 @@ MALFORMED = [
         """, [], ["teacher's 256-d queries"], id="query-prior-widths-differ"),
     pytest.param("""
         name: t
+        teacher:
+          model: {backbone: resnet50, backbone_dilation: true}
+        student:
+          model:  # <- student.model.backbone_dilation
+            backbone: resnet18
+        distill: {method: detrdistill}
+        """, [], ["only the teacher has a dilated C5"], id="feature-maps-differ-in-size"),
+    pytest.param("""
+        name: t
         teacher: {}
         student: {}
         distill:
@@ -660,6 +670,16 @@ def test_hashes_are_stable_and_ignore_the_name():
     config = a[5].config
     assert trial_hash(config) == trial_hash(config.model_copy(deep=True))
     assert trial_hash(config) == trial_hash(config.model_copy(update={"cpus": 3}))
+
+
+def test_hashes_survive_upgrades():
+    """Pinned: the store is found by these hashes, so a release that changes them silently retrains every
+    finished trial. A new config field must leave them alone at its default (spec.ADDED_MODEL_FIELDS)."""
+    config = TrialConfig(data=DataConfig(root="data/x"), teacher=TeacherConfig(),
+                         distill=DistillConfig(method="detrdistill"))
+    assert (trial_hash(config), trial_hash(config, "trial:abc")) == ("e3aae6a9a042", "3bea5aa5e688")
+    dc5 = config.model_copy(update={"model": config.model.model_copy(update={"backbone_dilation": True})})
+    assert trial_hash(dc5) not in ("e3aae6a9a042", "3bea5aa5e688")
 
 
 @pytest.mark.parametrize("change", [

@@ -37,6 +37,9 @@ TRIAL_SECTIONS = ("data", "teacher", "student", "loss", "distill")  # what ablat
 TEACHER_SEED = 0  # one teacher per config, whatever the students' seeds: students are what the seeds measure
 # Excluded from the trial hash: they change how a trial runs, not what it trains.
 NON_SEMANTIC_FIELDS = {"name": True, "cpus": True, "data": {"num_workers": True}}
+# Model fields added after trials were first stored, with the default that keeps the old behaviour: left out
+# of the hash at that default, so upgrading detrdistill never retrains (or orphans) a finished trial.
+ADDED_MODEL_FIELDS = {"backbone_dilation": False}
 
 
 # ---------------------------------------------------------------------------------------------- the schema
@@ -627,6 +630,11 @@ def _kd_issues(distill: DistillConfig, teacher: Optional[ModelConfig], student: 
             f"has {student.levels} level(s) and the teacher ({teacher.family}) {teacher.levels}"),
             related=(("student", "model", "family"), ("teacher", "model", "family"),
                      ("teacher", "model", "num_feature_levels"))))
+    elif features and None not in (student, teacher) and student.backbone_dilation != teacher.backbone_dilation:
+        issues.append(_Issue(("student", "model", "backbone_dilation"), (
+            f"feature distillation compares feature maps point by point, but only the "
+            f"{'student' if student.backbone_dilation else 'teacher'} has a dilated C5 (DC5: twice the map side); "
+            f"set backbone_dilation alike for both"), related=(("teacher", "model", "backbone_dilation"),)))
     return issues
 
 
@@ -1086,6 +1094,10 @@ def trial_hash(config: TrialConfig, teacher_ref: Optional[str] = None) -> str:
     With `teacher_ref`, the teacher is identified by it (the teacher trial's hash, or an MLflow URI) instead
     of by wherever its checkpoint ends up on disk."""
     payload = config.model_dump(mode="json", exclude=NON_SEMANTIC_FIELDS)
+    for model in (payload["model"], (payload.get("teacher") or {}).get("model") or {}):
+        for key, default in ADDED_MODEL_FIELDS.items():
+            if key in model and model[key] == default:
+                del model[key]
     if teacher_ref is not None and payload.get("teacher") is not None:
         payload["teacher"]["checkpoint"] = teacher_ref
     text = json.dumps(payload, sort_keys=True, separators=(",", ":"))

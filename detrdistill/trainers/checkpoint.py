@@ -63,6 +63,9 @@ def load_detector(path: Path):
     for key in ("model", "model_config", "category_ids"):
         if key not in ckpt:
             raise ValueError(f"{path}: checkpoint lacks '{key}'; was it written by detrdistill?")
-    model = build_detector(ModelConfig.model_validate(ckpt["model_config"]), len(ckpt["category_ids"]))
+    saved = dict(ckpt["model_config"])
+    if saved.get("family") == "adamixer":  # written before adamixer configs said 0 encoder layers
+        saved.pop("encoder_layers", None)
+    model = build_detector(ModelConfig.model_validate(saved), len(ckpt["category_ids"]))
     model.load_state_dict(ckpt["model"])
     return model.eval(), ckpt

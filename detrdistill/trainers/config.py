@@ -8,7 +8,7 @@ properties, never stored twice.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -35,6 +35,8 @@ class ModelConfig(StrictModel):
     train_backbone: bool = True
     # "auto": frozen batch norm (DETR's recipe) for pretrained weights, trainable batch norm from scratch
     backbone_norm: Literal["auto", "frozen_bn", "batch_norm"] = "auto"
+    # DC5 (Conditional DETR's -DC5 models): C5 at stride 16, twice the side of the map the transformer sees
+    backbone_dilation: bool = False
     encoder_layers: int = Field(6, ge=0)
     decoder_layers: int = Field(6, ge=1)
     num_queries: int = Field(300, ge=1)
@@ -44,6 +46,17 @@ class ModelConfig(StrictModel):
     num_feature_levels: Optional[int] = Field(None, ge=1, le=5)  # None = the family's default
     num_points: int = Field(4, ge=1)  # deformable attention sampling points per head and level
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_encoder_for_adamixer(cls, data: Any) -> Any:
+        """adamixer's encoder_layers is 0, what it has, so a dumped config validates again (workers,
+        checkpoints); any other value is refused."""
+        if isinstance(data, dict) and data.get("family") == "adamixer":
+            if data.get("encoder_layers"):
+                raise ValueError("adamixer has no transformer encoder; leave encoder_layers unset")
+            data = {**data, "encoder_layers": 0}
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> "ModelConfig":
@@ -57,8 +70,9 @@ class ModelConfig(StrictModel):
             raise ValueError("adamixer needs hidden_dim divisible by 8 (its (x, y, z, r) position encoding)")
         if self.family == "conditional_detr" and self.levels != 1:
             raise ValueError("conditional_detr uses one feature level (C5); num_feature_levels must be 1")
-        if self.family == "adamixer" and "encoder_layers" in self.model_fields_set and self.encoder_layers:
-            raise ValueError("adamixer has no transformer encoder; leave encoder_layers unset")
+        if self.backbone_dilation and (self.family != "conditional_detr" or not self.backbone.startswith("resnet")):
+            raise ValueError("backbone_dilation (DC5) is for conditional_detr on a resnet: the multi-scale "
+                             "families assume strides 8/16/32")
         return self
 
     @property

@@ -23,6 +23,20 @@ def _resnet_stages(net: nn.Module) -> list[nn.Module]:
     return [nn.Sequential(stem, net.layer2), net.layer3, net.layer4]
 
 
+def dilate_last_stage(layer4: nn.Sequential) -> None:
+    """DC5 (as torchvision's replace_stride_with_dilation, which refuses BasicBlock): the last stage keeps
+    stride 16 instead of 32, its later 3x3 convolutions dilated by 2 to keep their receptive field."""
+    first = layer4[0]
+    strided = first.conv2 if hasattr(first, "conv3") else first.conv1  # Bottleneck strides in conv2
+    strided.stride = (1, 1)
+    if first.downsample is not None:
+        first.downsample[0].stride = (1, 1)
+    for block in layer4:
+        for conv in (m for m in block.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)):
+            if conv is not strided:
+                conv.dilation, conv.padding = (2, 2), (2, 2)
+
+
 def _mobilenet_stages(net: nn.Module) -> list[nn.Module]:
     f = net.features  # blocks 0-6 end at stride 8, 7-13 at stride 16, 14-18 at stride 32 (1280 channels)
     return [f[:7], f[7:14], f[14:]]
@@ -33,12 +47,12 @@ class Backbone(nn.Module):
 
     norm "frozen_bn" (DETR's recipe for a pretrained backbone): batch norm statistics and affine parameters
     are buffers, because detection batches are too small for batch statistics, and the stem and first stage
-    are never trained. norm "batch_norm" (a backbone trained from scratch, where frozen statistics would be
+    are never trained. dilation: DC5, the last stage at stride 16 (dilate_last_stage). norm "batch_norm" (a backbone trained from scratch, where frozen statistics would be
     the identity and leave a deep network unnormalised): ordinary batch norm, every stage trained.
     """
 
     def __init__(self, name: str, num_levels: int, weights: Optional[Path] = None, train: bool = True,
-                 norm: str = "frozen_bn"):
+                 norm: str = "frozen_bn", dilation: bool = False):
         super().__init__()
         if name not in STAGE_CHANNELS:
             raise ValueError(f"unknown backbone {name!r}; known: {sorted(STAGE_CHANNELS)}")
@@ -46,6 +60,10 @@ class Backbone(nn.Module):
         net = getattr(torchvision.models, name)(weights=None, norm_layer=FrozenBatchNorm2d if frozen else nn.BatchNorm2d)
         if weights is not None:
             load_backbone_weights(net, weights)
+        if dilation:
+            if not name.startswith("resnet"):
+                raise ValueError(f"backbone_dilation (DC5) needs a resnet backbone, not {name}")
+            dilate_last_stage(net.layer4)
         stages = _resnet_stages(net) if name.startswith("resnet") else _mobilenet_stages(net)
         self.stages = nn.ModuleList(stages)
         self.num_levels = min(num_levels, 3)

@@ -135,7 +135,7 @@ class ConditionalDETR(nn.Module):
         self.config = config
         self.num_classes = num_classes
         self.backbone = Backbone(config.backbone, 1, config.backbone_weights, config.train_backbone,
-                                 config.norm)
+                                 config.norm, dilation=config.backbone_dilation)
         self.input_proj = nn.Conv2d(self.backbone.channels[-1], d, kernel_size=1)
         self.encoder = nn.ModuleList(EncoderLayer(d, config.num_heads, config.ffn, config.dropout)
                                      for _ in range(config.encoder_layers))
