@@ -58,7 +58,9 @@ def small_config(family, root) -> TrialConfig:
     return TrialConfig(name=f"small-{family}", data=data, model=small_model(family).model_copy(
                            update={"backbone_norm": "batch_norm"}),
                        schedule=ScheduleConfig(epochs=4, lr=4e-4, lr_backbone_mult=1.0, batch_size=4, warmup_iters=50,
-                                               lr_drop_epochs=[4], eval_every=4), cpus=2)
+                                               lr_drop_epochs=[4], eval_every=4,
+                                               # AdaMixer's own recipe clips at 1.0 (AP 0.0049 -> 0.0066 here)
+                                               grad_clip=1.0 if family == "adamixer" else 0.1), cpus=2)
 
 
 @pytest.mark.parametrize("family", ["conditional_detr", "deformable_detr", "adamixer"])
