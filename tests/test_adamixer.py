@@ -154,12 +154,13 @@ def test_sampling_mixing_module_matches_loops():
 # ---------------------------------------------------------------- the detector
 
 
-def make(stages=2, levels=4, queries=6, dropout=0.0, seed=0, perturb=False):
+def make(stages=2, levels=4, queries=6, dropout=0.0, seed=0, perturb=False, finest_stride=None):
     """A tiny AdaMixer (small mixers: G=2, P_in=4, P_out=6); perturb = fill zero-initialised weights (box
     head, offset and mixing generators) so boxes move and gradients reach everything."""
     torch.manual_seed(seed)
     cfg = ModelConfig(family="adamixer", backbone="resnet18", decoder_layers=stages, num_queries=queries,
-                      hidden_dim=D, num_heads=2, ffn_dim=48, num_feature_levels=levels, dropout=dropout)
+                      hidden_dim=D, num_heads=2, ffn_dim=48, num_feature_levels=levels, dropout=dropout,
+                      finest_stride=finest_stride)
     model = AdaMixer(cfg, C, groups=2, in_points=4, out_points=6)
     if perturb:
         with torch.no_grad():
@@ -201,6 +202,19 @@ def test_shapes_and_whole_image_start(stages, levels, queries):
     assert all(torch.allclose(s.class_head.bias, torch.full((C,), -4.59512), atol=1e-4) for s in model.stages)
     with torch.no_grad():  # the no-mask call treats everything as image
         assert torch.equal(model(images).logits, model(images, torch.zeros_like(mask)).logits)
+
+
+@pytest.mark.parametrize("levels", [4, 5])
+def test_c2_pyramid_as_the_official(levels):
+    """finest_stride 4: C2-C5 (the official AdaMixer's pyramid), then stride-2 convs for more levels."""
+    model = make(2, levels, 5, perturb=True, finest_stride=4).eval()
+    images, mask = batch()
+    with torch.no_grad():
+        out = model(images, mask)
+    assert model.strides == [4, 8, 16, 32, 64][:levels]
+    sizes = [(16, 24), (8, 12), (4, 6), (2, 3), (1, 2)][:levels]
+    assert [tuple(f.shape[-2:]) for f in out.features] == sizes and out.masks[0][1].any()
+    assert torch.isfinite(out.boxes).all() and out.boxes.shape == (2, 2, 5, 4)
 
 
 def test_refined_boxes_are_normalized_by_each_image():
@@ -276,6 +290,13 @@ def test_build_detector_gives_the_official_mixer():
     assert torch.equal(model.query_boxes.weight, torch.tensor([[0.5, 0.5, 1.0, 1.0]]).repeat(5, 1))
     bias = model.stages[0].sampling_mixing.offset_generator.bias.view(4, 32, 3)
     assert (bias[..., 2] == -1).all() and bias[..., :2].abs().max() <= 0.5
+    light = build_detector(cfg.model_copy(update=dict(mixing_groups=2, mixing_in_points=16, mixing_out_points=8)), C)
+    mixer = light.stages[0].sampling_mixing
+    assert (mixer.groups, mixer.in_points, mixer.out_points) == (2, 16, 8)
+    assert mixer.mixing_generator.out_features == 2 * (16 * 16 + 8 * 16)  # G (C_g^2 + P_out P_in)
+    assert mixer.out_proj.in_features == 2 * 8 * 16
+    with pytest.raises(ValidationError, match="divisible by its 3 mixing groups"):
+        ModelConfig(family="adamixer", hidden_dim=32, num_heads=4, mixing_groups=3)
     with pytest.raises(ValidationError, match="no transformer encoder"):
         ModelConfig(family="adamixer", encoder_layers=2)
     with pytest.raises(ValueError, match="divisible by 8"):

@@ -52,3 +52,29 @@ def test_dc5_is_refused_where_strides_are_assumed():
                              ("conditional_detr", "mobilenet_v2")):
         with pytest.raises(ValueError, match="backbone_dilation"):
             ModelConfig(family=family, backbone=backbone, backbone_dilation=True)
+
+
+@pytest.mark.parametrize("name,c2_node", [("resnet18", "layer1"), ("resnet50", "layer1"),
+                                          ("mobilenet_v2", "features.3")])
+def test_c2_level_is_the_stride_4_map_of_the_same_network(name, c2_node):
+    from torchvision.models.feature_extraction import create_feature_extractor
+    x, mask = torch.randn(1, 3, 64, 96), torch.zeros(1, 64, 96, dtype=torch.bool)
+    torch.manual_seed(0)
+    net = Backbone(name, 3, norm="batch_norm", with_c2=True).eval()
+    torch.manual_seed(0)  # the same initial weights, in torchvision's own module
+    reference = create_feature_extractor(getattr(torchvision.models, name)().eval(), {c2_node: "c2"})
+    plain = Backbone(name, 3, norm="batch_norm").eval()
+    plain.load_state_dict(net.state_dict())  # the same parameter names: C2 adds no module
+    with torch.no_grad():
+        feats, rest, c2 = net(x, mask), plain(x, mask), reference(x)["c2"]
+    assert [tuple(f.shape[-2:]) for f, _ in feats] == [(16, 24), (8, 12), (4, 6), (2, 3)]
+    assert net.channels == [c2.shape[1]] + plain.channels
+    assert torch.equal(feats[0][0], c2) and feats[0][1].shape == (1, 16, 24)
+    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(feats[1:], rest))
+
+
+def test_c2_pyramid_is_adamixers_only():
+    assert ModelConfig(family="adamixer", finest_stride=4).levels == 4
+    for kw in (dict(family="deformable_detr"), dict(family="adamixer", num_feature_levels=3)):
+        with pytest.raises(ValueError, match="finest_stride 4"):
+            ModelConfig(finest_stride=4, **kw)

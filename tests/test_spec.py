@@ -384,6 +384,16 @@ MALFORMED = [
         """, [], ["only the teacher has a dilated C5"], id="feature-maps-differ-in-size"),
     pytest.param("""
         name: t
+        teacher:
+          model: {family: adamixer, backbone: resnet50}
+        student:
+          model:
+            family: adamixer
+            finest_stride: 4  # <- student.model.finest_stride
+        distill: {method: fitnet}
+        """, [], ["student's finest level has stride 4 and the teacher's 8"], id="pyramids-differ"),
+    pytest.param("""
+        name: t
         teacher: {}
         student: {}
         distill:

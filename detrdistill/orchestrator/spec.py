@@ -39,7 +39,8 @@ TEACHER_SEED = 0  # one teacher per config, whatever the students' seeds: studen
 NON_SEMANTIC_FIELDS = {"name": True, "cpus": True, "data": {"num_workers": True}}
 # Model fields added after trials were first stored, with the default that keeps the old behaviour: left out
 # of the hash at that default, so upgrading detrdistill never retrains (or orphans) a finished trial.
-ADDED_MODEL_FIELDS = {"backbone_dilation": False}
+ADDED_MODEL_FIELDS = {"backbone_dilation": False, "finest_stride": None, "mixing_groups": 4, "mixing_in_points": 32,
+                      "mixing_out_points": 128}
 
 
 # ---------------------------------------------------------------------------------------------- the schema
@@ -635,6 +636,12 @@ def _kd_issues(distill: DistillConfig, teacher: Optional[ModelConfig], student: 
             f"feature distillation compares feature maps point by point, but only the "
             f"{'student' if student.backbone_dilation else 'teacher'} has a dilated C5 (DC5: twice the map side); "
             f"set backbone_dilation alike for both"), related=(("teacher", "model", "backbone_dilation"),)))
+    elif features and None not in (student, teacher) and student.finest_stride != teacher.finest_stride:
+        issues.append(_Issue(("student", "model", "finest_stride"), (
+            f"feature distillation compares feature maps point by point, but the student's finest level has "
+            f"stride {student.finest_stride or 8} and the teacher's {teacher.finest_stride or 8} (maps of "
+            f"different sides); set finest_stride alike for both"),
+            related=(("teacher", "model", "finest_stride"),)))
     return issues
 
 

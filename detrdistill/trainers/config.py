@@ -45,6 +45,14 @@ class ModelConfig(StrictModel):
     ffn_dim: Optional[int] = Field(None, ge=8)  # None = the family's default
     num_feature_levels: Optional[int] = Field(None, ge=1, le=5)  # None = the family's default
     num_points: int = Field(4, ge=1)  # deformable attention sampling points per head and level
+    # stride of the finest feature level: 8 (C3-C5 then extra stride-2 convs, Deformable DETR's pyramid) or
+    # 4 (C2-C5 then extra convs, AdaMixer's official pyramid); None = 8
+    finest_stride: Optional[Literal[4, 8]] = None
+    # AdaMixer's mixers: G channel groups, P_in sampled points and P_out mixed-out points per group (official
+    # 4 / 32 / 128); the generator of a query's mixing weights has d x G (d^2/G^2 + P_in P_out) parameters
+    mixing_groups: int = Field(4, ge=1)
+    mixing_in_points: int = Field(32, ge=1)
+    mixing_out_points: int = Field(128, ge=1)
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
 
     @model_validator(mode="before")
@@ -68,8 +76,14 @@ class ModelConfig(StrictModel):
             raise ValueError(f"{self.family} needs hidden_dim divisible by 32 (GroupNorm(32) input projections)")
         if self.family == "adamixer" and self.hidden_dim % 8:
             raise ValueError("adamixer needs hidden_dim divisible by 8 (its (x, y, z, r) position encoding)")
+        if self.family == "adamixer" and self.hidden_dim % self.mixing_groups:
+            raise ValueError(f"adamixer needs hidden_dim {self.hidden_dim} divisible by its {self.mixing_groups} "
+                             "mixing groups")
         if self.family == "conditional_detr" and self.levels != 1:
             raise ValueError("conditional_detr uses one feature level (C5); num_feature_levels must be 1")
+        if self.finest_stride == 4 and (self.family != "adamixer" or self.levels < 4):
+            raise ValueError("finest_stride 4 (a C2-C5 pyramid) is for adamixer with num_feature_levels >= 4; "
+                             f"got {self.family} with {self.levels} level(s)")
         if self.backbone_dilation and (self.family != "conditional_detr" or not self.backbone.startswith("resnet")):
             raise ValueError("backbone_dilation (DC5) is for conditional_detr on a resnet: the multi-scale "
                              "families assume strides 8/16/32")

@@ -1,7 +1,7 @@
 """AdaMixer (Gao et al., CVPR 2022): a query-based detector with no transformer encoder.
 
-Backbone maps (strides 8/16/32, plus stride-2 convs for extra levels) are projected to d channels and
-normalised (the features that enter the decoder). Each query is a content vector and a position (x, y, z, r)
+Backbone maps (strides 8/16/32, or 4/8/16/32 with finest_stride 4 as the official C2-C5, plus stride-2 convs
+for extra levels) are projected to d channels and normalised (the features that enter the decoder). Each query is a content vector and a position (x, y, z, r)
 in pixels: box centre, log2 scale sqrt(w h), log2 aspect h / w. Every decoder stage:
   self-attention among queries (input: content + sine encoding of the position; bias: log IoF of the boxes,
   times a learned per-head temperature) -> adaptive 3D sampling around the box, across levels by z ->
@@ -143,23 +143,26 @@ class AdaMixerStage(nn.Module):
 class AdaMixer(nn.Module):
     """images [B, 3, H, W] (+ padding mask) -> DetectorOutput; see output.py for the contract.
 
-    groups, in_points, out_points: the mixers' G, P_in, P_out (official: 4, 32, 128); ModelConfig has no
-    fields for them, so build_detector gets the official values.
+    groups, in_points, out_points: the mixers' G, P_in, P_out; None = the config's (official: 4, 32, 128).
     """
 
-    def __init__(self, config: ModelConfig, num_classes: int, groups: int = 4, in_points: int = 32,
-                 out_points: int = 128):
+    def __init__(self, config: ModelConfig, num_classes: int, groups: Optional[int] = None,
+                 in_points: Optional[int] = None, out_points: Optional[int] = None):
         super().__init__()
         d, levels = config.hidden_dim, config.levels
+        groups = groups or config.mixing_groups
+        in_points, out_points = in_points or config.mixing_in_points, out_points or config.mixing_out_points
         if d % 8 or d % groups:
             raise ValueError(f"adamixer needs hidden_dim divisible by 8 (its position encoding) and by the "
                              f"{groups} mixing groups, got {d}")
         self.config, self.num_classes, self.hidden_dim, self.num_levels = config, num_classes, d, levels
-        self.backbone = Backbone(config.backbone, min(levels, 3), config.backbone_weights, config.train_backbone,
-                                 config.norm)
-        self.strides = [8, 16, 32][3 - self.backbone.num_levels:] + [64 * 2 ** i for i in range(levels - 3)]
+        c2 = config.finest_stride == 4
+        self.backbone = Backbone(config.backbone, min(levels - c2, 3), config.backbone_weights,
+                                 config.train_backbone, config.norm, with_c2=c2)
+        extra = levels - len(self.backbone.channels)
+        self.strides = [4] * c2 + [8, 16, 32][3 - self.backbone.num_levels:] + [64 * 2 ** i for i in range(extra)]
         self.input_proj = nn.ModuleList(nn.Conv2d(c, d, 1) for c in self.backbone.channels)
-        self.extra_convs = nn.ModuleList(nn.Conv2d(d, d, 3, stride=2, padding=1) for _ in range(levels - 3))
+        self.extra_convs = nn.ModuleList(nn.Conv2d(d, d, 3, stride=2, padding=1) for _ in range(extra))
         self.feature_norm = nn.GroupNorm(math.gcd(32, d), d)  # one norm shared by all levels, as the official
         self.stages = nn.ModuleList(
             AdaMixerStage(d, config.num_heads, config.ffn, config.dropout, num_classes, groups, in_points,

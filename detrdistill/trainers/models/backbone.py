@@ -16,6 +16,9 @@ STAGE_CHANNELS = {
     "resnet101": [512, 1024, 2048],
     "mobilenet_v2": [32, 96, 1280],
 }
+# Channels at stride 4 (C2, AdaMixer's finest level), and where the first stage's modules reach stride 4.
+C2_CHANNELS = {"resnet18": 64, "resnet34": 64, "resnet50": 256, "resnet101": 256, "mobilenet_v2": 24}
+C2_SPLIT = {"resnet": 1, "mobilenet_v2": 4}  # stages[0][:split] ends at stride 4 (resnet: stem + layer1)
 
 
 def _resnet_stages(net: nn.Module) -> list[nn.Module]:
@@ -43,7 +46,8 @@ def _mobilenet_stages(net: nn.Module) -> list[nn.Module]:
 
 
 class Backbone(nn.Module):
-    """Image -> the last `num_levels` (1 to 3) of the stride-8/16/32 feature maps, with their padding masks.
+    """Image -> the last `num_levels` (1 to 3) of the stride-8/16/32 feature maps, with their padding masks;
+    with `with_c2` the stride-4 map comes first too (AdaMixer's C2-C5).
 
     norm "frozen_bn" (DETR's recipe for a pretrained backbone): batch norm statistics and affine parameters
     are buffers, because detection batches are too small for batch statistics, and the stem and first stage
@@ -52,7 +56,7 @@ class Backbone(nn.Module):
     """
 
     def __init__(self, name: str, num_levels: int, weights: Optional[Path] = None, train: bool = True,
-                 norm: str = "frozen_bn", dilation: bool = False):
+                 norm: str = "frozen_bn", dilation: bool = False, with_c2: bool = False):
         super().__init__()
         if name not in STAGE_CHANNELS:
             raise ValueError(f"unknown backbone {name!r}; known: {sorted(STAGE_CHANNELS)}")
@@ -68,6 +72,9 @@ class Backbone(nn.Module):
         self.stages = nn.ModuleList(stages)
         self.num_levels = min(num_levels, 3)
         self.channels = STAGE_CHANNELS[name][3 - self.num_levels:]
+        self.c2_split = C2_SPLIT["resnet" if name.startswith("resnet") else name] if with_c2 else None
+        if with_c2:
+            self.channels = [C2_CHANNELS[name]] + self.channels
         for pname, p in self.named_parameters():
             trainable = train and not (frozen and name.startswith("resnet") and pname.startswith("stages.0.0."))
             p.requires_grad_(trainable)
@@ -75,10 +82,16 @@ class Backbone(nn.Module):
     def forward(self, images: Tensor, mask: Tensor) -> list[tuple[Tensor, Tensor]]:
         """images [B, 3, H, W], mask [B, H, W] (True = padding) -> [(features [B, C_j, H_j, W_j], mask_j)]."""
         outs, x = [], images
-        for stage in self.stages:
-            x = stage(x)
+        for i, stage in enumerate(self.stages):
+            if i == 0 and self.c2_split is not None:  # the same modules, run in two parts to keep C2
+                c2 = stage[:self.c2_split](x)
+                x = stage[self.c2_split:](c2)
+            else:
+                x = stage(x)
             outs.append(x)
         outs = outs[3 - self.num_levels:]
+        if self.c2_split is not None:
+            outs = [c2] + outs
         return [(f, F.interpolate(mask[None].float(), size=f.shape[-2:])[0].bool()) for f in outs]
 
 
