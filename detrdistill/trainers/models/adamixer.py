@@ -1,8 +1,9 @@
 """AdaMixer (Gao et al., CVPR 2022): a query-based detector with no transformer encoder.
 
 Backbone maps (strides 8/16/32, or 4/8/16/32 with finest_stride 4 as the official C2-C5, plus stride-2 convs
-for extra levels) are projected to d channels and normalised (the features that enter the decoder). Each query is a content vector and a position (x, y, z, r)
-in pixels: box centre, log2 scale sqrt(w h), log2 aspect h / w. Every decoder stage:
+for extra levels) are projected to d channels and normalised (the features that enter the decoder). Each
+query is a content vector and a position (x, y, z, r) in pixels: box centre, log2 scale sqrt(w h), log2
+aspect h / w. Every decoder stage:
   self-attention among queries (input: content + sine encoding of the position; bias: log IoF of the boxes,
   times a learned per-head temperature) -> adaptive 3D sampling around the box, across levels by z ->
   adaptive channel and spatial mixing with weights generated from the content -> FFN ->
