@@ -51,8 +51,9 @@ class Backbone(nn.Module):
 
     norm "frozen_bn" (DETR's recipe for a pretrained backbone): batch norm statistics and affine parameters
     are buffers, because detection batches are too small for batch statistics, and the stem and first stage
-    are never trained. dilation: DC5, the last stage at stride 16 (dilate_last_stage). norm "batch_norm" (a backbone trained from scratch, where frozen statistics would be
+    are never trained. norm "batch_norm" (a backbone trained from scratch, where frozen statistics would be
     the identity and leave a deep network unnormalised): ordinary batch norm, every stage trained.
+    dilation: DC5, the last stage at stride 16 (dilate_last_stage).
     """
 
     def __init__(self, name: str, num_levels: int, weights: Optional[Path] = None, train: bool = True,
