@@ -3,8 +3,14 @@
     python benchmarks/step.py                 # tiny CPU config (every family), ratios only are meaningful
     python benchmarks/step.py --scale paper   # 800x1066, batch 2, resnet50, 300 queries (a GPU)
     python benchmarks/step.py --distill       # also: distillation step vs student step vs the floor
+    python benchmarks/step.py --scale tiny6   # tiny images, the paper's 6 + 6 layers and 300 queries
 
-One step = forward, the set loss (ours: our criterion; transformers: its own loss), backward, AdamW step.
+Also counted, in one more step: the aten operators a step dispatches, views excluded ("ops"). On a GPU each
+is about one kernel launch, and a step whose kernels are small costs its launches: the count is a
+device-independent measure of that overhead, which the CPU can compare too (a launch-bound GPU step follows
+it; the CPU's own time does not, being dominated by the convolutions).
+
+One step = forward, the set loss (ours: our criterion; transformers: its own loss), backward, fused AdamW step.
 Reported: the median over --steps timed steps after --warmup steps. On the CPU every configuration runs in
 its own subprocess, so "peak memory" (the process's peak RSS) is its own; on CUDA all run in this process,
 one after another with the memory freed in between, and peak memory is torch.cuda.max_memory_allocated
@@ -28,6 +34,9 @@ HF_FAMILIES = {"conditional_detr", "deformable_detr"}
 SCALES = {
     "tiny": dict(height=128, width=160, batch=2, backbone="resnet18", queries=50, hidden=128, enc=2, dec=2,
                  classes=10, teacher_backbone="resnet50"),
+    # the paper's depths and query count at a tiny size: the CPU can count (and time) a deep step's operators
+    "tiny6": dict(height=128, width=160, batch=2, backbone="resnet18", queries=300, hidden=128, enc=6, dec=6,
+                  classes=10, teacher_backbone="resnet50"),
     "paper": dict(height=800, width=1066, batch=2, backbone="resnet50", queries=300, hidden=256, enc=6, dec=6,
                   classes=91, teacher_backbone="resnet101"),
 }
@@ -94,7 +103,7 @@ class _CachedTeacher:
 
 def _train_step(loss_fn, model, params, images, mask, targets, device, dtype):
     import torch
-    opt = torch.optim.AdamW(params, lr=1e-4)
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)  # as the engine (and for transformers' model too)
 
     def step():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
@@ -163,8 +172,28 @@ def _hf(family, scale, device, dtype):
     return _train_step(hf_loss, model, params, images, None, None, device, dtype)
 
 
+_NOT_LAUNCHES = {"_unsafe_view", "lift_fresh", "lift_fresh_copy"}  # metadata or host-side, not a kernel
+
+
+def count_ops(step) -> int:
+    """aten operators one call of `step` dispatches (its backward included), view operators excluded."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not func.is_view and func.overloadpacket.__name__ not in _NOT_LAUNCHES:
+                Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        step()
+    return Count.n
+
+
 def measure(family, mode, scale_name, dtype, steps, warmup) -> dict:
-    """Build one configuration and time it -> {median_s, peak_mib, device}."""
+    """Build one configuration and time it -> {median_s, peak_mib, device, ops}."""
     import resource
     import torch
     torch.manual_seed(0)
@@ -185,7 +214,7 @@ def measure(family, mode, scale_name, dtype, steps, warmup) -> dict:
         times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"median_s": statistics.median(times), "peak_mib": peak, "device": str(device)}
+    return {"median_s": statistics.median(times), "peak_mib": peak, "device": str(device), "ops": count_ops(step)}
 
 
 def run_one(family, mode, scale, dtype, steps, warmup, in_process) -> dict:
@@ -251,7 +280,7 @@ def main(argv=None):
 
 def step_table(args, dtypes, run):
     print(f"{'family':18} {'dtype':5} {'ours s/step':>12} {'hf s/step':>10} {'ours/hf':>8} {'ours MiB':>9} "
-          f"{'hf MiB':>8}", flush=True)
+          f"{'hf MiB':>8} {'ours ops':>9} {'hf ops':>8}", flush=True)
     for family in args.families:
         for dtype in dtypes:
             ours = run(family, "student", dtype)
@@ -262,8 +291,9 @@ def step_table(args, dtypes, run):
             ratio = f"{ours['median_s'] / hf['median_s']:.2f}" if "median_s" in hf else "-"
             hf_s = f"{hf['median_s']:.4f}" if "median_s" in hf else ("failed" if "error" in hf else "-")
             hf_m = f"{hf['peak_mib']:.0f}" if "peak_mib" in hf else "-"
+            hf_ops = str(hf["ops"]) if "ops" in hf else "-"
             print(f"{family:18} {dtype:5} {ours['median_s']:12.4f} {hf_s:>10} {ratio:>8} {ours['peak_mib']:9.0f} "
-                  f"{hf_m:>8}", flush=True)
+                  f"{hf_m:>8} {ours['ops']:9d} {hf_ops:>8}", flush=True)
             if "error" in hf:
                 print(f"  transformers failed: {hf['error']}", flush=True)
 
@@ -272,7 +302,8 @@ def distill_table(args, dtypes, run):
     print(f"\ndistillation step (DETRDistill, all terms; teacher {SCALES[args.scale]['teacher_backbone']}) vs the "
           f"floor = student step + teacher forward + extra query group", flush=True)
     print(f"{'family':18} {'dtype':5} {'student':>8} {'t.fwd':>8} {'group':>8} {'floor':>8} {'distill':>8} "
-          f"{'distill/student':>15} {'distill/floor':>13}", flush=True)
+          f"{'distill/student':>15} {'distill/floor':>13} {'ops: distill':>12} {'floor':>6} {'d/floor':>7}",
+          flush=True)
     for family in args.families:
         for dtype in args.distill_dtypes or dtypes:
             r = {m: run(family, m, dtype) for m in ("student", "teacher_forward", "student_group", "distill")}
@@ -281,8 +312,11 @@ def distill_table(args, dtypes, run):
                 continue
             s, t, g, d = (r[m]["median_s"] for m in ("student", "teacher_forward", "student_group", "distill"))
             floor = g + t  # student step with the extra group (= student + group) + teacher forward
+            ops = {m: r[m]["ops"] for m in r}
+            ops_floor = ops["student_group"] + ops["teacher_forward"]
             print(f"{family:18} {dtype:5} {s:8.4f} {t:8.4f} {g - s:8.4f} {floor:8.4f} {d:8.4f} {d / s:15.2f} "
-                  f"{d / floor:13.2f}", flush=True)
+                  f"{d / floor:13.2f} {ops['distill']:12d} {ops_floor:6d} {ops['distill'] / ops_floor:7.2f}",
+                  flush=True)
 
 
 if __name__ == "__main__":

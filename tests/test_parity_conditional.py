@@ -1,4 +1,5 @@
 """Weights of transformers' ConditionalDetr load into ours and give the same predictions, every layer."""
+import copy
 import math
 
 import pytest
@@ -6,10 +7,12 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from detrdistill.trainers.criterion import SetCriterion  # noqa: E402
 from detrdistill.trainers.models import from_transformers  # noqa: E402
 from detrdistill.trainers.models.backbone import Backbone  # noqa: E402
 from detrdistill.trainers.models.conditional_detr import ConditionalDETR  # noqa: E402
 from detrdistill.trainers.models.hf_conditional_detr import model_config_from_hf  # noqa: E402
+from detrdistill.trainers.models.output import DecoderPredictions  # noqa: E402
 from detrdistill.trainers.models.hf_backbone import (backbone_name_from_hf, convert_hf_resnet,  # noqa: E402
                                                      hf_resnet_config)
 
@@ -108,6 +111,59 @@ def test_parity_through_save_pretrained(tmp_path):
         out = ours(images, mask)
     assert not ours.training
     assert _max_abs(out.logits[-1], ref.logits) < TOL and _max_abs(out.boxes[-1], ref.pred_boxes) < TOL
+
+
+def _gradients_in_our_names(hf) -> dict:
+    """transformers' gradients under our parameter names, renamed by the converter itself: it converts a
+    copy of the model whose weights are the gradients (conversion renames and concatenates: linear).
+    Parameters without a gradient get zeros."""
+    twin = copy.deepcopy(hf)
+    grads = {name: p.grad for name, p in hf.named_parameters()}
+    with torch.no_grad():
+        for name, p in twin.named_parameters():
+            p.copy_(grads[name] if grads[name] is not None else torch.zeros_like(p))
+    return from_transformers(twin).state_dict()
+
+
+@pytest.mark.parametrize("perturb", [False, True])
+def test_training_gradients_match(perturb):
+    """Train mode (dropout 0): the set loss on each model's every-layer predictions, with one assignment,
+    gives the same gradient in every parameter we train; so no detach, tie or frozen part differs and
+    training follows transformers' model, not only inference. transformers' own init is tried too (its
+    zero content queries, as training starts). The backbone's trained stages (layer2-4) are compared too."""
+    torch.manual_seed(0)
+    config = transformers.ConditionalDetrConfig(
+        backbone_config=hf_resnet_config("resnet18"), d_model=64, encoder_layers=2, decoder_layers=2,
+        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128,
+        num_queries=10, num_labels=3, dropout=0.0)
+    hf = transformers.ConditionalDetrForObjectDetection(config)
+    if perturb:
+        _perturb(hf)
+    ours = from_transformers(hf)
+    hf.train(), ours.train()
+    # transformers 5 means to train layer2-4 like DETR, but its test `"stage.1" not in name` never matches
+    # its own ResNet's "stages.1...", so it freezes the whole backbone; give every weight a gradient here
+    for p in hf.parameters():
+        p.requires_grad_(True)
+    images, mask = _inputs(pad=True)
+    targets = [{"labels": torch.tensor([0, 2]), "boxes": torch.tensor([[0.3, 0.4, 0.2, 0.3], [0.7, 0.6, 0.3, 0.2]])},
+               {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])}]
+    criterion = SetCriterion(3)
+    ref = DecoderPredictions(*_hf_every_layer(hf, images, mask))
+    out = ours(images, mask).predictions
+    indices = criterion.indices_for(ref, targets)
+    criterion(ref, targets, indices)["loss"].backward()
+    criterion(out, targets, indices)["loss"].backward()
+
+    want = _gradients_in_our_names(hf)
+    trained = {name: p.grad for name, p in ours.named_parameters() if p.requires_grad}
+    scale = max(g.abs().max().item() for g in want.values() if g.is_floating_point())
+    assert scale > 0 and len(trained) > 100
+    for name, grad in trained.items():
+        assert grad is not None, name
+        assert _max_abs(grad, want[name]) <= 1e-5 * scale + 1e-3 * want[name].abs().max().item(), name
+    frozen = {name for name, p in ours.named_parameters() if not p.requires_grad}
+    assert frozen and all(name.startswith("backbone.stages.0.0.") for name in frozen)  # DETR's: stem, layer1
 
 
 @pytest.mark.parametrize("name", ["resnet18", "resnet50"])

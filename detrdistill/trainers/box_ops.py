@@ -44,13 +44,24 @@ def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
     return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
 
 
-def batched_pairwise_giou(a_cxcywh: Tensor, b_cxcywh: Tensor) -> Tensor:
-    """[..., N, 4], [..., M, 4] cxcywh -> [..., N, M] generalized IoU, batched over leading dims."""
+def _batched_overlap(a_cxcywh: Tensor, b_cxcywh: Tensor):
+    """[..., N, 4], [..., M, 4] cxcywh -> (a, b) broadcast xyxy, intersection and union [..., N, M]."""
     a, b = cxcywh_to_xyxy(a_cxcywh)[..., :, None, :], cxcywh_to_xyxy(b_cxcywh)[..., None, :, :]
     area_a = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])
     area_b = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
     inter = (torch.min(a[..., 2:], b[..., 2:]) - torch.max(a[..., :2], b[..., :2])).clamp(min=0).prod(-1)
-    union = area_a + area_b - inter
+    return a, b, inter, area_a + area_b - inter
+
+
+def batched_pairwise_iou(a_cxcywh: Tensor, b_cxcywh: Tensor) -> Tensor:
+    """[..., N, 4], [..., M, 4] cxcywh -> [..., N, M] IoU, batched over (broadcast) leading dims."""
+    _, _, inter, union = _batched_overlap(a_cxcywh, b_cxcywh)
+    return inter / union
+
+
+def batched_pairwise_giou(a_cxcywh: Tensor, b_cxcywh: Tensor) -> Tensor:
+    """[..., N, 4], [..., M, 4] cxcywh -> [..., N, M] generalized IoU, batched over leading dims."""
+    a, b, inter, union = _batched_overlap(a_cxcywh, b_cxcywh)
     hull = (torch.max(a[..., 2:], b[..., 2:]) - torch.min(a[..., :2], b[..., :2])).clamp(min=0).prod(-1)
     return inter / union - (hull - union) / hull
 

@@ -29,11 +29,24 @@ def sigmoid_focal_loss(logits: Tensor, targets: Tensor, alpha: float = 0.25, gam
     return alpha_t * (1 - p_t) ** gamma * ce
 
 
-def matched_positions(indices: Indices, device) -> tuple[Tensor, Tensor]:
-    """Per-image indices -> (batch_idx [K], query_idx [K]) over the whole batch, K = sum of matches."""
-    batch = torch.cat([torch.full_like(src, b) for b, (src, _) in enumerate(indices)])
-    query = torch.cat([src for src, _ in indices])
-    return batch.to(device), query.to(device)
+def flat_matches(indices: list[Indices], num_images: int, device,
+                 target_offsets: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """[G][B] per-image (row_idx, col_idx) -> (group [K], image [K], row [K], col [K]) int64 on `device`,
+    K = all matches of all groups. With `target_offsets` [B] the columns become rows of the batch's
+    concatenated targets (image b's target j is row target_offsets[b] + j). Built on the CPU and moved in
+    one copy: a GPU step pays one transfer, not one per image and layer."""
+    pairs = [(rows.cpu(), cols.cpu()) for per_image in indices for rows, cols in per_image]
+    if len(pairs) != len(indices) * num_images:
+        raise ValueError(f"indices cover {len(pairs)} images, expected {len(indices)} groups x {num_images}")
+    counts = torch.tensor([len(rows) for rows, _ in pairs], dtype=torch.long)
+    group_image = torch.repeat_interleave(torch.arange(len(pairs)), counts)
+    image = group_image % num_images
+    rows = torch.cat([r.long() for r, _ in pairs]) if pairs else torch.zeros(0, dtype=torch.long)
+    cols = torch.cat([c.long() for _, c in pairs]) if pairs else torch.zeros(0, dtype=torch.long)
+    if target_offsets is not None:
+        cols = cols + target_offsets[image]
+    flat = torch.stack([group_image // num_images, image, rows, cols]).to(device, non_blocking=True)
+    return flat[0], flat[1], flat[2], flat[3]
 
 
 def count_boxes(targets: list[dict]) -> float:
@@ -55,9 +68,11 @@ class SetCriterion(nn.Module):
         """[L][B] (pred_idx, tgt_idx): every layer matched to the targets, in one batched solve."""
         return self.matcher.match_layers(predictions, targets)
 
-    def layer_loss(self, logits: Tensor, boxes: Tensor, targets: list[dict], indices: Indices,
-                   num_boxes: float | None = None) -> dict:
-        """logits [B, N, C], boxes [B, N, 4], given per-image indices -> {'cls', 'l1', 'giou'} scalars.
+    def layer_losses(self, logits: Tensor, boxes: Tensor, targets: list[dict], indices: list[Indices],
+                     num_boxes: float | None = None) -> dict:
+        """G groups at once (decoder layers): logits [G, B, N, C], boxes [G, B, N, 4], indices [G][B] ->
+        {'cls', 'l1', 'giou'}, each [G]. One batched computation whatever G: on a GPU the loss costs the
+        same few kernels for 1 layer or 6.
 
         The indices may come from elsewhere (query-prior distillation supervises the student's extra
         query group with the teacher's assignment). Computed in float32 whatever the autocast dtype.
@@ -65,19 +80,26 @@ class SetCriterion(nn.Module):
         if num_boxes is None:
             num_boxes = count_boxes(targets)
         logits, boxes = logits.float(), boxes.float()
-        batch, query = matched_positions(indices, logits.device)
-        tgt_labels = torch.cat([t["labels"][j.to(t["labels"].device)] for t, (_, j) in zip(targets, indices)])
-        tgt_boxes = torch.cat([t["boxes"][j.to(t["boxes"].device)] for t, (_, j) in zip(targets, indices)])
-        tgt_labels, tgt_boxes = tgt_labels.to(logits.device), tgt_boxes.to(logits.device, torch.float32)
+        G = logits.shape[0]
+        offsets = torch.tensor([0] + [len(t["labels"]) for t in targets[:-1]]).cumsum(0)
+        group, image, query, target = flat_matches(indices, len(targets), logits.device, offsets)
+        tgt_labels = torch.cat([t["labels"] for t in targets]).to(logits.device)[target]
+        tgt_boxes = torch.cat([t["boxes"] for t in targets]).to(logits.device, torch.float32)[target]
 
         onehot = torch.zeros_like(logits)
-        onehot[batch, query, tgt_labels] = 1.0
-        cls = sigmoid_focal_loss(logits, onehot, self.cfg.focal_alpha, self.cfg.focal_gamma).sum() / num_boxes
+        onehot[group, image, query, tgt_labels] = 1.0
+        cls = sigmoid_focal_loss(logits, onehot, self.cfg.focal_alpha, self.cfg.focal_gamma).flatten(1).sum(1)
 
-        src_boxes = boxes[batch, query]  # [K, 4]
-        l1 = (src_boxes - tgt_boxes).abs().sum() / num_boxes
-        giou = (1 - elementwise_giou(src_boxes, tgt_boxes)).sum() / num_boxes
-        return {"cls": cls, "l1": l1, "giou": giou}
+        src_boxes = boxes[group, image, query]  # [K, 4]
+        per_match = torch.stack([(src_boxes - tgt_boxes).abs().sum(-1), 1 - elementwise_giou(src_boxes, tgt_boxes)], 1)
+        l1, giou = logits.new_zeros(G, 2).index_add_(0, group, per_match).unbind(1)
+        return {"cls": cls / num_boxes, "l1": l1 / num_boxes, "giou": giou / num_boxes}
+
+    def layer_loss(self, logits: Tensor, boxes: Tensor, targets: list[dict], indices: Indices,
+                   num_boxes: float | None = None) -> dict:
+        """One layer: logits [B, N, C], boxes [B, N, 4], per-image indices -> {'cls', 'l1', 'giou'} scalars."""
+        terms = self.layer_losses(logits[None], boxes[None], targets, [indices], num_boxes)
+        return {k: v[0] for k, v in terms.items()}
 
     def forward(self, predictions: DecoderPredictions, targets: list[dict],
                 indices: list[Indices] | None = None) -> dict:
@@ -92,11 +114,9 @@ class SetCriterion(nn.Module):
             indices = self.indices_for(predictions, targets)
         if len(indices) != predictions.num_layers:
             raise ValueError(f"got indices for {len(indices)} layers, predictions have {predictions.num_layers}")
-        num_boxes = count_boxes(targets)
-        per_layer = [self.layer_loss(predictions.logits[l], predictions.boxes[l], targets, indices[l], num_boxes)
-                     for l in range(predictions.num_layers)]
-        out = {"loss": sum(self.weights[k] * layer[k] for layer in per_layer for k in self.weights)}
+        terms = self.layer_losses(predictions.logits, predictions.boxes, targets, indices)
+        out = {"loss": sum(self.weights[k] * terms[k].sum() for k in self.weights)}
         for k in self.weights:  # logging only: detached, so float() on them is free and silent
-            out[f"loss_{k}"] = sum(layer[k] for layer in per_layer).detach()
-            out[f"loss_{k}_last"] = per_layer[-1][k].detach()
+            out[f"loss_{k}"] = terms[k].sum().detach()
+            out[f"loss_{k}_last"] = terms[k][-1].detach()
         return out

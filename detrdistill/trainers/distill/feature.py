@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from detrdistill.trainers.box_ops import pairwise_iou
+from detrdistill.trainers.box_ops import batched_pairwise_iou
 from detrdistill.trainers.config import FeatureKDConfig
+from detrdistill.trainers.matching import pad_targets
 from detrdistill.trainers.models.output import DecoderPredictions
 
 
@@ -21,40 +22,40 @@ def feature_adapters(student_dim: int, teacher_dim: int, num_levels: int) -> nn.
 
 
 def query_quality(probs: Tensor, boxes: Tensor, targets: list, top_k: int, use_quality: bool):
-    """Top-K (query, class) pairs of one teacher layer and their weights.
+    """Top-K (query, class) pairs of each teacher layer and their weights, all layers at once.
 
-    probs [B, N, C] sigmoid probabilities, boxes [B, N, 4] cxcywh -> (query index [B, K], weight [B, K]).
-    weight = prob x max IoU with any ground-truth box (just prob when the image has none, or when
-    use_quality is False: the paper's plain-mask ablation, where every selected query counts 1).
+    probs [L, B, N, C] sigmoid probabilities, boxes [L, B, N, 4] cxcywh -> (query index [L, B, K], weight
+    [L, B, K]). weight = prob x max IoU with any ground-truth box of the image (just prob when the image has
+    none, or when use_quality is False: the paper's plain-mask ablation, where every selected query counts 1).
     """
-    B, N, C = probs.shape
+    L, B, N, C = probs.shape
     k = min(top_k, N * C)
-    scores, flat = probs.flatten(1).topk(k, dim=1)
+    scores, flat = probs.flatten(2).topk(k, dim=2)
     query = flat // C
     if not use_quality:
         return query, torch.ones_like(scores)
-    weights = []
-    for b in range(B):
-        gt = targets[b]["boxes"]
-        if gt.numel() == 0:
-            weights.append(scores[b])
-            continue
-        best_iou = pairwise_iou(boxes[b, query[b]], gt.to(boxes.dtype)).max(dim=1).values
-        weights.append(scores[b] * best_iou)
-    return query, torch.stack(weights)
+    _, gt, sizes = pad_targets(targets, boxes.device)             # gt [B, M, 4], padded with full-image boxes
+    if gt.shape[1] == 0:
+        return query, scores
+    selected = torch.gather(boxes, 2, query[..., None].expand(-1, -1, -1, 4))  # [L, B, K, 4]
+    iou = batched_pairwise_iou(selected, gt.to(boxes.dtype))      # [L, B, K, M]
+    count = torch.tensor(sizes, device=gt.device)[:, None]       # [B, 1]
+    real = torch.arange(gt.shape[1], device=gt.device) < count    # [B, M]
+    best = iou.masked_fill(~real[:, None, :], 0).max(-1).values  # [L, B, K]
+    return query, torch.where(count > 0, scores * best, scores)
 
 
 def selection_mask(feature: Tensor, queries: Tensor, weights: Tensor) -> Tensor:
-    """feature [B, d, H, W], queries [B, K, d], weights [B, K] -> psi [B, H, W].
+    """feature [B, d, H, W], queries [L, B, K, d], weights [L, B, K] -> psi [L, B, H, W], every layer at once.
 
     psi(h, w) = sum_k s_k cos(q_k, F(:, h, w)), clamped at 0.01 and divided by its per-image maximum.
     """
     f = F.normalize(feature.flatten(2), dim=1)                    # [B, d, HW]
-    q = F.normalize(queries, dim=-1)                               # [B, K, d]
-    psi = torch.einsum("bk,bkd,bdp->bp", weights, q, f)            # [B, HW]
+    q = F.normalize(queries, dim=-1)                               # [L, B, K, d]
+    psi = torch.einsum("lbk,lbkd,bdp->lbp", weights, q, f)         # [L, B, HW]
     psi = psi.clamp(min=0.01)
-    psi = psi / psi.max(dim=1, keepdim=True).values
-    return psi.view(feature.shape[0], *feature.shape[-2:])
+    psi = psi / psi.max(dim=2, keepdim=True).values
+    return psi.view(*psi.shape[:2], *feature.shape[-2:])
 
 
 def feature_distillation(student_features: list, teacher_features: list, teacher: DecoderPredictions,
@@ -62,25 +63,21 @@ def feature_distillation(student_features: list, teacher_features: list, teacher
     """sum over teacher layers t and levels j of mean((psi_t,j * F_T_j - psi_t,j * phi(F_S_j))^2).
 
     student_features / teacher_features: per level [B, d_S, H_j, W_j] / [B, d_T, H_j, W_j].
-    Returns the weighted total 'kd_feature'.
+    Returns the weighted total 'kd_feature'. Per level, sum_t mean(psi_t^2 (F_T - phi(F_S))^2) is computed
+    as mean((sum_t psi_t^2) (F_T - phi(F_S))^2): one squared difference per level, not one per teacher layer.
     """
     if len(student_features) != len(teacher_features):
         raise ValueError(f"feature distillation needs as many feature levels in the student "
                          f"({len(student_features)}) as in the teacher ({len(teacher_features)})")
     adapted = [phi(fs) for phi, fs in zip(adapters, student_features)]
     teacher_features = [ft.detach().float() for ft in teacher_features]
-    total = adapted[0].new_zeros(())
+    total = adapted[0].new_zeros((), dtype=torch.float32)
     with torch.no_grad():
         probs = teacher.logits.detach().float().sigmoid()         # [L_T, B, N, C]
-        masks = []
-        for t in range(probs.shape[0]):
-            query, weight = query_quality(probs[t], teacher.boxes[t].detach().float(), targets, cfg.top_k,
-                                          cfg.quality)
-            q = torch.gather(teacher.hidden[t].detach().float(), 1,
-                             query[..., None].expand(-1, -1, teacher.hidden.shape[-1]))
-            masks.append([selection_mask(ft, q, weight) for ft in teacher_features])
-    for level_masks in masks:
-        for psi, ft, fs in zip(level_masks, teacher_features, adapted):
-            psi = psi[:, None]
-            total = total + ((psi * ft - psi * fs.float()) ** 2).mean()
+        query, weight = query_quality(probs, teacher.boxes.detach().float(), targets, cfg.top_k, cfg.quality)
+        hidden = teacher.hidden.detach().float()
+        q = torch.gather(hidden, 2, query[..., None].expand(-1, -1, -1, hidden.shape[-1]))  # [L_T, B, K, d]
+        psi_squared = [(selection_mask(ft, q, weight) ** 2).sum(0)[:, None] for ft in teacher_features]
+    for w, ft, fs in zip(psi_squared, teacher_features, adapted):  # w [B, 1, H_j, W_j]
+        total = total + (w * (ft - fs.float()) ** 2).mean()
     return {"kd_feature": cfg.weight * total}

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from detrdistill.trainers.box_ops import batched_pairwise_giou, clamp_cxcywh, elementwise_giou
 from detrdistill.trainers.config import LogitsKDConfig
+from detrdistill.trainers.criterion import flat_matches
 from detrdistill.trainers.matching import solve_assignments
 from detrdistill.trainers.models.output import DecoderPredictions
 
@@ -28,17 +29,20 @@ def kd_cost(student_logits: Tensor, student_boxes: Tensor, teacher_probs: Tensor
 
 
 def match_to_teacher(cost: Tensor, student_valid: Tensor = None, teacher_valid: Tensor = None) -> list:
-    """cost [P, B, N_S, N_T] -> per (pair, image) (student_idx, teacher_idx) LongTensors on cost's device.
+    """cost [P, B, N_S, N_T] -> per (pair, image) (student_idx, teacher_idx) int64 tensors on the CPU
+    (`flat_matches` moves a whole step's indices to the device in one copy).
 
     Optional masks [P, B, N_S] / [P, B, N_T] restrict which predictions take part (positive/negative split).
     """
     P, B = cost.shape[:2]
-    cost_cpu = cost.detach().cpu()
+    cost_cpu = cost.detach().cpu()  # one device -> host copy each, not one per problem
+    student_valid = student_valid.cpu() if student_valid is not None else None
+    teacher_valid = teacher_valid.cpu() if teacher_valid is not None else None
     problems, rows_kept, cols_kept = [], [], []
     for pi in range(P):
         for b in range(B):
-            rows = torch.nonzero(student_valid[pi, b]).flatten().cpu() if student_valid is not None else None
-            cols = torch.nonzero(teacher_valid[pi, b]).flatten().cpu() if teacher_valid is not None else None
+            rows = torch.nonzero(student_valid[pi, b]).flatten() if student_valid is not None else None
+            cols = torch.nonzero(teacher_valid[pi, b]).flatten() if teacher_valid is not None else None
             c = cost_cpu[pi, b]
             c = c if rows is None else c[rows]
             c = c if cols is None else c[:, cols]
@@ -49,31 +53,24 @@ def match_to_teacher(cost: Tensor, student_valid: Tensor = None, teacher_valid: 
     out = []
     for (r, c), rows, cols in zip(solutions, rows_kept, cols_kept):
         r, c = torch.as_tensor(r, dtype=torch.long), torch.as_tensor(c, dtype=torch.long)
-        r = r if rows is None else rows[r]
-        c = c if cols is None else cols[c]
-        out.append((r.to(cost.device), c.to(cost.device)))
+        out.append((r if rows is None else rows[r], c if cols is None else cols[c]))
     return out
 
 
-def _matched_loss(x, bs, p, bt, matches, background: bool = False) -> dict:
-    """One layer pair: x [B, N_S, C], bs [B, N_S, 4], p [B, N_T, C], bt [B, N_T, 4], matches per image.
-    Each term is summed over matched pairs (and classes / coordinates) and divided by their number."""
-    s_idx = torch.cat([torch.full_like(s, b) for b, (s, _) in enumerate(matches)]), torch.cat([s for s, _ in matches])
-    t_idx = torch.cat([torch.full_like(t, b) for b, (_, t) in enumerate(matches)]), torch.cat([t for _, t in matches])
-    xs, bss, ps, bts = x[s_idx].float(), bs[s_idx].float(), p[t_idx], bt[t_idx]
-    n = max(xs.shape[0], 1)
-    target = torch.zeros_like(ps) if background else ps
-    cls = F.binary_cross_entropy_with_logits(xs, target, reduction="sum") / n
-    l1 = (bss - bts).abs().sum() / n
-    giou = (1 - elementwise_giou(bss, bts)).sum() / n
-    return {"cls": cls, "l1": l1, "giou": giou}
-
-
 def _pairwise_loss(x, bs, p, bt, matches, background: bool = False) -> dict:
-    """Sum over layer pairs of `_matched_loss`; matches are ordered (pair, image)."""
+    """x [P, B, N_S, C], bs [P, B, N_S, 4], p [P, B, N_T, C], bt [P, B, N_T, 4]; matches ordered (pair, image).
+    Each term: per layer pair, summed over its matched pairs (and classes / coordinates) and divided by
+    their number; then summed over layer pairs. All pairs in one batched computation."""
     P, B = x.shape[:2]
-    per_pair = [_matched_loss(x[k], bs[k], p[k], bt[k], matches[k * B:(k + 1) * B], background) for k in range(P)]
-    return {key: sum(d[key] for d in per_pair) for key in per_pair[0]}
+    pair, image, s, t = flat_matches([matches[k * B:(k + 1) * B] for k in range(P)], B, x.device)
+    xs, bss, ps, bts = x[pair, image, s].float(), bs[pair, image, s].float(), p[pair, image, t], bt[pair, image, t]
+    target = torch.zeros_like(ps) if background else ps
+    per_match = torch.stack([F.binary_cross_entropy_with_logits(xs, target, reduction="none").sum(-1),
+                             (bss - bts).abs().sum(-1), 1 - elementwise_giou(bss, bts)], 1)  # [K, 3]
+    per_pair = xs.new_zeros(P, 3).index_add_(0, pair, per_match)
+    matched = torch.bincount(pair, minlength=P).clamp(min=1)
+    cls, l1, giou = (per_pair / matched[:, None]).sum(0).unbind()
+    return {"cls": cls, "l1": l1, "giou": giou}
 
 
 def logits_distillation(student: DecoderPredictions, teacher: DecoderPredictions, mapping: list[int],
@@ -97,7 +94,7 @@ def logits_distillation(student: DecoderPredictions, teacher: DecoderPredictions
     else:
         positive = p.max(-1).values >= cfg.threshold               # [P, B, N_T]
         pos_matches = match_to_teacher(cost, teacher_valid=positive)
-        student_free = torch.ones(x.shape[:3], dtype=torch.bool, device=x.device)
+        student_free = torch.ones(x.shape[:3], dtype=torch.bool)  # on the CPU, where the indices are
         for k, (s, _) in enumerate(pos_matches):
             student_free[k // B, k % B, s] = False
         neg_matches = match_to_teacher(cost, student_valid=student_free, teacher_valid=~positive)

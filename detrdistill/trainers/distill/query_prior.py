@@ -5,8 +5,6 @@ the student's decoder as an extra, detached group; each of that group's queries 
 truth that the teacher's own Hungarian matching assigned to the same teacher query (at the teacher layer
 mapped to the student layer). Unassigned queries are background. Training only.
 """
-import torch
-
 from detrdistill.trainers.models.output import DecoderPredictions
 
 
@@ -15,9 +13,6 @@ def query_prior_loss(student_group: DecoderPredictions, teacher_indices: list, t
     """student_group: the extra group's predictions [L_S, B, N_T, ...]; teacher_indices[t][b] = (teacher query
     idx, target idx) of the teacher's layer-t assignment to ground truth. Returns the weighted detection loss
     (focal, L1, GIoU as the criterion weights them) summed over student layers as 'kd_query_prior'."""
-    total = student_group.logits.new_zeros((), dtype=torch.float32)
-    for s, t in enumerate(mapping):
-        terms = criterion.layer_loss(student_group.logits[s].float(), student_group.boxes[s].float(), targets,
-                                     teacher_indices[t])
-        total = total + sum(criterion.weights[k] * terms[k] for k in criterion.weights)
-    return {"kd_query_prior": total}
+    terms = criterion.layer_losses(student_group.logits, student_group.boxes, targets,
+                                   [teacher_indices[t] for t in mapping])  # every student layer in one go
+    return {"kd_query_prior": sum(criterion.weights[k] * terms[k].sum() for k in criterion.weights)}

@@ -35,11 +35,11 @@ class ConditionalSelfAttention(nn.Module):
         self.v_proj = nn.Linear(dim, dim)
         self.out_proj = nn.Linear(dim, dim)
 
-    def forward(self, tgt: Tensor, query_pos: Tensor) -> Tensor:
-        """tgt, query_pos [B, N, d] -> [B, N, d]."""
+    def forward(self, tgt: Tensor, query_pos: Tensor, blocked: Optional[Tensor] = None) -> Tensor:
+        """tgt, query_pos [B, N, d], blocked [N, N] (True = may not attend) or None -> [B, N, d]."""
         q = self.q_content_proj(tgt) + self.q_pos_proj(query_pos)
         k = self.k_content_proj(tgt) + self.k_pos_proj(query_pos)
-        return self.out_proj(multi_head_attention(q, k, self.v_proj(tgt), self.num_heads))
+        return self.out_proj(multi_head_attention(q, k, self.v_proj(tgt), self.num_heads, blocked=blocked))
 
 
 class ConditionalCrossAttention(nn.Module):
@@ -90,9 +90,10 @@ class ConditionalDecoderLayer(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, tgt: Tensor, query_pos: Tensor, query_sine: Tensor, memory: Tensor, memory_pos: Tensor,
-                memory_mask: Optional[Tensor]) -> Tensor:
-        """tgt, query_pos, query_sine [B, N, d]; memory, memory_pos [B, S, d]; memory_mask [B, S] -> [B, N, d]."""
-        tgt = self.norm1(tgt + self.dropout(self.self_attn(tgt, query_pos)))
+                memory_mask: Optional[Tensor], self_attn_blocked: Optional[Tensor] = None) -> Tensor:
+        """tgt, query_pos, query_sine [B, N, d]; memory, memory_pos [B, S, d]; memory_mask [B, S];
+        self_attn_blocked [N, N] (True = may not attend) or None -> [B, N, d]."""
+        tgt = self.norm1(tgt + self.dropout(self.self_attn(tgt, query_pos, self_attn_blocked)))
         tgt = self.norm2(tgt + self.dropout(self.cross_attn(tgt, query_pos, query_sine, memory, memory_pos,
                                                             memory_mask)))
         return self.norm3(tgt + self.dropout(self.linear2(F.relu(self.linear1(tgt)))))
@@ -110,9 +111,10 @@ class ConditionalDecoder(nn.Module):
         self.query_scale = MLP(dim, dim, dim, 2)  # content -> scale of the spatial query (layers 2..L)
         self.ref_point_head = MLP(dim, dim, 2, 2)  # positional embedding -> reference point (before sigmoid)
 
-    def forward(self, query_pos: Tensor, memory: Tensor, memory_pos: Tensor,
-                memory_mask: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-        """query_pos [N, d], memory, memory_pos [B, S, d], memory_mask [B, S] (True = padding)
+    def forward(self, query_pos: Tensor, memory: Tensor, memory_pos: Tensor, memory_mask: Optional[Tensor],
+                self_attn_blocked: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+        """query_pos [N, d], memory, memory_pos [B, S, d], memory_mask [B, S] (True = padding),
+        self_attn_blocked [N, N] (True = may not attend; separates query groups) or None
         -> hidden [L, B, N, d], reference points [B, N, 2] (normalized x, y)."""
         query_pos = query_pos[None].expand(memory.shape[0], -1, -1)
         reference = self.ref_point_head(query_pos).sigmoid()
@@ -121,7 +123,7 @@ class ConditionalDecoder(nn.Module):
         hidden = []
         for i, layer in enumerate(self.layers):
             query_sine = sine if i == 0 else sine * self.query_scale(tgt)  # first layer: identity scale
-            tgt = layer(tgt, query_pos, query_sine, memory, memory_pos, memory_mask)
+            tgt = layer(tgt, query_pos, query_sine, memory, memory_pos, memory_mask, self_attn_blocked)
             hidden.append(self.norm(tgt))
         return torch.stack(hidden), reference
 
@@ -176,14 +178,26 @@ class ConditionalDETR(nn.Module):
         for layer in self.encoder:
             memory = layer(memory, pos, memory_mask)
 
-        hidden, reference = self.decoder(self.query_embed.weight, memory, pos, memory_mask)
-        aux = {"reference": reference}
-        extra = None
+        own = self.query_embed.weight
+        groups = [own]
         if queries is not None:
             if queries.position is None or queries.position.shape[-1] != src.shape[1]:
                 raise ValueError(f"conditional_detr needs an extra query group with position [N, {src.shape[1]}]")
-            extra_hidden, aux["extra_reference"] = self.decoder(queries.position, memory, pos, memory_mask)
-            extra = self._heads(extra_hidden, aux["extra_reference"])
-        return DetectorOutput(predictions=self._heads(hidden, reference), features=[src], masks=[mask],
-                              memory=memory, queries=QueryGroup(position=self.query_embed.weight), extra=extra,
+            groups.append(queries.position)
+        # all groups in one decoder pass (on a GPU: the same kernels, not twice as many); a group's queries
+        # attend only to each other, so each group's result is what it would be alone
+        sizes = [g.shape[0] for g in groups]
+        blocked = None
+        if len(groups) > 1:
+            blocked = ~torch.block_diag(*[torch.ones(n, n, dtype=torch.bool, device=src.device) for n in sizes])
+        hidden, reference = self.decoder(torch.cat(groups), memory, pos, memory_mask, blocked)
+        both = self._heads(hidden, reference)
+        preds = [DecoderPredictions(*parts) for parts in
+                 zip(both.logits.split(sizes, 2), both.boxes.split(sizes, 2), both.hidden.split(sizes, 2))]
+        reference = reference.split(sizes, 1)
+        aux = {"reference": reference[0]}
+        if queries is not None:
+            aux["extra_reference"] = reference[1]
+        return DetectorOutput(predictions=preds[0], features=[src], masks=[mask], memory=memory,
+                              queries=QueryGroup(position=own), extra=preds[1] if queries is not None else None,
                               aux=aux)

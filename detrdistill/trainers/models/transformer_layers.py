@@ -26,18 +26,21 @@ class MLP(nn.Module):
 
 
 def multi_head_attention(q: Tensor, k: Tensor, v: Tensor, num_heads: int,
-                         key_padding_mask: Optional[Tensor] = None) -> Tensor:
+                         key_padding_mask: Optional[Tensor] = None, blocked: Optional[Tensor] = None) -> Tensor:
     """Scaled dot-product attention of projected inputs, split into heads.
 
-    q [B, N, h*dq], k [B, S, h*dq], v [B, S, h*dv], key_padding_mask [B, S] bool (True = ignore this key)
-    -> [B, N, h*dv]. The scale is 1/sqrt(dq), dq being the per-head width of q and k (which may differ from
-    the value's, as in Conditional DETR's cross-attention).
+    q [B, N, h*dq], k [B, S, h*dq], v [B, S, h*dv], key_padding_mask [B, S] bool (True = ignore this key),
+    blocked [N, S] bool (True = query n may not attend key s) -> [B, N, h*dv]. The scale is 1/sqrt(dq), dq
+    being the per-head width of q and k (which may differ from the value's, as in Conditional DETR's
+    cross-attention).
     """
     B, N, S = q.shape[0], q.shape[1], k.shape[1]
     q = q.view(B, N, num_heads, -1).transpose(1, 2)  # [B, h, N, dq]
     k = k.view(B, S, num_heads, -1).transpose(1, 2)
     v = v.view(B, S, num_heads, -1).transpose(1, 2)
     attn_mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]  # True = attend
+    if blocked is not None:
+        attn_mask = ~blocked if attn_mask is None else attn_mask & ~blocked
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # [B, h, N, dv]
     return out.transpose(1, 2).flatten(2)
 
