@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The prepared GPU check, run on a lent GPU machine from the repo root:
-#   bash benchmarks/gpu_check.sh [tests] [step] [distill] [matching] [kd]     (default: all, in this order)
+#   bash benchmarks/gpu_check.sh [tests] [step] [distill] [layout] [matching] [kd]  (default: all, in order)
 # tests     the CUDA tests (tests/test_gpu.py: CUDA == CPU forward and KD terms, bf16 steps, a whole amp trial)
 # step      benchmarks/step.py at paper scale: ours vs transformers, fp32 and bf16
 # distill   benchmarks/step.py --distill at paper scale: distillation step vs the floor (fp32 and bf16)
+# layout    our steps again with channels_last backbones (does bf16 then beat fp32 where it did not?)
 # matching  benchmarks/matching.py with the host's cores
 # kd        experiments/synthetic_kd.yaml through benchmarks/run_local.py (teacher, then 10 students at once)
 # Each stage has its own time limit and writes its log under $OUT, so one that fails or runs long loses
@@ -19,7 +20,7 @@ if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
         && export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-stages=${*:-tests step distill matching kd}
+stages=${*:-tests step distill layout matching kd}
 has() { [[ " $stages " == *" $1 "* ]]; }
 t0=$(date +%s)
 stamp() { echo "== $1 ($(( $(date +%s) - t0 )) s since start) =="; }
@@ -37,6 +38,11 @@ if has distill; then
     stamp "distillation step vs floor, paper scale"
     timeout 240 $PY benchmarks/step.py --scale paper --steps 10 --warmup 3 --distill-only \
         --dtypes fp32 bf16 --json "$OUT/distill.json" 2>&1 | tee "$OUT/distill.txt"
+fi
+if has layout; then
+    stamp "step benchmark, paper scale, channels_last backbones (ours only)"
+    timeout 150 $PY benchmarks/step.py --scale paper --steps 10 --warmup 3 --channels-last --ours-only \
+        --json "$OUT/layout.json" 2>&1 | tee "$OUT/layout.txt"
 fi
 if has matching; then
     stamp "matching benchmark"

@@ -4,6 +4,7 @@
     python benchmarks/step.py --scale paper   # 800x1066, batch 2, resnet50, 300 queries (a GPU)
     python benchmarks/step.py --distill       # also: distillation step vs student step vs the floor
     python benchmarks/step.py --scale tiny6   # tiny images, the paper's 6 + 6 layers and 300 queries
+    python benchmarks/step.py --scale paper --channels-last --ours-only   # NHWC backbones (bf16 on a GPU)
 
 Also counted, in one more step: the aten operators a step dispatches, views excluded ("ops"). On a GPU each
 is about one kernel launch, and a step whose kernels are small costs its launches: the count is a
@@ -114,7 +115,7 @@ def _train_step(loss_fn, model, params, images, mask, targets, device, dtype):
     return step
 
 
-def _ours(family, scale, device, dtype, mode):
+def _ours(family, scale, device, dtype, mode, channels_last=False):
     import torch
     from detrdistill.trainers.config import DistillConfig
     from detrdistill.trainers.criterion import SetCriterion
@@ -123,11 +124,16 @@ def _ours(family, scale, device, dtype, mode):
     from detrdistill.trainers.models import build_detector
     images, mask, targets = _inputs(scale, device)
     model = build_detector(_model_config(family, scale, scale["backbone"]), scale["classes"]).to(device).train()
+    if channels_last:  # NHWC images and backbone weights: cuDNN's tensor-core convolutions want this in bf16
+        images = images.contiguous(memory_format=torch.channels_last)
+        model.backbone.to(memory_format=torch.channels_last)
     criterion = SetCriterion(scale["classes"])
     if mode == "student":
         params = [p for p in model.parameters() if p.requires_grad]
         return _train_step(DetectionLoss(criterion), model, params, images, mask, targets, device, dtype)
     teacher = build_detector(_model_config(family, scale, scale["teacher_backbone"]), scale["classes"]).to(device)
+    if channels_last:
+        teacher.backbone.to(memory_format=torch.channels_last)
     if mode == "teacher_forward":
         teacher.eval()
 
@@ -192,14 +198,15 @@ def count_ops(step) -> int:
     return Count.n
 
 
-def measure(family, mode, scale_name, dtype, steps, warmup) -> dict:
+def measure(family, mode, scale_name, dtype, steps, warmup, channels_last=False) -> dict:
     """Build one configuration and time it -> {median_s, peak_mib, device, ops}."""
     import resource
     import torch
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     scale = SCALES[scale_name]
-    step = _hf(family, scale, device, dtype) if mode == "transformers" else _ours(family, scale, device, dtype, mode)
+    step = _hf(family, scale, device, dtype) if mode == "transformers" else \
+        _ours(family, scale, device, dtype, mode, channels_last)
     for _ in range(warmup):
         step()
     _sync(device)
@@ -217,19 +224,19 @@ def measure(family, mode, scale_name, dtype, steps, warmup) -> dict:
     return {"median_s": statistics.median(times), "peak_mib": peak, "device": str(device), "ops": count_ops(step)}
 
 
-def run_one(family, mode, scale, dtype, steps, warmup, in_process) -> dict:
+def run_one(family, mode, scale, dtype, steps, warmup, in_process, channels_last=False) -> dict:
     """One measurement, in this process (CUDA) or a subprocess of its own (CPU: peak RSS is per process)."""
     if in_process:
         import torch
         try:
-            return measure(family, mode, scale, dtype, steps, warmup)
+            return measure(family, mode, scale, dtype, steps, warmup, channels_last)
         except Exception as e:  # one failed configuration must not lose the others' numbers
             return {"error": f"{type(e).__name__}: {e}"[:200]}
         finally:
             gc.collect()
             torch.cuda.empty_cache()
     cmd = [sys.executable, __file__, "--child", family, mode, "--scale", scale, "--dtypes", dtype,
-           "--steps", str(steps), "--warmup", str(warmup)]
+           "--steps", str(steps), "--warmup", str(warmup)] + (["--channels-last"] if channels_last else [])
     proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
     if proc.returncode != 0 or not lines:
@@ -251,11 +258,15 @@ def main(argv=None):
     ap.add_argument("--distill-only", action="store_true", help="only the distillation table")
     ap.add_argument("--json", help="also write every measurement to this file")
     ap.add_argument("--in-process", action="store_true", help="measure in this process on the CPU too")
+    ap.add_argument("--channels-last", action="store_true",
+                    help="our models' backbones and images in channels_last (NHWC) memory format")
+    ap.add_argument("--ours-only", action="store_true", help="step table without transformers' models")
     ap.add_argument("--child", nargs=2, metavar=("FAMILY", "MODE"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         family, mode = args.child
-        print(json.dumps(measure(family, mode, args.scale, args.dtypes[0], args.steps, args.warmup)), flush=True)
+        print(json.dumps(measure(family, mode, args.scale, args.dtypes[0], args.steps, args.warmup,
+                                 args.channels_last)), flush=True)
         return
     import torch
     cuda = torch.cuda.is_available()
@@ -263,7 +274,8 @@ def main(argv=None):
     results = []
 
     def run(family, mode, dtype):
-        r = run_one(family, mode, args.scale, dtype, args.steps, args.warmup, in_process=cuda or args.in_process)
+        r = run_one(family, mode, args.scale, dtype, args.steps, args.warmup, in_process=cuda or args.in_process,
+                    channels_last=args.channels_last)
         results.append({"family": family, "mode": mode, "dtype": dtype, **r})
         if args.json:
             with open(args.json, "w") as f:
@@ -271,7 +283,8 @@ def main(argv=None):
         return r
 
     device = torch.cuda.get_device_name() if cuda else "cpu"
-    print(f"scale={args.scale} {SCALES[args.scale]} device={device} torch={torch.__version__}", flush=True)
+    layout = " memory_format=channels_last" if args.channels_last else ""
+    print(f"scale={args.scale} {SCALES[args.scale]} device={device} torch={torch.__version__}{layout}", flush=True)
     if not args.distill_only:
         step_table(args, dtypes, run)
     if args.distill or args.distill_only:
@@ -284,7 +297,7 @@ def step_table(args, dtypes, run):
     for family in args.families:
         for dtype in dtypes:
             ours = run(family, "student", dtype)
-            hf = run(family, "transformers", dtype) if family in HF_FAMILIES else {}
+            hf = run(family, "transformers", dtype) if family in HF_FAMILIES and not args.ours_only else {}
             if "error" in ours:
                 print(f"{family:18} {dtype:5} ours failed: {ours['error']}", flush=True)
                 continue
