@@ -5,15 +5,16 @@ from torchvision.ops import box_iou, generalized_box_iou
 
 
 def cxcywh_to_xyxy(boxes: Tensor) -> Tensor:
-    """[..., 4] (cx, cy, w, h) -> [..., 4] (x0, y0, x1, y1)."""
-    cx, cy, w, h = boxes.unbind(-1)
-    return torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], dim=-1)
+    """[..., 4] (cx, cy, w, h) -> [..., 4] (x0, y0, x1, y1). (Whole (x, y) pairs at once: on a GPU, each
+    operator is a kernel launch, and box arithmetic runs many times a step.)"""
+    center, half = boxes[..., :2], 0.5 * boxes[..., 2:]
+    return torch.cat([center - half, center + half], dim=-1)
 
 
 def xyxy_to_cxcywh(boxes: Tensor) -> Tensor:
     """[..., 4] (x0, y0, x1, y1) -> [..., 4] (cx, cy, w, h)."""
-    x0, y0, x1, y1 = boxes.unbind(-1)
-    return torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], dim=-1)
+    low, high = boxes[..., :2], boxes[..., 2:]
+    return torch.cat([(low + high) / 2, high - low], dim=-1)
 
 
 def pairwise_giou(a_cxcywh: Tensor, b_cxcywh: Tensor) -> Tensor:
@@ -29,8 +30,8 @@ def pairwise_iou(a_cxcywh: Tensor, b_cxcywh: Tensor) -> Tensor:
 def elementwise_giou(a_cxcywh: Tensor, b_cxcywh: Tensor) -> Tensor:
     """[K, 4], [K, 4] cxcywh -> [K] generalized IoU of corresponding boxes (no K x K matrix)."""
     a, b = cxcywh_to_xyxy(a_cxcywh), cxcywh_to_xyxy(b_cxcywh)
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    area_a = (a[:, 2:] - a[:, :2]).prod(-1)
+    area_b = (b[:, 2:] - b[:, :2]).prod(-1)
     lt, rb = torch.max(a[:, :2], b[:, :2]), torch.min(a[:, 2:], b[:, 2:])
     inter = (rb - lt).clamp(min=0).prod(-1)
     union = area_a + area_b - inter
@@ -47,8 +48,8 @@ def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
 def _batched_overlap(a_cxcywh: Tensor, b_cxcywh: Tensor):
     """[..., N, 4], [..., M, 4] cxcywh -> (a, b) broadcast xyxy, intersection and union [..., N, M]."""
     a, b = cxcywh_to_xyxy(a_cxcywh)[..., :, None, :], cxcywh_to_xyxy(b_cxcywh)[..., None, :, :]
-    area_a = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])
-    area_b = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
+    area_a = (a[..., 2:] - a[..., :2]).prod(-1)
+    area_b = (b[..., 2:] - b[..., :2]).prod(-1)
     inter = (torch.min(a[..., 2:], b[..., 2:]) - torch.max(a[..., :2], b[..., :2])).clamp(min=0).prod(-1)
     return a, b, inter, area_a + area_b - inter
 
