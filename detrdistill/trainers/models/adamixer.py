@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from detrdistill.trainers.config import ModelConfig
 from detrdistill.trainers.models.adamixer_ops import AdaptiveSamplingMixing, box_size
 from detrdistill.trainers.models.backbone import Backbone
-from detrdistill.trainers.models.output import DecoderPredictions, DetectorOutput, QueryGroup
+from detrdistill.trainers.models.output import DecoderPredictions, DetectorOutput, QueryGroup, cross_group_mask
 
 
 def image_sizes(mask: Tensor) -> Tensor:
@@ -198,10 +198,9 @@ class AdaMixer(nn.Module):
         sizes = [g.num_queries for g in groups]
         content = F.layer_norm(torch.cat([g.content for g in groups]), (d,)).expand(B, -1, -1)  # [B, N, d]
         xyzr = boxes_to_xyzr(torch.cat([g.boxes for g in groups]).expand(B, -1, -1), img_wh)
-        group_mask = None
-        if len(groups) > 1:
-            same = torch.block_diag(*[torch.ones(n, n, device=img_wh.device) for n in sizes]).bool()
-            group_mask = torch.zeros(same.shape, device=img_wh.device).masked_fill(~same, float("-inf"))
+        blocked = cross_group_mask(sizes, img_wh.device)
+        group_mask = None if blocked is None else \
+            torch.zeros(blocked.shape, device=img_wh.device).masked_fill(blocked, float("-inf"))
         logits, boxes, hidden = [], [], []
         for stage in self.stages:
             content, stage_logits, refined = stage(content, xyzr, features, self.strides, group_mask)
@@ -209,8 +208,7 @@ class AdaMixer(nn.Module):
             boxes.append(xyzr_to_boxes(refined, img_wh))
             hidden.append(content)
             xyzr = refined.detach()
-        parts = [torch.stack(t).split(sizes, 2) for t in (logits, boxes, hidden)]  # each [L, B, N_g, ...]
-        return [DecoderPredictions(*p) for p in zip(*parts)]
+        return DecoderPredictions(torch.stack(logits), torch.stack(boxes), torch.stack(hidden)).split(sizes)
 
     def forward(self, images: Tensor, padding_mask: Optional[Tensor] = None,
                 queries: Optional[QueryGroup] = None) -> DetectorOutput:

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from detrdistill.trainers.box_ops import inverse_sigmoid
 from detrdistill.trainers.config import ModelConfig
 from detrdistill.trainers.models.backbone import Backbone
-from detrdistill.trainers.models.output import DecoderPredictions, DetectorOutput, QueryGroup
+from detrdistill.trainers.models.output import DecoderPredictions, DetectorOutput, QueryGroup, cross_group_mask
 from detrdistill.trainers.models.position_encoding import sine_box_encoding, sine_position_encoding
 from detrdistill.trainers.models.transformer_layers import MLP, EncoderLayer, multi_head_attention
 
@@ -187,13 +187,9 @@ class ConditionalDETR(nn.Module):
         # all groups in one decoder pass (on a GPU: the same kernels, not twice as many); a group's queries
         # attend only to each other, so each group's result is what it would be alone
         sizes = [g.shape[0] for g in groups]
-        blocked = None
-        if len(groups) > 1:
-            blocked = ~torch.block_diag(*[torch.ones(n, n, dtype=torch.bool, device=src.device) for n in sizes])
-        hidden, reference = self.decoder(torch.cat(groups), memory, pos, memory_mask, blocked)
-        both = self._heads(hidden, reference)
-        preds = [DecoderPredictions(*parts) for parts in
-                 zip(both.logits.split(sizes, 2), both.boxes.split(sizes, 2), both.hidden.split(sizes, 2))]
+        hidden, reference = self.decoder(torch.cat(groups), memory, pos, memory_mask,
+                                         cross_group_mask(sizes, src.device))
+        preds = self._heads(hidden, reference).split(sizes)
         reference = reference.split(sizes, 1)
         aux = {"reference": reference[0]}
         if queries is not None:

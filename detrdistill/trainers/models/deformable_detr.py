@@ -19,7 +19,7 @@ from detrdistill.trainers.box_ops import inverse_sigmoid
 from detrdistill.trainers.config import ModelConfig
 from detrdistill.trainers.models.backbone import Backbone
 from detrdistill.trainers.models.ms_deform_attn import MSDeformAttn
-from detrdistill.trainers.models.output import DecoderPredictions, DetectorOutput, QueryGroup
+from detrdistill.trainers.models.output import DecoderPredictions, DetectorOutput, QueryGroup, cross_group_mask
 from detrdistill.trainers.models.position_encoding import sine_position_encoding
 from detrdistill.trainers.models.transformer_layers import MLP
 
@@ -189,10 +189,7 @@ class DeformableDETR(nn.Module):
         tgt = torch.cat([g.content for g in groups]).expand(B, -1, -1)
         reference = self.reference_points(position).sigmoid().expand(B, -1, -1)  # [B, N, 2] in the image
         query_pos = position.expand(B, -1, -1)
-        self_attn_mask = None
-        if len(groups) > 1:  # True = may not attend: queries see only their own group
-            self_attn_mask = ~torch.block_diag(*[torch.ones(n, n, dtype=torch.bool, device=memory.device)
-                                                 for n in sizes])
+        self_attn_mask = cross_group_mask(sizes, memory.device)  # True = may not attend: own group only
         reference_in_levels = reference[:, :, None] * valid_ratios[:, None]  # [B, N, L, 2] padded frames
         mask = torch.cat([m.flatten(1) for m in masks], 1)
         shapes = [tuple(m.shape[-2:]) for m in masks]
@@ -204,9 +201,7 @@ class DeformableDETR(nn.Module):
         logits = self.class_head(hidden)
         delta = self.box_head(hidden)
         boxes = torch.cat([delta[..., :2] + inverse_sigmoid(reference), delta[..., 2:]], -1).sigmoid()
-        preds = [DecoderPredictions(*parts) for parts in
-                 zip(logits.split(sizes, 2), boxes.split(sizes, 2), hidden.split(sizes, 2))]
-        return preds, list(reference.split(sizes, 1))
+        return DecoderPredictions(logits, boxes, hidden).split(sizes), list(reference.split(sizes, 1))
 
     def forward(self, images: Tensor, padding_mask: Optional[Tensor] = None,
                 queries: Optional[QueryGroup] = None) -> DetectorOutput:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+import torch
 from torch import Tensor
 
 
@@ -36,6 +37,15 @@ class QueryGroup:
         return next(t.shape[0] for t in (self.position, self.content, self.boxes) if t is not None)
 
 
+def cross_group_mask(sizes: list[int], device=None) -> Optional[Tensor]:
+    """Query groups of `sizes` run through one decoder together: [N, N] bool, True where queries n and m
+    are in different groups (self-attention between them is blocked, so each group's result is what it
+    would be alone); None for a single group."""
+    if len(sizes) < 2:
+        return None
+    return ~torch.block_diag(*[torch.ones(n, n, dtype=torch.bool, device=device) for n in sizes])
+
+
 @dataclass
 class DecoderPredictions:
     """Per-decoder-layer predictions of one query group."""
@@ -46,6 +56,11 @@ class DecoderPredictions:
     @property
     def num_layers(self) -> int:
         return self.logits.shape[0]
+
+    def split(self, sizes: list[int]) -> list["DecoderPredictions"]:
+        """Query groups run together (queries concatenated in this order) -> one DecoderPredictions each."""
+        parts = (t.split(sizes, 2) for t in (self.logits, self.boxes, self.hidden))
+        return [DecoderPredictions(*p) for p in zip(*parts)]
 
     def layer(self, l: int) -> dict:
         """One layer as the {'logits', 'boxes'} dict the criterion and post-processing take."""
