@@ -36,7 +36,7 @@ if has step; then
 fi
 if has distill; then
     stamp "distillation step vs floor, paper scale"
-    timeout 240 $PY benchmarks/step.py --scale paper --steps 10 --warmup 3 --distill-only \
+    timeout 300 $PY benchmarks/step.py --scale paper --steps 10 --warmup 3 --distill-only \
         --dtypes fp32 bf16 --json "$OUT/distill.json" 2>&1 | tee "$OUT/distill.txt"
 fi
 if has layout; then

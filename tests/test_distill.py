@@ -289,6 +289,82 @@ def test_teacher_gets_no_gradient_and_stays_bitwise_unchanged():
     assert not any(p is q for p in teacher.parameters() for g in opt.param_groups for q in g["params"])
 
 
+def test_teacher_run_ahead_gives_the_same_losses_and_gradients(monkeypatch):
+    """With `upcoming`, the teacher's forward on the next batch runs before this step's KD assignment is
+    solved (on a GPU: during the solve) and is reused by the next call: the losses and gradients are bitwise
+    those of the plain order, and the teacher runs once per batch, not twice."""
+    import detrdistill.trainers.distill.logits as logits_module
+    teacher = _tiny_model()
+    calls, events = [], []
+    batches = [torch.randn(2, 3, 64, 80, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+
+    def record(module, args, out):  # which batch the teacher ran on
+        calls.append(1)
+        events.append(f"T{next((i for i, b in enumerate(batches) if b is args[0]), '?')}")
+    teacher.register_forward_hook(record)
+    solve = logits_module.solve_assignments
+    monkeypatch.setattr(logits_module, "solve_assignments", lambda problems: (events.append("M"), solve(problems))[1])
+    results = {}
+    for ahead in (False, True):
+        student = _tiny_model(seed=1).train()
+        objective = _objective(teacher, student)
+        assert objective.overlaps_teacher
+        calls.clear()
+        events.clear()
+        results[ahead] = []
+        for i, images in enumerate(batches):
+            upcoming = (batches[i + 1], None) if ahead and i + 1 < len(batches) else None
+            losses = objective(student, images, None, _targets(), upcoming=upcoming)
+            student.zero_grad()
+            losses["loss"].backward()
+            results[ahead].append(({k: v.clone() for k, v in losses.items()},
+                                   [p.grad.clone() for p in student.parameters() if p.grad is not None]))
+        assert len(calls) == len(batches)
+        assert events == (["T0", "T1", "M", "T2", "M", "M"] if ahead else ["T0", "M", "T1", "M", "T2", "M"])
+    for (loss_a, grad_a), (loss_b, grad_b) in zip(results[False], results[True]):
+        assert loss_a.keys() == loss_b.keys()
+        assert all(torch.equal(loss_a[k], loss_b[k]) for k in loss_a)
+        assert len(grad_a) == len(grad_b) and all(torch.equal(a, b) for a, b in zip(grad_a, grad_b))
+    # a queued output is used only for the very tensors it was computed on
+    student = _tiny_model(seed=1).train()
+    objective = _objective(teacher, student)
+    objective(student, batches[0], None, _targets(), upcoming=(batches[1], None))
+    calls.clear()
+    objective._teacher_output(batches[1].clone(), None)  # equal values, other tensor: computed anew
+    assert len(calls) == 1
+
+
+def test_teacher_run_ahead_in_training_is_bitwise_the_plain_run(tiny_data_root, tmp_path_factory, monkeypatch):
+    """The engine hands the objective the next batch when overlap_teacher is on; with no random draws in the
+    model (dropout 0) the trained weights are bitwise those of a run without it. "auto" is off on the CPU."""
+    from detrdistill.trainers.engine import _overlap_teacher
+    teacher_dir = tmp_path_factory.getbasetemp() / "kd-teacher"
+    if not (teacher_dir / "checkpoint.pt").exists():
+        run_trial(tiny_trial(tiny_data_root, epochs=1), teacher_dir, log=lambda s: None)
+    base = tiny_trial(tiny_data_root, epochs=1, distill=DistillConfig(method="detrdistill"),
+                      teacher=TeacherConfig(model=tiny_trial(tiny_data_root).model,
+                                            checkpoint=teacher_dir / "checkpoint.pt"))
+    base = base.model_copy(update={"model": base.model.model_copy(update={"dropout": 0.0})})
+    cpu = torch.device("cpu")
+    objective = _objective(_tiny_model(), _tiny_model(seed=1))
+    assert not _overlap_teacher(objective, base, cpu)  # auto
+    assert not _overlap_teacher(DetectionLoss(objective.criterion), base.model_copy(update={"overlap_teacher": "on"}),
+                                cpu)
+    weights, queued = {}, []
+    queue = DistillationLoss._queue_teacher
+    monkeypatch.setattr(DistillationLoss, "_queue_teacher", lambda self, *a: (queued.append(1), queue(self, *a)))
+    for mode in ("off", "on"):
+        config = base.model_copy(update={"overlap_teacher": mode})
+        assert _overlap_teacher(objective, config, cpu) == (mode == "on")
+        workdir = tmp_path_factory.mktemp(f"overlap-{mode}")
+        queued.clear()
+        run_trial(config, workdir, log=lambda s: None)
+        assert len(queued) == (3 if mode == "on" else 0)  # 16 images in batches of 4: all but the last step
+        weights[mode] = torch.load(workdir / "checkpoint.pt", weights_only=False)["model"]
+    assert weights["on"].keys() == weights["off"].keys()
+    assert all(torch.equal(weights["on"][k], weights["off"][k]) for k in weights["off"])
+
+
 @pytest.mark.parametrize("method", ["detrdistill", "fitnet", "fgd", "mgd"])
 def test_distillation_trial_end_to_end(tiny_data_root, tmp_path_factory, method):
     teacher_dir = tmp_path_factory.getbasetemp() / "kd-teacher"

@@ -112,6 +112,29 @@ def test_distillation_terms_on_cuda_equal_cpu(family):
         assert abs(gpu[k] - cpu[k]) <= 1e-3 * max(1.0, abs(cpu[k])), (k, cpu[k], gpu[k])
 
 
+def test_teacher_run_ahead_on_cuda_gives_the_plain_losses():
+    """The engine's CUDA default: the KD cost goes to the host without blocking, the teacher's forward on the
+    next batch is queued, then the solve. Same losses as the plain order, step after step."""
+    torch.manual_seed(0)
+    teacher = build_detector(small("deformable_detr", "resnet34"), 5).to(CUDA)
+    batches = [batch(CUDA, seed) for seed in range(3)]
+    losses = {}
+    for ahead in (False, True):
+        torch.manual_seed(0)
+        student = build_detector(small("deformable_detr"), 5).to(CUDA).train()
+        loss_fn = DistillationLoss(teacher, SetCriterion(5), DistillConfig(method="detrdistill"), 64, 64, 2, 2,
+                                   student.config.levels).to(CUDA)
+        losses[ahead] = []
+        for i, (images, mask, targets) in enumerate(batches):
+            upcoming = batches[i + 1][:2] if ahead and i + 1 < len(batches) else None
+            out = loss_fn(student, images, mask, targets, upcoming=upcoming)
+            losses[ahead].append({k: float(v) for k, v in out.items() if torch.is_tensor(v) and v.dim() == 0})
+    for plain, ahead in zip(losses[False], losses[True]):
+        assert plain.keys() == ahead.keys()
+        for k in plain:
+            assert abs(plain[k] - ahead[k]) <= 1e-5 * max(1.0, abs(plain[k])), (k, plain[k], ahead[k])
+
+
 def test_trial_trains_evaluates_and_resumes_on_cuda_with_amp(tiny_data_root, tmp_path):
     config = tiny_trial(tiny_data_root, "deformable_detr", epochs=2, device="cuda")
     assert config.schedule.amp

@@ -235,6 +235,11 @@ class TrialConfig(StrictModel):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     cpus: Optional[int] = Field(None, ge=1)  # torch threads; None = leave torch's default
+    # distillation: queue the teacher's forward on the next batch while the CPU solves this step's teacher-
+    # student matching (the GPU would idle otherwise). "auto": on CUDA with data workers, where it changes
+    # no value; "on" anywhere (with num_workers 0 the next batch's augmentation then draws its random numbers
+    # before this step's dropout, so a run differs from one without it); "off" never
+    overlap_teacher: Literal["auto", "on", "off"] = "auto"
     init_checkpoint: Optional[Path] = None  # start the model from these weights (not a resume)
     distill: DistillConfig = Field(default_factory=DistillConfig)
     teacher: Optional[TeacherConfig] = None  # required when distill.method != "none"

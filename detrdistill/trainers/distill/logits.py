@@ -4,6 +4,8 @@ DETR predictions are an unordered set, so student and teacher predictions are fi
 the Hungarian algorithm (cost: soft BCE summed over classes + L1 - GIoU), then matched pairs are distilled.
 All layer pairs and images of a step are matched in one call of `solve_assignments`.
 """
+from typing import Callable, Optional
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -28,16 +30,27 @@ def kd_cost(student_logits: Tensor, student_boxes: Tensor, teacher_probs: Tensor
     return cfg.cost_cls * cls + cfg.cost_l1 * l1 - cfg.cost_giou * giou
 
 
-def match_to_teacher(cost: Tensor, student_valid: Tensor = None, teacher_valid: Tensor = None) -> list:
+def match_to_teacher(cost: Tensor, student_valid: Tensor = None, teacher_valid: Tensor = None,
+                     meanwhile: Optional[Callable[[], None]] = None) -> list:
     """cost [P, B, N_S, N_T] -> per (pair, image) (student_idx, teacher_idx) int64 tensors on the CPU
     (`flat_matches` moves a whole step's indices to the device in one copy).
 
     Optional masks [P, B, N_S] / [P, B, N_T] restrict which predictions take part (positive/negative split).
+    meanwhile: called once the copies to the host are queued and before waiting for them. On a GPU the work
+    it queues (the teacher's next forward) runs while the CPU solves the assignments, instead of after.
     """
     P, B = cost.shape[:2]
-    cost_cpu = cost.detach().cpu()  # one device -> host copy each, not one per problem
-    student_valid = student_valid.cpu() if student_valid is not None else None
-    teacher_valid = teacher_valid.cpu() if teacher_valid is not None else None
+    # one device -> host copy each, not one per problem; non_blocking so `meanwhile` is queued behind it
+    cost_cpu = cost.detach().to("cpu", non_blocking=True)
+    student_valid = student_valid.to("cpu", non_blocking=True) if student_valid is not None else None
+    teacher_valid = teacher_valid.to("cpu", non_blocking=True) if teacher_valid is not None else None
+    if cost.is_cuda:
+        copied = torch.cuda.Event()
+        copied.record()
+    if meanwhile is not None:
+        meanwhile()
+    if cost.is_cuda:
+        copied.synchronize()
     problems, rows_kept, cols_kept = [], [], []
     for pi in range(P):
         for b in range(B):
@@ -74,7 +87,7 @@ def _pairwise_loss(x, bs, p, bt, matches, background: bool = False) -> dict:
 
 
 def logits_distillation(student: DecoderPredictions, teacher: DecoderPredictions, mapping: list[int],
-                        cfg: LogitsKDConfig) -> dict:
+                        cfg: LogitsKDConfig, meanwhile: Optional[Callable[[], None]] = None) -> dict:
     """Sum over layer pairs (s, mapping[s]) of the matched-pair KD loss. Returns the weighted total
     'kd_logits' and its unweighted terms (summed over layer pairs) for logging.
 
@@ -82,6 +95,7 @@ def logits_distillation(student: DecoderPredictions, teacher: DecoderPredictions
     background reaches the student. split == "positive_negative" (paper's reading): teacher predictions
     with max probability >= threshold are matched and distilled as pseudo ground truth; the rest are matched
     among the remaining student predictions, with a class term pushing to background and the box terms.
+    meanwhile: see `match_to_teacher` (called once, before the first solve).
     """
     t_idx = torch.as_tensor(mapping, device=teacher.logits.device)
     x, bs = student.logits, student.boxes                          # [P, B, N_S, C], [P, B, N_S, 4]
@@ -90,10 +104,10 @@ def logits_distillation(student: DecoderPredictions, teacher: DecoderPredictions
     P, B = x.shape[:2]
     cost = kd_cost(x.detach(), bs.detach(), p, bt, cfg)
     if cfg.split == "all":
-        terms = _pairwise_loss(x, bs, p, bt, match_to_teacher(cost))
+        terms = _pairwise_loss(x, bs, p, bt, match_to_teacher(cost, meanwhile=meanwhile))
     else:
         positive = p.max(-1).values >= cfg.threshold               # [P, B, N_T]
-        pos_matches = match_to_teacher(cost, teacher_valid=positive)
+        pos_matches = match_to_teacher(cost, teacher_valid=positive, meanwhile=meanwhile)
         student_free = torch.ones(x.shape[:3], dtype=torch.bool)  # on the CPU, where the indices are
         for k, (s, _) in enumerate(pos_matches):
             student_free[k // B, k % B, s] = False

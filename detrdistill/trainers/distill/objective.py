@@ -43,22 +43,46 @@ class DistillationLoss:
             self.trainable["baseline"] = build_baseline(cfg.method, student_dim, teacher_dim, num_levels,
                                                         cfg.baseline.weight)
 
+        # the teacher-student matching is the long CPU wait of a step; the teacher's forward on the next
+        # batch can run on the GPU meanwhile (see __call__'s `upcoming`)
+        self.overlaps_teacher = cfg.method == "detrdistill" and cfg.logits.weight > 0
+        self._queued = None  # (images, mask, teacher output) computed ahead for the next call
+
     def to(self, device):
         self.teacher.to(device)
         self.trainable.to(device)
         return self
 
-    def __call__(self, student, images, mask, targets) -> dict:
+    def _teacher_output(self, images, mask):
+        """The teacher's output on this batch: the one queued by the previous call if it was for these very
+        tensors, else computed now."""
+        queued, self._queued = self._queued, None
+        if queued is not None and queued[0] is images and queued[1] is mask:
+            return queued[2]
+        with torch.no_grad():
+            return self.teacher(images, mask)
+
+    def _queue_teacher(self, images, mask):
+        with torch.no_grad():
+            self._queued = (images, mask, self.teacher(images, mask))
+
+    def __call__(self, student, images, mask, targets, upcoming=None) -> dict:
+        """upcoming: (images, mask) of the next call, already on the device, or None. Given, the teacher's
+        forward on it is queued while this step's logits-KD assignment is solved on the CPU, and the next
+        call uses it: the same values, but on a GPU the teacher's forward no longer waits for the solve."""
         cfg = self.cfg
         use_qp = cfg.method == "detrdistill" and cfg.query_prior.weight > 0
-        with torch.no_grad():
-            t_out = self.teacher(images, mask)
+        t_out = self._teacher_output(images, mask)
         s_out = student(images, mask, queries=t_out.queries.detach() if use_qp else None)
-        losses = self.criterion(_float(s_out.predictions), targets)
+        queue_next = (lambda: self._queue_teacher(*upcoming)) if upcoming is not None else None
         kd = {}
+        if cfg.method == "detrdistill" and cfg.logits.weight > 0:
+            # first, so that its host copy is queued before anything else waits on the GPU
+            kd.update(logits_distillation(s_out.predictions, t_out.predictions, self.mapping, cfg.logits,
+                                          meanwhile=queue_next))
+            queue_next = None
+        losses = self.criterion(_float(s_out.predictions), targets)
         if cfg.method == "detrdistill":
-            if cfg.logits.weight > 0:
-                kd.update(logits_distillation(s_out.predictions, t_out.predictions, self.mapping, cfg.logits))
             if cfg.feature.weight > 0:
                 kd.update(feature_distillation(s_out.features, t_out.features, t_out.predictions, targets,
                                                self.trainable["feature_adapters"], cfg.feature))
@@ -75,4 +99,6 @@ class DistillationLoss:
             losses["loss_det"] = losses["loss"].detach()
             losses["loss"] = losses["loss"] + sum(weighted)
         losses.update({k: v.detach() if torch.is_tensor(v) else v for k, v in kd.items()})
+        if queue_next is not None:  # nothing to overlap with in this configuration: still serve the next call
+            queue_next()
         return losses
