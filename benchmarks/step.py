@@ -21,6 +21,7 @@ The distillation floor is what a distillation step cannot avoid, each part measu
 step, the teacher's forward (eval, no grad), and the extra cost of passing the teacher's queries through the
 student's decoder as an extra group (a query-prior-only step with the teacher's output cached, minus the
 student step). distill/floor - 1 is the overhead of the KD terms themselves (matching, feature masks, losses).
+"kd solve" is the CPU time of the logits-KD assignment solve within the distillation step (median).
 "ahead" is the same DETRDistill step with the teacher's forward on the next batch queued before the KD
 matching is solved on the CPU (the engine's default on CUDA): the GPU runs the teacher while the CPU
 solves, instead of idling. On the CPU both run on the same cores, so only a GPU shows the difference.
@@ -213,21 +214,43 @@ def measure(family, mode, scale_name, dtype, steps, warmup, channels_last=False)
     scale = SCALES[scale_name]
     step = _hf(family, scale, device, dtype) if mode == "transformers" else \
         _ours(family, scale, device, dtype, mode, channels_last)
+    solving = _time_kd_solve()  # wall time inside the KD assignment solve, this step
     for _ in range(warmup):
         step()
     _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times = []
+    times, solves = [], []
     for _ in range(steps):
         _sync(device)
+        solving[0] = 0.0
         t0 = time.perf_counter()
         step()
         _sync(device)
         times.append(time.perf_counter() - t0)
+        solves.append(solving[0])
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"median_s": statistics.median(times), "peak_mib": peak, "device": str(device), "ops": count_ops(step)}
+    return {"median_s": statistics.median(times), "peak_mib": peak, "device": str(device), "ops": count_ops(step),
+            "kd_solve_s": statistics.median(solves)}
+
+
+def _time_kd_solve() -> list:
+    """Wrap the logits-KD term's assignment solver with a timer: -> [seconds since last reset]. The KD solve
+    is the one CPU wait a GPU step cannot hide without run-ahead (the other matchings are 300 x a few)."""
+    from detrdistill.trainers.distill import logits
+    # the unwrapped solver, also when an earlier measurement in this process wrapped it already
+    solve, total = getattr(logits, "_untimed_solve_assignments", logits.solve_assignments), [0.0]
+    logits._untimed_solve_assignments = solve
+
+    def timed(problems):
+        t0 = time.perf_counter()
+        try:
+            return solve(problems)
+        finally:
+            total[0] += time.perf_counter() - t0
+    logits.solve_assignments = timed
+    return total
 
 
 def run_one(family, mode, scale, dtype, steps, warmup, in_process, channels_last=False) -> dict:
@@ -323,8 +346,8 @@ def distill_table(args, dtypes, run):
     print("(ahead: the teacher's forward on the next batch queued before the KD matching is solved, as the "
           "engine does on CUDA)", flush=True)
     print(f"{'family':18} {'dtype':5} {'student':>8} {'t.fwd':>8} {'group':>8} {'floor':>8} {'distill':>8} "
-          f"{'ahead':>8} {'distill/student':>15} {'distill/floor':>13} {'ahead/floor':>11} {'ops: distill':>12} "
-          f"{'floor':>6} {'d/floor':>7}", flush=True)
+          f"{'ahead':>8} {'distill/student':>15} {'distill/floor':>13} {'ahead/floor':>11} {'kd solve':>8} "
+          f"{'ops: distill':>12} {'floor':>6} {'d/floor':>7}", flush=True)
     for family in args.families:
         for dtype in args.distill_dtypes or dtypes:
             r = {m: run(family, m, dtype) for m in ("student", "teacher_forward", "student_group", "distill",
@@ -338,7 +361,8 @@ def distill_table(args, dtypes, run):
             ops = {m: r[m]["ops"] for m in r}
             ops_floor = ops["student_group"] + ops["teacher_forward"]
             print(f"{family:18} {dtype:5} {s:8.4f} {t:8.4f} {g - s:8.4f} {floor:8.4f} {d:8.4f} {a:8.4f} "
-                  f"{d / s:15.2f} {d / floor:13.2f} {a / floor:11.2f} {ops['distill']:12d} {ops_floor:6d} "
+                  f"{d / s:15.2f} {d / floor:13.2f} {a / floor:11.2f} {r['distill']['kd_solve_s']:8.4f} "
+                  f"{ops['distill']:12d} {ops_floor:6d} "
                   f"{ops['distill'] / ops_floor:7.2f}", flush=True)
 
 
