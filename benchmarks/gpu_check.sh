@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The prepared GPU check, run on a lent GPU machine from the repo root:
-#   bash benchmarks/gpu_check.sh [tests] [step] [distill] [layout] [matching] [kd]  (default: all, in order)
+#   bash benchmarks/gpu_check.sh [tests] [step] [distill] [layout] [matching] [compile] [kd]  (default: all, in order)
 # tests     the CUDA tests (tests/test_gpu.py: CUDA == CPU forward and KD terms, bf16 steps, a whole amp trial)
 # step      benchmarks/step.py at paper scale: ours vs transformers, fp32 and bf16
 # distill   benchmarks/step.py --distill at paper scale: distillation step vs the floor (fp32 and bf16)
 # layout    our steps again with channels_last backbones (does bf16 then beat fp32 where it did not?)
 # matching  benchmarks/matching.py with the host's cores
+# compile   Conditional DETR and AdaMixer through torch.compile, fp32 and bf16 (fused casts and launches:
+#           does bf16 then beat fp32?); each configuration's first step, the compilation, is reported apart
 # kd        experiments/synthetic_kd.yaml through benchmarks/run_local.py (teacher, then 10 students at once)
 # Each stage has its own time limit and writes its log under $OUT, so one that fails or runs long loses
 # nothing of the others. Needs no network: pydantic and pycocotools travel as wheels in .whl/ (see README).
@@ -20,7 +22,7 @@ if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
         && export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-stages=${*:-tests step distill layout matching kd}
+stages=${*:-tests step distill layout matching compile kd}
 has() { [[ " $stages " == *" $1 "* ]]; }
 t0=$(date +%s)
 stamp() { echo "== $1 ($(( $(date +%s) - t0 )) s since start) =="; }
@@ -47,6 +49,11 @@ fi
 if has matching; then
     stamp "matching benchmark"
     timeout 120 $PY benchmarks/matching.py --threads "$(nproc)" 2>&1 | tail -12 | tee "$OUT/matching.txt"
+fi
+if has compile; then
+    stamp "step benchmark, paper scale, torch.compile (ours only)"
+    timeout 360 $PY benchmarks/step.py --scale paper --steps 10 --warmup 2 --compile --ours-only \
+        --families conditional_detr adamixer --json "$OUT/compile.json" 2>&1 | tee "$OUT/compile.txt"
 fi
 if has kd; then
     stamp "synthetic KD experiment"

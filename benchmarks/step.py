@@ -5,11 +5,13 @@
     python benchmarks/step.py --distill       # also: distillation step vs student step vs the floor
     python benchmarks/step.py --scale tiny6   # tiny images, the paper's 6 + 6 layers and 300 queries
     python benchmarks/step.py --scale paper --channels-last --ours-only   # NHWC backbones (bf16 on a GPU)
+    python benchmarks/step.py --scale paper --compile --ours-only         # torch.compile'd detectors
 
 Also counted, in one more step: the aten operators a step dispatches, views excluded ("ops"). On a GPU each
 is about one kernel launch, and a step whose kernels are small costs its launches: the count is a
 device-independent measure of that overhead, which the CPU can compare too (a launch-bound GPU step follows
-it; the CPU's own time does not, being dominated by the convolutions).
+it; the CPU's own time does not, being dominated by the convolutions). With --compile there is no count
+(inductor's fused kernels are not aten operators) and "1st s", the first step, is mostly compilation.
 
 One step = forward, the set loss (ours: our criterion; transformers: its own loss), backward, fused AdamW step.
 Reported: the median over --steps timed steps after --warmup steps. On the CPU every configuration runs in
@@ -122,7 +124,7 @@ def _train_step(loss_fn, model, params, images, mask, targets, device, dtype, ah
     return step
 
 
-def _ours(family, scale, device, dtype, mode, channels_last=False):
+def _ours(family, scale, device, dtype, mode, channels_last=False, compiled=False):
     import torch
     from detrdistill.trainers.config import DistillConfig
     from detrdistill.trainers.criterion import SetCriterion
@@ -134,6 +136,8 @@ def _ours(family, scale, device, dtype, mode, channels_last=False):
     if channels_last:  # NHWC images and backbone weights: cuDNN's tensor-core convolutions want this in bf16
         images = images.contiguous(memory_format=torch.channels_last)
         model.backbone.to(memory_format=torch.channels_last)
+    if compiled:  # the whole detector one graph (no graph breaks in any family); matching and losses stay eager
+        model = torch.compile(model)
     criterion = SetCriterion(scale["classes"])
     if mode == "student":
         params = [p for p in model.parameters() if p.requires_grad]
@@ -205,18 +209,23 @@ def count_ops(step) -> int:
     return Count.n
 
 
-def measure(family, mode, scale_name, dtype, steps, warmup, channels_last=False) -> dict:
-    """Build one configuration and time it -> {median_s, peak_mib, device, ops}."""
+def measure(family, mode, scale_name, dtype, steps, warmup, channels_last=False, compiled=False) -> dict:
+    """Build one configuration and time it -> {median_s, peak_mib, device, ops, kd_solve_s, first_s}."""
     import resource
     import torch
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     scale = SCALES[scale_name]
     step = _hf(family, scale, device, dtype) if mode == "transformers" else \
-        _ours(family, scale, device, dtype, mode, channels_last)
+        _ours(family, scale, device, dtype, mode, channels_last, compiled)
     solving = _time_kd_solve()  # wall time inside the KD assignment solve, this step
-    for _ in range(warmup):
+    first = None
+    for i in range(warmup):
+        t0 = time.perf_counter()
         step()
+        _sync(device)
+        if i == 0:
+            first = time.perf_counter() - t0  # with --compile: the compilation
     _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -231,8 +240,9 @@ def measure(family, mode, scale_name, dtype, steps, warmup, channels_last=False)
         solves.append(solving[0])
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"median_s": statistics.median(times), "peak_mib": peak, "device": str(device), "ops": count_ops(step),
-            "kd_solve_s": statistics.median(solves)}
+    # a compiled model's kernels are not aten operators: no count
+    return {"median_s": statistics.median(times), "peak_mib": peak, "device": str(device),
+            "ops": -1 if compiled else count_ops(step), "kd_solve_s": statistics.median(solves), "first_s": first}
 
 
 def _time_kd_solve() -> list:
@@ -253,19 +263,20 @@ def _time_kd_solve() -> list:
     return total
 
 
-def run_one(family, mode, scale, dtype, steps, warmup, in_process, channels_last=False) -> dict:
+def run_one(family, mode, scale, dtype, steps, warmup, in_process, channels_last=False, compiled=False) -> dict:
     """One measurement, in this process (CUDA) or a subprocess of its own (CPU: peak RSS is per process)."""
     if in_process:
         import torch
         try:
-            return measure(family, mode, scale, dtype, steps, warmup, channels_last)
+            return measure(family, mode, scale, dtype, steps, warmup, channels_last, compiled)
         except Exception as e:  # one failed configuration must not lose the others' numbers
             return {"error": f"{type(e).__name__}: {e}"[:200]}
         finally:
             gc.collect()
             torch.cuda.empty_cache()
     cmd = [sys.executable, __file__, "--child", family, mode, "--scale", scale, "--dtypes", dtype,
-           "--steps", str(steps), "--warmup", str(warmup)] + (["--channels-last"] if channels_last else [])
+           "--steps", str(steps), "--warmup", str(warmup)] + (["--channels-last"] if channels_last else []) + \
+        (["--compile"] if compiled else [])
     proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
     if proc.returncode != 0 or not lines:
@@ -290,12 +301,14 @@ def main(argv=None):
     ap.add_argument("--channels-last", action="store_true",
                     help="our models' backbones and images in channels_last (NHWC) memory format")
     ap.add_argument("--ours-only", action="store_true", help="step table without transformers' models")
+    ap.add_argument("--compile", action="store_true",
+                    help="our models through torch.compile (the first step, compiling, is reported apart)")
     ap.add_argument("--child", nargs=2, metavar=("FAMILY", "MODE"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         family, mode = args.child
         print(json.dumps(measure(family, mode, args.scale, args.dtypes[0], args.steps, args.warmup,
-                                 args.channels_last)), flush=True)
+                                 args.channels_last, args.compile)), flush=True)
         return
     import torch
     cuda = torch.cuda.is_available()
@@ -304,7 +317,7 @@ def main(argv=None):
 
     def run(family, mode, dtype):
         r = run_one(family, mode, args.scale, dtype, args.steps, args.warmup, in_process=cuda or args.in_process,
-                    channels_last=args.channels_last)
+                    channels_last=args.channels_last, compiled=args.compile)
         results.append({"family": family, "mode": mode, "dtype": dtype, **r})
         if args.json:
             with open(args.json, "w") as f:
@@ -312,7 +325,7 @@ def main(argv=None):
         return r
 
     device = torch.cuda.get_device_name() if cuda else "cpu"
-    layout = " memory_format=channels_last" if args.channels_last else ""
+    layout = (" memory_format=channels_last" if args.channels_last else "") + (" torch.compile" if args.compile else "")
     print(f"scale={args.scale} {SCALES[args.scale]} device={device} torch={torch.__version__}{layout}", flush=True)
     if not args.distill_only:
         step_table(args, dtypes, run)
@@ -322,7 +335,7 @@ def main(argv=None):
 
 def step_table(args, dtypes, run):
     print(f"{'family':18} {'dtype':5} {'ours s/step':>12} {'hf s/step':>10} {'ours/hf':>8} {'ours MiB':>9} "
-          f"{'hf MiB':>8} {'ours ops':>9} {'hf ops':>8}", flush=True)
+          f"{'hf MiB':>8} {'ours ops':>9} {'hf ops':>8} {'ours 1st s':>10}", flush=True)
     for family in args.families:
         for dtype in dtypes:
             ours = run(family, "student", dtype)
@@ -335,7 +348,7 @@ def step_table(args, dtypes, run):
             hf_m = f"{hf['peak_mib']:.0f}" if "peak_mib" in hf else "-"
             hf_ops = str(hf["ops"]) if "ops" in hf else "-"
             print(f"{family:18} {dtype:5} {ours['median_s']:12.4f} {hf_s:>10} {ratio:>8} {ours['peak_mib']:9.0f} "
-                  f"{hf_m:>8} {ours['ops']:9d} {hf_ops:>8}", flush=True)
+                  f"{hf_m:>8} {ours['ops']:9d} {hf_ops:>8} {ours['first_s'] or 0:10.1f}", flush=True)
             if "error" in hf:
                 print(f"  transformers failed: {hf['error']}", flush=True)
 
