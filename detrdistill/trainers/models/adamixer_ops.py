@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from detrdistill.trainers.models.transformer_layers import linear_many
+
 
 def box_size(xyzr: Tensor) -> Tensor:
     """[..., 4] (x, y, z, r) -> [..., 2] (w, h) in pixels: w = 2^z 2^(-r/2), h = 2^z 2^(r/2)."""
@@ -116,9 +118,10 @@ class AdaptiveSamplingMixing(nn.Module):
         """content [B, N, d], xyzr [B, N, 4] (pixels), features L maps [B, d, H_j, W_j] -> [B, N, d]."""
         B, N, _ = content.shape
         G, P, Q, c = self.groups, self.in_points, self.out_points, self.group_dim
-        offsets = self.offset_generator(content).view(B, N, G * P, 3)
+        offsets, params = linear_many(content, [self.offset_generator, self.mixing_generator])
+        offsets = offsets.reshape(B, N, G * P, 3)
         sampled = sample_3d(features, strides, sampling_points(offsets, xyzr), G)  # [B, N, G, P, c]
-        params = self.mixing_generator(content).view(B, N, G, c * c + Q * P)
+        params = params.reshape(B, N, G, c * c + Q * P)
         channel_w, spatial_w = params.split([c * c, Q * P], -1)
         x = channel_mixing(sampled.to(channel_w.dtype), channel_w.reshape(B, N, G, c, c))
         x = spatial_mixing(x, spatial_w.reshape(B, N, G, Q, P))  # [B, N, G, Q, c]

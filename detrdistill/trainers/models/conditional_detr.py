@@ -8,7 +8,7 @@ Boxes are predicted relative to the reference point. Sigmoid (focal) classificat
 Shapes: B images, N queries, C classes, d hidden size, h heads, L decoder layers, S = H * W memory positions.
 """
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +19,16 @@ from detrdistill.trainers.config import ModelConfig
 from detrdistill.trainers.models.backbone import Backbone
 from detrdistill.trainers.models.output import DecoderPredictions, DetectorOutput, QueryGroup, cross_group_mask
 from detrdistill.trainers.models.position_encoding import sine_box_encoding, sine_position_encoding
-from detrdistill.trainers.models.transformer_layers import MLP, EncoderLayer, multi_head_attention
+from detrdistill.trainers.models.transformer_layers import MLP, EncoderLayer, linear_many, multi_head_attention
+
+
+class ProjectedPositions(NamedTuple):
+    """One decoder layer's positional terms, already through its projections (the decoder computes those of
+    every layer at once: the inputs are the same for all layers). Each [B, N, d] or [B, S, d]."""
+    self_q: Tensor            # query_pos through self_attn.q_pos_proj
+    self_k: Tensor            # query_pos through self_attn.k_pos_proj
+    cross_q: Optional[Tensor]  # query_pos through cross_attn.q_pos_proj (first layer only, else None)
+    cross_k: Tensor           # memory_pos through cross_attn.k_pos_proj
 
 
 class ConditionalSelfAttention(nn.Module):
@@ -35,11 +44,12 @@ class ConditionalSelfAttention(nn.Module):
         self.v_proj = nn.Linear(dim, dim)
         self.out_proj = nn.Linear(dim, dim)
 
-    def forward(self, tgt: Tensor, query_pos: Tensor, blocked: Optional[Tensor] = None) -> Tensor:
-        """tgt, query_pos [B, N, d], blocked [N, N] (True = may not attend) or None -> [B, N, d]."""
-        q = self.q_content_proj(tgt) + self.q_pos_proj(query_pos)
-        k = self.k_content_proj(tgt) + self.k_pos_proj(query_pos)
-        return self.out_proj(multi_head_attention(q, k, self.v_proj(tgt), self.num_heads, blocked=blocked))
+    def forward(self, tgt: Tensor, q_pos: Tensor, k_pos: Tensor, blocked: Optional[Tensor] = None) -> Tensor:
+        """tgt [B, N, d]; q_pos, k_pos [B, N, d]: query_pos through q_pos_proj / k_pos_proj; blocked [N, N]
+        (True = may not attend) or None -> [B, N, d]."""
+        q_content, k_content, v = linear_many(tgt, [self.q_content_proj, self.k_content_proj, self.v_proj])
+        return self.out_proj(multi_head_attention(q_content + q_pos, k_content + k_pos, v, self.num_heads,
+                                                  blocked=blocked))
 
 
 class ConditionalCrossAttention(nn.Module):
@@ -58,21 +68,21 @@ class ConditionalCrossAttention(nn.Module):
         self.q_pos_sine_proj = nn.Linear(dim, dim)
         self.out_proj = nn.Linear(dim, dim)
 
-    def forward(self, tgt: Tensor, query_pos: Tensor, query_sine: Tensor, memory: Tensor, memory_pos: Tensor,
+    def forward(self, tgt: Tensor, q_pos: Optional[Tensor], query_sine: Tensor, memory: Tensor, k_pos: Tensor,
                 memory_mask: Optional[Tensor]) -> Tensor:
-        """tgt, query_pos, query_sine [B, N, d], memory, memory_pos [B, S, d], memory_mask [B, S] -> [B, N, d]."""
+        """tgt, query_sine [B, N, d]; q_pos: query_pos through q_pos_proj (first layer) or None; memory [B, S, d];
+        k_pos [B, S, d]: memory_pos through k_pos_proj; memory_mask [B, S] -> [B, N, d]."""
         (B, N, _), S, h = tgt.shape, memory.shape[1], self.num_heads
         q = self.q_content_proj(tgt)
-        k = self.k_content_proj(memory)
-        k_pos = self.k_pos_proj(memory_pos)
-        if self.q_pos_proj is not None:
-            q = q + self.q_pos_proj(query_pos)
+        k, v = linear_many(memory, [self.k_content_proj, self.v_proj])
+        if q_pos is not None:
+            q = q + q_pos
             k = k + k_pos
         q_sine = self.q_pos_sine_proj(query_sine)
         # concatenate per head, so each head's q.k is content.content + spatial.spatial; widths double
         q = torch.cat([q.view(B, N, h, -1), q_sine.view(B, N, h, -1)], dim=-1).flatten(2)  # [B, N, 2d]
         k = torch.cat([k.view(B, S, h, -1), k_pos.view(B, S, h, -1)], dim=-1).flatten(2)   # [B, S, 2d]
-        return self.out_proj(multi_head_attention(q, k, self.v_proj(memory), h, memory_mask))
+        return self.out_proj(multi_head_attention(q, k, v, h, memory_mask))
 
 
 class ConditionalDecoderLayer(nn.Module):
@@ -89,12 +99,12 @@ class ConditionalDecoderLayer(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, tgt: Tensor, query_pos: Tensor, query_sine: Tensor, memory: Tensor, memory_pos: Tensor,
+    def forward(self, tgt: Tensor, pos: ProjectedPositions, query_sine: Tensor, memory: Tensor,
                 memory_mask: Optional[Tensor], self_attn_blocked: Optional[Tensor] = None) -> Tensor:
-        """tgt, query_pos, query_sine [B, N, d]; memory, memory_pos [B, S, d]; memory_mask [B, S];
-        self_attn_blocked [N, N] (True = may not attend) or None -> [B, N, d]."""
-        tgt = self.norm1(tgt + self.dropout(self.self_attn(tgt, query_pos, self_attn_blocked)))
-        tgt = self.norm2(tgt + self.dropout(self.cross_attn(tgt, query_pos, query_sine, memory, memory_pos,
+        """tgt, query_sine [B, N, d]; pos: this layer's projected positional terms; memory [B, S, d];
+        memory_mask [B, S]; self_attn_blocked [N, N] (True = may not attend) or None -> [B, N, d]."""
+        tgt = self.norm1(tgt + self.dropout(self.self_attn(tgt, pos.self_q, pos.self_k, self_attn_blocked)))
+        tgt = self.norm2(tgt + self.dropout(self.cross_attn(tgt, pos.cross_q, query_sine, memory, pos.cross_k,
                                                             memory_mask)))
         return self.norm3(tgt + self.dropout(self.linear2(F.relu(self.linear1(tgt)))))
 
@@ -121,11 +131,21 @@ class ConditionalDecoder(nn.Module):
         sine = sine_box_encoding(reference, query_pos.shape[-1] // 2).to(query_pos.dtype)  # [B, N, d]
         tgt = torch.zeros_like(query_pos)
         hidden = []
-        for i, layer in enumerate(self.layers):
+        for i, (layer, pos) in enumerate(zip(self.layers, self._project_positions(query_pos, memory_pos))):
             query_sine = sine if i == 0 else sine * self.query_scale(tgt)  # first layer: identity scale
-            tgt = layer(tgt, query_pos, query_sine, memory, memory_pos, memory_mask, self_attn_blocked)
+            tgt = layer(tgt, pos, query_sine, memory, memory_mask, self_attn_blocked)
             hidden.append(self.norm(tgt))
         return torch.stack(hidden), reference
+
+    def _project_positions(self, query_pos: Tensor, memory_pos: Tensor) -> list[ProjectedPositions]:
+        """Every layer's positional projections, two matrix multiplies in all (query_pos [B, N, d], memory_pos
+        [B, S, d]): they do not depend on the layer's input."""
+        query_layers = [m for layer in self.layers for m in (layer.self_attn.q_pos_proj, layer.self_attn.k_pos_proj)]
+        first_cross_q = self.layers[0].cross_attn.q_pos_proj
+        query_parts = linear_many(query_pos, query_layers + [first_cross_q])
+        memory_parts = linear_many(memory_pos, [layer.cross_attn.k_pos_proj for layer in self.layers])
+        return [ProjectedPositions(query_parts[2 * i], query_parts[2 * i + 1], query_parts[-1] if i == 0 else None,
+                                   memory_parts[i]) for i in range(len(self.layers))]
 
 
 class ConditionalDETR(nn.Module):

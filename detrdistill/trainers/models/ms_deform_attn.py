@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from detrdistill.trainers.models.transformer_layers import linear_many
+
 
 def ms_deform_attn_core(value: Tensor, spatial_shapes: list[tuple[int, int]], sampling_locations: Tensor,
                         attention_weights: Tensor) -> Tensor:
@@ -89,8 +91,9 @@ class MSDeformAttn(nn.Module):
         if padding_mask is not None:
             value = value.masked_fill(padding_mask[..., None], 0.0)  # padding contributes nothing when sampled
         value = value.view(B, S, M, self.d_model // M)
-        offsets = self.sampling_offsets(query).view(B, Q, M, L, P, 2)
-        weights = self.attention_weights(query).view(B, Q, M, L * P).softmax(-1).view(B, Q, M, L, P)
+        offsets, weights = linear_many(query, [self.sampling_offsets, self.attention_weights])
+        offsets = offsets.view(B, Q, M, L, P, 2)
+        weights = weights.reshape(B, Q, M, L * P).softmax(-1).view(B, Q, M, L, P)
         # offsets are in pixels of their level: divide by that level's (W, H). (A non-blocking copy: a plain
         # torch.tensor(..., device=cuda) would wait for all queued GPU work, in every attention layer.)
         size = torch.tensor([[w, h] for h, w in spatial_shapes], dtype=reference_points.dtype)
