@@ -10,7 +10,9 @@
 #           does bf16 then beat fp32?); each configuration's first step, the compilation, is reported apart
 # kd        experiments/synthetic_kd.yaml through benchmarks/run_local.py (teacher, then 10 students at once)
 # Each stage has its own time limit and writes its log under $OUT, so one that fails or runs long loses
-# nothing of the others. Needs no network: pydantic and pycocotools travel as wheels in .whl/ (see README).
+# nothing of the others. All stages together can take longer than one 10-minute device call; with a
+# 15-minute device budget run `tests distill` first (stage limits 450 s in all; timeout_s 600), then
+# `step layout` (390 s) or `compile` (360 s) with what is left. Needs no network: pydantic and pycocotools travel as wheels in .whl/ (see README).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
