@@ -73,7 +73,10 @@ class Attention(nn.Module):
                 key_padding_mask: Optional[Tensor] = None) -> Tensor:
         """query [B, N, d], key/value [B, S, d], key_padding_mask [B, S] (True = padding) -> [B, N, d]."""
         # self-attention (query is key, as in the encoder): both projections in one multiply
-        q, k = linear_many(query, [self.q_proj, self.k_proj]) if query is key else (self.q_proj(query), self.k_proj(key))
+        if query is key:
+            q, k = linear_many(query, [self.q_proj, self.k_proj])
+        else:
+            q, k = self.q_proj(query), self.k_proj(key)
         out = multi_head_attention(q, k, self.v_proj(value), self.num_heads, key_padding_mask)
         return self.out_proj(out)
 
