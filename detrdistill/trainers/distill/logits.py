@@ -46,7 +46,7 @@ def match_to_teacher(cost: Tensor, student_valid: Tensor = None, teacher_valid: 
     teacher_valid = teacher_valid.to("cpu", non_blocking=True) if teacher_valid is not None else None
     if cost.is_cuda:
         copied = torch.cuda.Event()
-        copied.record()
+        copied.record(torch.cuda.current_stream(cost.device))
     if meanwhile is not None:
         meanwhile()
     if cost.is_cuda:
