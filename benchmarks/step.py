@@ -361,15 +361,14 @@ def distill_table(args, dtypes, run):
     print(f"{'family':18} {'dtype':5} {'student':>8} {'t.fwd':>8} {'group':>8} {'floor':>8} {'distill':>8} "
           f"{'ahead':>8} {'distill/student':>15} {'distill/floor':>13} {'ahead/floor':>11} {'kd solve':>8} "
           f"{'ops: distill':>12} {'floor':>6} {'d/floor':>7}", flush=True)
+    parts = ("student", "teacher_forward", "student_group", "distill", "distill_ahead")
     for family in args.families:
         for dtype in args.distill_dtypes or dtypes:
-            r = {m: run(family, m, dtype) for m in ("student", "teacher_forward", "student_group", "distill",
-                                                    "distill_ahead")}
+            r = {m: run(family, m, dtype) for m in parts}
             if any("error" in v for v in r.values()):
                 print(f"{family:18} {dtype:5} failed: {[v.get('error') for v in r.values()]}", flush=True)
                 continue
-            s, t, g, d, a = (r[m]["median_s"] for m in ("student", "teacher_forward", "student_group", "distill",
-                                                        "distill_ahead"))
+            s, t, g, d, a = (r[m]["median_s"] for m in parts)
             floor = g + t  # student step with the extra group (= student + group) + teacher forward
             ops = {m: r[m]["ops"] for m in r}
             ops_floor = ops["student_group"] + ops["teacher_forward"]

@@ -1,7 +1,6 @@
 """Box conversions and pairwise IoU / GIoU. Boxes are (cx, cy, w, h) or (x0, y0, x1, y1)."""
 import torch
 from torch import Tensor
-from torchvision.ops import box_iou, generalized_box_iou
 
 
 def cxcywh_to_xyxy(boxes: Tensor) -> Tensor:
@@ -15,16 +14,6 @@ def xyxy_to_cxcywh(boxes: Tensor) -> Tensor:
     """[..., 4] (x0, y0, x1, y1) -> [..., 4] (cx, cy, w, h)."""
     low, high = boxes[..., :2], boxes[..., 2:]
     return torch.cat([(low + high) / 2, high - low], dim=-1)
-
-
-def pairwise_giou(a_cxcywh: Tensor, b_cxcywh: Tensor) -> Tensor:
-    """[N, 4], [M, 4] cxcywh -> [N, M] generalized IoU."""
-    return generalized_box_iou(cxcywh_to_xyxy(a_cxcywh), cxcywh_to_xyxy(b_cxcywh))
-
-
-def pairwise_iou(a_cxcywh: Tensor, b_cxcywh: Tensor) -> Tensor:
-    """[N, 4], [M, 4] cxcywh -> [N, M] IoU."""
-    return box_iou(cxcywh_to_xyxy(a_cxcywh), cxcywh_to_xyxy(b_cxcywh))
 
 
 def elementwise_giou(a_cxcywh: Tensor, b_cxcywh: Tensor) -> Tensor:

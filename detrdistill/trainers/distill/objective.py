@@ -76,7 +76,7 @@ class DistillationLoss:
         s_out = student(images, mask, queries=t_out.queries.detach() if use_qp else None)
         queue_next = (lambda: self._queue_teacher(*upcoming)) if upcoming is not None else None
         kd = {}
-        if cfg.method == "detrdistill" and cfg.logits.weight > 0:
+        if self.overlaps_teacher:  # the logits KD term is on
             # first, so that its host copy is queued before anything else waits on the GPU
             kd.update(logits_distillation(s_out.predictions, t_out.predictions, self.mapping, cfg.logits,
                                           meanwhile=queue_next))
