@@ -145,3 +145,25 @@ def test_progress_messages_do_not_let_ray_oversubscribe_cpus(ray_cluster):
     assert len(messages) == 15 * (cpus + 2)
     for i in range(cpus + 2):  # in order per sender
         assert [k for j, k in messages if j == i] == list(range(15))
+
+
+def test_ctrl_c_in_the_trial_loop_raises_a_flag_not_an_exception():
+    """The first SIGINT must not interrupt whatever the driver is doing (an MLflow write half done leaves
+    SQLite locked, and the interrupted trials could then not be marked); the second stops at once."""
+    from detrdistill.orchestrator.scheduler import _ctrl_c_deferred
+    before = signal.getsignal(signal.SIGINT)
+    with _ctrl_c_deferred() as ctrl_c:
+        assert not ctrl_c.pressed
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(100):  # the handler runs at the next bytecode boundary of the main thread
+            if ctrl_c.pressed:
+                break
+            time.sleep(0.01)
+        assert ctrl_c.pressed
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+            raise AssertionError("a second Ctrl-C did not raise")
+        except KeyboardInterrupt:
+            pass
+    assert signal.getsignal(signal.SIGINT) is before

@@ -14,16 +14,19 @@ keeps the checkpoints and says how to resume.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import os
 import re
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Any, Optional, TextIO
+from typing import Any, Iterator, Optional, TextIO
 
 import ray
 
@@ -339,6 +342,32 @@ def run_nodes(spec: Spec, plan: Plan, options: RunOptions, tracking_uri: str, ex
     return interrupted, driver.states
 
 
+@dataclasses.dataclass
+class _CtrlC:
+    pressed: bool = False
+
+
+@contextlib.contextmanager
+def _ctrl_c_deferred() -> Iterator[_CtrlC]:
+    """While inside: the first SIGINT sets `.pressed`, a second raises KeyboardInterrupt. Outside the main
+    thread (where no handler can be installed) SIGINT keeps raising KeyboardInterrupt."""
+    ctrl_c = _CtrlC()
+    if threading.current_thread() is not threading.main_thread():
+        yield ctrl_c
+        return
+
+    def handler(signum, frame):
+        if ctrl_c.pressed:
+            raise KeyboardInterrupt
+        ctrl_c.pressed = True
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield ctrl_c
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 class _Driver:
     def __init__(self, spec: Spec, plan: Plan, options: RunOptions, tracking_uri: str, experiment: str,
                  gpus: float):
@@ -386,19 +415,24 @@ class _Driver:
 
     # -- the loop -----------------------------------------------------------------------------------------
     def loop(self) -> bool:
-        """Run until every trial is done; True when interrupted (Ctrl-C)."""
-        try:
-            while True:
-                self._submit_ready()
-                if not self.in_flight:
-                    break
-                ready, _ = ray.wait(list(self.in_flight), num_returns=1, timeout=POLL_S, fetch_local=False)
-                self._drain()
-                for ref in ready:
-                    self._task_done(ref)
-                self.display.refresh()
-            return False
-        except KeyboardInterrupt:
+        """Run until every trial is done; True when interrupted (Ctrl-C).
+
+        Ctrl-C only raises a flag that the loop reads between its steps (at most POLL_S apart): raised as an
+        exception inside an MLflow call, it would leave SQLite locked by the half-done transaction, and the
+        interrupted trials could not be marked so. A second Ctrl-C stops at once."""
+        with _ctrl_c_deferred() as ctrl_c:
+            try:
+                while not ctrl_c.pressed:
+                    self._submit_ready()
+                    if not self.in_flight:
+                        return False
+                    ready, _ = ray.wait(list(self.in_flight), num_returns=1, timeout=POLL_S, fetch_local=False)
+                    self._drain()
+                    for ref in ready:
+                        self._task_done(ref)
+                    self.display.refresh()
+            except KeyboardInterrupt:  # the second Ctrl-C, or the first where no handler could be installed
+                pass
             self._interrupt()
             return True
 
