@@ -147,6 +147,32 @@ def test_progress_messages_do_not_let_ray_oversubscribe_cpus(ray_cluster):
         assert [k for j, k in messages if j == i] == list(range(15))
 
 
+def test_ctrl_c_after_the_last_trial_finished_still_ends_with_the_table(ray_cluster, tiny_data_root, tmp_path,
+                                                                        monkeypatch, tracking_uri, capsys):
+    """A Ctrl-C that lands in the loop step where the last trial finishes has nothing left to interrupt: the
+    run must end normally (exit 0, the table written), not as interrupted with no table."""
+    from detrdistill.orchestrator import scheduler
+    monkeypatch.chdir(tmp_path)
+    Path("c.yaml").write_text(tiny_spec(tiny_data_root, "late-ctrl-c", teacher=False, student_epochs=1))
+    task_done = scheduler._Driver._task_done
+    sent = []
+
+    def task_done_then_ctrl_c(self, ref):
+        task_done(self, ref)
+        if all(s.state in scheduler.DONE for s in self.states.values()):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)  # the handler runs here, before the loop reads its flag
+            sent.append(True)
+
+    monkeypatch.setattr(scheduler._Driver, "_task_done", task_done_then_ctrl_c)
+    assert main(["run", "c.yaml", "--tracking-uri", tracking_uri]) == 0
+    out = capsys.readouterr().out
+    assert sent and "Interrupted" not in out
+    table = (tmp_path / "results" / "late-ctrl-c" / "table.md").read_text()
+    assert "AP" in table and table.strip() in out
+    assert runs_by_name(tracking_uri, "late-ctrl-c")["late-ctrl-c"].info.status == "FINISHED"
+
+
 def test_ctrl_c_in_the_trial_loop_raises_a_flag_not_an_exception():
     """The first SIGINT must not interrupt whatever the driver is doing (an MLflow write half done leaves
     SQLite locked, and the interrupted trials could then not be marked); the second stops at once."""

@@ -419,7 +419,8 @@ class _Driver:
 
         Ctrl-C only raises a flag that the loop reads between its steps (at most POLL_S apart): raised as an
         exception inside an MLflow call, it would leave SQLite locked by the half-done transaction, and the
-        interrupted trials could not be marked so. A second Ctrl-C stops at once."""
+        interrupted trials could not be marked so. A second Ctrl-C stops at once. A first Ctrl-C that arrives
+        after the last trial has finished interrupts nothing: the run ends as if it had not come, table and all."""
         with _ctrl_c_deferred() as ctrl_c:
             try:
                 while not ctrl_c.pressed:
@@ -431,6 +432,8 @@ class _Driver:
                     for ref in ready:
                         self._task_done(ref)
                     self.display.refresh()
+                if all(s.state in DONE for s in self.states.values()):
+                    return False
             except KeyboardInterrupt:  # the second Ctrl-C, or the first where no handler could be installed
                 pass
             self._interrupt()
