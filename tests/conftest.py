@@ -1,4 +1,6 @@
 """Shared fixtures: a tiny synthetic COCO-format dataset and tiny trial configs (CPU, seconds)."""
+import os
+
 import pytest
 import torch
 
@@ -6,6 +8,10 @@ from detrdistill.trainers.config import AugmentConfig, DataConfig, ModelConfig, 
 from detrdistill.trainers.data.synthetic import make_synthetic
 
 TINY_SIZE = 96
+
+# a developer's cluster (detrdistill's defaults for --ray-address and --tracking-uri) is not the tests' to use
+for _var in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI"):
+    os.environ.pop(_var, None)
 
 
 @pytest.fixture(scope="module")

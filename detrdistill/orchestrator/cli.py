@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Callable, Optional, Sequence
 
@@ -75,12 +76,12 @@ def summary(file: str, spec: Spec, trials: Sequence[PlannedTrial]) -> str:
 
 def add_place_arguments(parser: argparse.ArgumentParser) -> None:
     """Where runs happen and are kept: shared by run and resume."""
-    parser.add_argument("--ray-address", default=None, metavar="ADDRESS",
-                        help="a Ray cluster to run on (e.g. ray://head:10001 or auto); default: a local Ray "
-                             "started in this process with every CPU (and GPU) of this machine")
+    parser.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS"), metavar="ADDRESS",
+                        help="a Ray cluster to run on (its head, e.g. head:6379; or auto); default: RAY_ADDRESS, "
+                             "else a local Ray started in this process with every CPU (and GPU) of this machine")
     parser.add_argument("--tracking-uri", default=None, metavar="URI",
                         help="MLflow tracking URI; default: the spec's tracking.tracking_uri, else "
-                             "sqlite:///mlflow.db in the working directory")
+                             "MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory")
     parser.add_argument("--store", default=None, metavar="DIR",
                         help="trial store: one folder per trial hash with its checkpoint, log and result, "
                              "shared by all experiments (finished trials are never trained again); default ./runs")
@@ -184,11 +185,15 @@ def _tracking_uri(args: argparse.Namespace) -> str:
     (opening it would create an empty database)."""
     from pathlib import Path
 
+    from detrdistill.orchestrator.cluster import tracking_uri_problem
     from detrdistill.orchestrator.scheduler import absolute_tracking_uri, default_tracking_uri
     uri = absolute_tracking_uri(args.tracking_uri) if args.tracking_uri else default_tracking_uri()
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         raise LookupError(f"no MLflow database at {uri.removeprefix('sqlite:///')}; run from the directory where "
                           f"`detrdistill run` ran, or give --tracking-uri")
+    problem = tracking_uri_problem(uri)
+    if problem:
+        raise LookupError(problem)
     return uri
 
 
@@ -196,7 +201,8 @@ def add_table_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("experiment", metavar="EXPERIMENT", help="MLflow experiment name (the spec's name)")
     parser.add_argument("--format", choices=["md", "csv", "latex"], default="md", help="default: md")
     parser.add_argument("--tracking-uri", default=None, metavar="URI",
-                        help="MLflow tracking URI; default sqlite:///mlflow.db in the working directory")
+                        help="MLflow tracking URI; default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the "
+                             "working directory")
 
 
 def table(args: argparse.Namespace) -> int:
@@ -267,6 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "ray_address", None):  # run, resume: before any handler imports Ray
+        from detrdistill.orchestrator.cluster import use_ray_token_auth
+        use_ray_token_auth(args.ray_address)
     return args.handler(args)
 
 

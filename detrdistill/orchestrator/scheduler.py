@@ -31,6 +31,7 @@ from typing import Any, Iterator, Optional, TextIO
 import ray
 
 from detrdistill.orchestrator import tables
+from detrdistill.orchestrator.cluster import ray_address_problem, tracking_uri_problem
 from detrdistill.orchestrator.plan import (CHECKPOINT, LOG, TRIAL, Node, Plan, build_plan, read_result,
                                           spec_text)
 from detrdistill.orchestrator.spec import Spec
@@ -44,7 +45,8 @@ DONE = ("finished", "cached", "failed")
 
 
 def default_tracking_uri() -> str:
-    return f"sqlite:///{Path('mlflow.db').resolve()}"
+    """MLflow's own MLFLOW_TRACKING_URI when set (a cluster's server), else mlflow.db in the working directory."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
 
 
 def absolute_tracking_uri(uri: str) -> str:
@@ -65,6 +67,7 @@ def quiet_logging() -> None:
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # small files (spec.yaml): no bars
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # per run, over our progress
 
 
 # ---------------------------------------------------------------------------------------------- Ray
@@ -75,15 +78,28 @@ def start_ray(address: Optional[str] = None) -> bool:
     if ray.is_initialized():
         return False
     if address:
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+        try:
+            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+        except ConnectionError as e:  # it answers (checked before: ray_address_problem) but refuses us
+            raise ConnectionError(
+                f"the Ray cluster at {address} answers but does not let this driver in ({e}). A cluster with "
+                f"token authentication (Ray >= 2.59 turns it on for `ray start --head`) needs its token here: "
+                f"RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token, and RAY_AUTH_MODE=token") from None
         return True
     # Ray 2.59+ turns on token authentication for local clusters (creating ~/.ray/auth_token once) and warns
     # that it did on every start. Keep the protection, drop the warning. (Setting RAY_AUTH_MODE here would be
     # too late: Ray reads it when imported.)
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+    # address="local": a new cluster of our own. Without it Ray connects to the last cluster that `ray start`
+    # began on this machine (/tmp/ray/ray_current_cluster), even one that has since died.
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
              logging_level=logging.WARNING, object_store_memory=256 * 1024 ** 2)  # results are small
     return True
+
+
+def services_problem(ray_address: Optional[str], tracking_uri: str) -> Optional[str]:
+    """Why the cluster's Ray head or MLflow server cannot be reached (None: they can, or none is used)."""
+    return tracking_uri_problem(tracking_uri) or ray_address_problem(ray_address)
 
 
 def experiment_and_tracking(spec: Spec, options: "RunOptions") -> tuple[str, str]:
@@ -306,12 +322,16 @@ def run_experiment(spec: Spec, options: Optional[RunOptions] = None, parent_run_
     quiet_logging()
     experiment, tracking_uri = experiment_and_tracking(spec, options)
     outcome = Outcome(experiment, EXIT_OK, tracking_uri=tracking_uri)
+    problem = services_problem(options.ray_address, tracking_uri)
+    if problem:
+        outcome.exit_code, outcome.message = EXIT_INVALID, problem
+        return outcome
     try:
         plan = build_plan(spec, options.store, tracking_uri)
-    except ValueError as e:  # a runs:/ teacher that cannot be downloaded
+        started_ray = start_ray(options.ray_address)
+    except (ValueError, ConnectionError) as e:  # a runs:/ teacher that cannot be downloaded; Ray refusing us
         outcome.exit_code, outcome.message = EXIT_INVALID, str(e)
         return outcome
-    started_ray = start_ray(options.ray_address)
     try:
         gpus = resolve_gpus(spec)
         problem = check_resources(spec, gpus)

@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-import mlflow
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
@@ -63,7 +62,8 @@ class Tracker:
 
     def __init__(self, experiment: str, tracking_uri: Optional[str] = None, create: bool = True):
         self.tracking_uri = tracking_uri or DEFAULT_TRACKING_URI
-        mlflow.set_tracking_uri(self.tracking_uri)
+        # no mlflow.set_tracking_uri: it also sets MLFLOW_TRACKING_URI in this process and its children, which
+        # would then become every later run's default (default_tracking_uri reads it)
         self.client = MlflowClient(self.tracking_uri)
         found = self.client.get_experiment_by_name(experiment)
         if found is None and not create:
