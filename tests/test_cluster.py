@@ -127,6 +127,28 @@ def test_an_experiment_on_a_ray_head_tracked_by_an_mlflow_server(ray_head, mlflo
     assert table.returncode == 0 and table.stdout == (tmp_path / "results" / "on-cluster" / "table.md").read_text()
 
 
+def test_a_search_on_a_ray_head_tracked_by_an_mlflow_server(ray_head, mlflow_server, tiny_data_root, tmp_path):
+    """Ray Tune's trials on the head's workers (its experiment state in the shared store), Optuna's study
+    in the driver, every trial a run in the server."""
+    uri, _ = mlflow_server
+    (tmp_path / "s.yaml").write_text(tiny_spec(tiny_data_root, "search-on-cluster", teacher=False, student_epochs=1,
+                                               extra="""search:
+  space:
+    student.schedule.lr: {type: loguniform, low: 1.0e-5, high: 1.0e-3}
+  metric: train/loss
+  num_samples: 2
+  max_concurrent: 2
+"""))
+    done = driver(["run", "s.yaml", "--ray-address", ray_head, "--tracking-uri", uri, "--store", "store"], tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Search: 2 trials (0 failed); best train/loss" in done.stdout
+    assert (tmp_path / "results" / "search-on-cluster" / "best_config.yaml").exists()
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("search-on-cluster").experiment_id])
+    trials = [r for r in runs if r.data.tags.get("detrdistill.kind") != "search"]
+    assert len(trials) == 2 and all("train/loss" in r.data.metrics for r in trials)
+
+
 def test_a_driver_without_the_token_is_told_what_is_missing(ray_head, tiny_data_root, tmp_path):
     (tmp_path / "c.yaml").write_text(tiny_spec(tiny_data_root, "no-token", teacher=False, student_epochs=1))
     done = driver(["run", "c.yaml", "--ray-address", ray_head], tmp_path, RAY_AUTH_MODE="disabled")
