@@ -95,8 +95,8 @@ def ray_head(tmp_path_factory):
 
 def driver(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
     """`detrdistill ARGS` in a fresh process (a driver of its own, as on a cluster's login node)."""
-    return subprocess.run([sys.executable, "-m", "detrdistill.orchestrator.cli", *args], cwd=cwd, env=user_env(**env),
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "-m", "detrdistill.orchestrator.cli", *args], cwd=cwd,
+                          env=user_env(**env), capture_output=True, text=True, timeout=600)
 
 
 def test_an_experiment_on_a_ray_head_tracked_by_an_mlflow_server(ray_head, mlflow_server, tiny_data_root,
