@@ -43,9 +43,9 @@ SCALES = {
                  classes=10, teacher_backbone="resnet50"),
     # the paper's depths and query count at a tiny size: the CPU can count (and time) a deep step's operators
     "tiny6": dict(height=128, width=160, batch=2, backbone="resnet18", queries=300, hidden=128, enc=6, dec=6,
-                  classes=10, teacher_backbone="resnet50"),
+                  classes=10, teacher_backbone="resnet50", norm="frozen_bn"),
     "paper": dict(height=800, width=1066, batch=2, backbone="resnet50", queries=300, hidden=256, enc=6, dec=6,
-                  classes=91, teacher_backbone="resnet101"),
+                  classes=91, teacher_backbone="resnet101", norm="frozen_bn"),
 }
 # what one measurement builds: ours/transformers train steps, and the parts of a distillation step
 MODES = ("student", "transformers", "teacher_forward", "student_group", "distill", "distill_ahead")
@@ -81,7 +81,7 @@ def _inputs(scale, device):
 def _model_config(family, scale, backbone):
     from detrdistill.trainers.config import ModelConfig
     kw = dict(family=family, backbone=backbone, decoder_layers=scale["dec"], num_queries=scale["queries"],
-              hidden_dim=scale["hidden"])
+              hidden_dim=scale["hidden"], backbone_norm=scale.get("norm", "auto"))
     if family != "adamixer":
         kw["encoder_layers"] = scale["enc"]
     return ModelConfig(**kw)

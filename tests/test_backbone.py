@@ -4,7 +4,7 @@ import torch
 import torchvision
 
 from detrdistill.trainers.config import ModelConfig
-from detrdistill.trainers.models.backbone import Backbone, dilate_last_stage
+from detrdistill.trainers.models.backbone import Backbone, FrozenBatchNorm2d, dilate_last_stage
 
 
 def test_norm_auto_follows_pretrained_weights(tmp_path):
@@ -28,6 +28,31 @@ def test_frozen_backbone_keeps_statistics_and_stem_fixed():
     frozen = [n for n, p in net.named_parameters() if not p.requires_grad]
     assert frozen and all(n.startswith("stages.0.0.") for n in frozen)
     assert not any("bn" in n for n, _ in net.named_parameters())
+
+
+def test_frozen_batch_norm_is_torchvisions_as_one_multiply_add():
+    """Same buffers and state_dict as torchvision's; its scale and shift follow a loaded state_dict; the
+    result equals the float64 formula; in bf16 it stays bf16 (torchvision's is promoted to float32)."""
+    torch.manual_seed(0)
+    reference = torchvision.ops.misc.FrozenBatchNorm2d(8)
+    state = {"weight": torch.randn(8), "bias": torch.randn(8), "running_mean": torch.randn(8),
+             "running_var": torch.rand(8) + 0.5, "num_batches_tracked": torch.tensor(7)}
+    reference.load_state_dict(state)
+    ours = FrozenBatchNorm2d(8)
+    ours.load_state_dict(state)
+    assert ours.state_dict().keys() == reference.state_dict().keys()  # scale and shift are not saved
+    x = torch.randn(2, 8, 5, 7)
+    s = {k: v.double().view(1, -1, 1, 1) for k, v in state.items() if k != "num_batches_tracked"}
+    exact = (x.double() - s["running_mean"]) / (s["running_var"] + ours.eps).sqrt() * s["weight"] + s["bias"]
+    assert (ours(x).double() - exact).abs().max() < 1e-5
+    assert torch.allclose(ours(x), reference(x), atol=1e-6)
+    assert ours(x.bfloat16()).dtype == torch.bfloat16 and reference(x.bfloat16()).dtype == torch.float32
+    assert (ours(x.bfloat16()).double() - exact).abs().max() < 0.1
+    with torch.no_grad():  # buffers changed in place: refresh() is what makes the affine follow
+        ours.running_var.fill_(4.0)
+        ours.refresh()
+    assert torch.allclose(ours(x), (x - ours.running_mean.view(1, -1, 1, 1)) / (4.0 + ours.eps) ** 0.5
+                          * ours.weight.view(1, -1, 1, 1) + ours.bias.view(1, -1, 1, 1), atol=1e-5)
 
 
 def test_dc5_equals_torchvision_dilation_and_halves_the_stride():
