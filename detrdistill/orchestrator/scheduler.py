@@ -81,6 +81,8 @@ def start_ray(address: Optional[str] = None) -> bool:
         try:
             ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
         except ConnectionError as e:  # it answers (checked before: ray_address_problem) but refuses us
+            if address == "auto":  # not checked before: Ray looks for the cluster itself
+                raise ConnectionError(f"--ray-address auto: no Ray cluster found on this machine ({e})") from None
             raise ConnectionError(
                 f"the Ray cluster at {address} answers but does not let this driver in ({e}). A cluster with "
                 f"token authentication (Ray >= 2.59 turns it on for `ray start --head`) needs its token here: "
