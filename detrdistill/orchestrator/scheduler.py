@@ -74,13 +74,17 @@ def quiet_logging() -> None:
 
 def start_ray(address: Optional[str] = None) -> bool:
     """Connect to `address`, or start an in-process local cluster. Returns whether this call started Ray
-    (and so should shut it down); an already initialized Ray (tests, notebooks) is used as it is."""
+    (and so should shut it down); an already initialized Ray (tests, notebooks) is used as it is.
+    ConnectionError, saying what to do, when no cluster answers at `address` or it refuses this driver."""
     if ray.is_initialized():
         return False
     if address:
+        problem = ray_address_problem(address)  # at once: ray.init waits minutes for a head that is not there
+        if problem:
+            raise ConnectionError(problem)
         try:
             ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
-        except ConnectionError as e:  # it answers (checked before: ray_address_problem) but refuses us
+        except ConnectionError as e:  # it answers (checked above) but refuses us
             if address == "auto":  # not checked before: Ray looks for the cluster itself
                 raise ConnectionError(f"--ray-address auto: no Ray cluster found on this machine ({e})") from None
             raise ConnectionError(
@@ -97,11 +101,6 @@ def start_ray(address: Optional[str] = None) -> bool:
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
              logging_level=logging.WARNING, object_store_memory=256 * 1024 ** 2)  # results are small
     return True
-
-
-def services_problem(ray_address: Optional[str], tracking_uri: str) -> Optional[str]:
-    """Why the cluster's Ray head or MLflow server cannot be reached (None: they can, or none is used)."""
-    return tracking_uri_problem(tracking_uri) or ray_address_problem(ray_address)
 
 
 def experiment_and_tracking(spec: Spec, options: "RunOptions") -> tuple[str, str]:
@@ -324,14 +323,14 @@ def run_experiment(spec: Spec, options: Optional[RunOptions] = None, parent_run_
     quiet_logging()
     experiment, tracking_uri = experiment_and_tracking(spec, options)
     outcome = Outcome(experiment, EXIT_OK, tracking_uri=tracking_uri)
-    problem = services_problem(options.ray_address, tracking_uri)
+    problem = tracking_uri_problem(tracking_uri)
     if problem:
         outcome.exit_code, outcome.message = EXIT_INVALID, problem
         return outcome
     try:
         plan = build_plan(spec, options.store, tracking_uri)
         started_ray = start_ray(options.ray_address)
-    except (ValueError, ConnectionError) as e:  # a runs:/ teacher that cannot be downloaded; Ray refusing us
+    except (ValueError, ConnectionError) as e:  # a runs:/ teacher that cannot be downloaded; Ray not there
         outcome.exit_code, outcome.message = EXIT_INVALID, str(e)
         return outcome
     try:

@@ -58,11 +58,11 @@ import ray
 from ray import tune
 
 from detrdistill.orchestrator import tables
+from detrdistill.orchestrator.cluster import tracking_uri_problem
 from detrdistill.orchestrator.plan import LOG, TRIAL, build_plan, spec_text, teacher_plan
 from detrdistill.orchestrator.scheduler import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_INVALID, EXIT_OK, HEARTBEAT_S,
                                                Display, RunOptions, check_resources, experiment_and_tracking,
-                                               quiet_logging, resolve_gpus, run_nodes, services_problem, start_ray,
-                                               ui_command)
+                                               quiet_logging, resolve_gpus, run_nodes, start_ray, ui_command)
 from detrdistill.orchestrator.spec import (SearchCell, SearchParam, Spec, point_spec, search_cells, teacher_trial,
                                           trial_hash)
 from detrdistill.orchestrator.tracking import TAG, Tracker
@@ -386,7 +386,7 @@ def run_search(spec: Spec, options: Optional[RunOptions] = None, parent_run_id: 
     experiment, tracking_uri = experiment_and_tracking(spec, options)
     outcome = SearchOutcome(experiment, EXIT_OK, tracking_uri=tracking_uri)
     store = Path(options.store).resolve()
-    problem = services_problem(options.ray_address, tracking_uri)
+    problem = tracking_uri_problem(tracking_uri)
     if problem:
         outcome.exit_code, outcome.message = EXIT_INVALID, problem
         return outcome
