@@ -212,3 +212,20 @@ def test_the_compose_stack_runs_the_processes_tested_here_and_wires_them_togethe
         usage = subprocess.run([str(BIN / program[0]), program[1], "--help"], capture_output=True, text=True).stdout
         for flag in re.findall(r"(?<!\S)--[a-z][a-z-]*", command):
             assert re.search(rf"(?<![\w-]){flag}(?![\w-])", usage), f"{' '.join(program)} has no {flag}"
+
+
+def test_token_mode_is_not_set_once_ray_is_imported(monkeypatch):
+    """Set after Ray is imported, RAY_AUTH_MODE=token would not reach this process's Ray, but the local cluster
+    it starts later would demand a token this process does not send (its start fails). Before the import
+    (the CLI's own process) it is set."""
+    import ray  # noqa: F401 - imported, as in a test or notebook that calls main()
+    from detrdistill.orchestrator.cluster import use_ray_token_auth
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "0" * 64)  # a token at hand
+    use_ray_token_auth("127.0.0.1:6379")
+    assert "RAY_AUTH_MODE" not in os.environ
+    probe = ("import os; from detrdistill.orchestrator.cluster import use_ray_token_auth; "
+             "use_ray_token_auth('127.0.0.1:6379'); print(os.environ.get('RAY_AUTH_MODE'))")
+    fresh = subprocess.run([sys.executable, "-c", probe], env=user_env(RAY_AUTH_TOKEN="0" * 64),
+                           capture_output=True, text=True, check=True)
+    assert fresh.stdout.strip() == "token"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from pathlib import Path
 from typing import Optional
 from urllib.parse import urlsplit
@@ -20,8 +21,11 @@ def use_ray_token_auth(address: Optional[str]) -> None:
     """Token mode for a driver that connects to an existing cluster, when a token is at hand and the user
     chose no mode. Ray >= 2.59 starts a cluster on this machine (`ray start --head`) with token authentication
     on, and a driver must be in token mode before Ray is imported or it cannot connect ("Failed to connect to
-    Ray cluster"); a driver in token mode also connects to a cluster without authentication."""
-    if not address or address == "local" or "RAY_AUTH_MODE" in os.environ:
+    Ray cluster"); a driver in token mode also connects to a cluster without authentication. Once Ray is
+    imported (main() called in a process that uses Ray already) the mode is left alone: setting it then would
+    not reach this process's Ray, only the processes it starts later, and a local cluster started then would
+    want a token this process does not send."""
+    if not address or address == "local" or "RAY_AUTH_MODE" in os.environ or "ray" in sys.modules:
         return
     if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH") or \
             (Path.home() / ".ray" / "auth_token").is_file():
