@@ -1,4 +1,6 @@
 """ConditionalDETR: the detector contract's shapes, the extra query group, gradients."""
+import math
+
 import pytest
 import torch
 
@@ -97,3 +99,83 @@ def test_frozen_backbone_when_not_trained():
     model = _model(train_backbone=False)
     assert not any(p.requires_grad for p in model.backbone.parameters())
     assert all(p.requires_grad for n, p in model.named_parameters() if not n.startswith("backbone."))
+
+
+def test_multi_level_memory_is_the_pyramid_under_global_attention():
+    """num_feature_levels 4: strides 8/16/32/64 with their masks, one memory sequence over all of them, the
+    extra query group still separate, gradients into every level's projection and the level embeddings."""
+    model = _model(enc=1, dec=2, queries=5, num_feature_levels=4).train()
+    torch.nn.init.normal_(model.box_head.layers[-1].weight, std=0.1)
+    images, mask = _images(h=64, w=96)
+    out = model(images, mask, queries=QueryGroup(position=torch.randn(3, D)))
+    shapes = [(8, 12), (4, 6), (2, 3), (1, 2)]
+    assert [f.shape for f in out.features] == [(2, D, h, w) for h, w in shapes]
+    assert [m.shape for m in out.masks] == [(2, h, w) for h, w in shapes]
+    assert out.masks[0][-1].any() and not out.masks[0][0].any()  # the padded image's finest mask has padding
+    assert out.memory.shape == (2, sum(h * w for h, w in shapes), D)
+    assert out.extra.logits.shape == (2, 2, 3, 3)
+    sum(t.square().mean() for t in (out.logits, out.boxes, out.extra.boxes)).backward()
+    for j in range(4):
+        assert model.input_proj[j][0].weight.grad.abs().sum() > 0, j
+    assert (model.level_embed.grad.abs().sum(1) > 0).all()
+    with torch.no_grad():  # without an encoder the memory is the levels' maps, flattened in order
+        plain = _model(enc=0, num_feature_levels=3).eval()(images, mask)
+    torch.testing.assert_close(plain.memory, torch.cat([f.flatten(2).transpose(1, 2) for f in plain.features], 1))
+
+
+def test_local_attention_init_is_a_kernel_around_the_reference_point():
+    """attention_init 'local': head k's spatial term q_sine . k_pos equals gain^2 * sum over frequencies f in
+    k..k+band-1 of cos(w_f (r_y - p_y)) + cos(w_f (r_x - p_x)) (float64, by hand), so it peaks at the
+    reference point r; later layers start with the same kernel (query_scale = identity)."""
+    from detrdistill.trainers.models.conditional_detr import LOCAL_GAIN
+    from detrdistill.trainers.models.position_encoding import sine_box_encoding, sine_position_encoding
+    d, heads, H, W = 64, 4, 6, 8
+    torch.manual_seed(0)
+    config = ModelConfig(family="conditional_detr", backbone="resnet18", encoder_layers=0, decoder_layers=2,
+                         num_queries=4, hidden_dim=d, num_heads=heads, attention_init="local")
+    model = build_detector(config, 3).double()
+    reference = torch.tensor([[0.30, 0.62]], dtype=torch.float64)  # (x, y)
+    grid_y, grid_x = torch.meshgrid(torch.arange(1, H + 1) / H, torch.arange(1, W + 1) / W, indexing="ij")
+    positions = torch.stack([grid_x.flatten(), grid_y.flatten()], -1).double()  # the map encoding's (x, y), [S, 2]
+    key_pos = sine_position_encoding(torch.zeros(1, H, W, dtype=torch.bool), d).double().flatten(2)[0].T  # [S, d]
+    band = d // heads // 4
+    for layer in model.decoder.layers:
+        attn = layer.cross_attn
+        with torch.no_grad():
+            q = attn.q_pos_sine_proj(sine_box_encoding(reference, d // 2).double()).view(heads, -1)  # [h, d/h]
+            k = attn.k_pos_proj(key_pos).view(-1, heads, d // heads)  # [S, h, d/h]
+        spatial = torch.einsum("hc,shc->hs", q, k)  # [h, S]
+        for head in range(heads):
+            freq = 2 * math.pi / 10000.0 ** (2 * torch.arange(head, head + band, dtype=torch.float64) / (d // 2))
+            delta = reference - positions  # [S, 2]
+            expected = LOCAL_GAIN ** 2 * torch.cos(delta[:, :, None] * freq).sum((1, 2))
+            torch.testing.assert_close(spatial[head], expected, rtol=1e-5, atol=1e-4)  # encodings in float32
+        nearest = (positions - reference).abs().sum(1).argmin()
+        assert spatial[0].argmax() == nearest
+    scale = model.decoder.query_scale(torch.randn(5, d, dtype=torch.float64))
+    torch.testing.assert_close(scale, torch.ones_like(scale))
+
+
+def test_local_attention_init_starts_the_encoder_as_the_identity():
+    """Its residual branches start at zero: memory = LayerNorm(LayerNorm(features)) per position, whatever
+    the other positions hold."""
+    model = _model(enc=2, num_feature_levels=2, attention_init="local").eval()
+    images, mask = _images()
+    with torch.no_grad():
+        out = model(images, mask)
+    flat = torch.cat([f.flatten(2).transpose(1, 2) for f in out.features], 1)
+    expected = flat
+    for _ in range(2 * 2):  # two layer norms a layer, weights 1 and biases 0 at init
+        expected = torch.nn.functional.layer_norm(expected, (D,))
+    torch.testing.assert_close(out.memory, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fields,message", [
+    (dict(num_feature_levels=2, backbone_dilation=True), "DC5"),
+    (dict(num_feature_levels=2, hidden_dim=48, num_heads=4), "divisible by 32"),
+    (dict(family="deformable_detr", attention_init="local"), "for conditional_detr"),
+    (dict(hidden_dim=24, num_heads=4, attention_init="local"), "head width"),
+])
+def test_config_refuses_what_conditional_detr_cannot_build(fields, message):
+    with pytest.raises(ValueError, match=message):
+        ModelConfig(**{"family": "conditional_detr", **fields})

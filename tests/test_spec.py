@@ -690,6 +690,8 @@ def test_hashes_survive_upgrades():
     assert (trial_hash(config), trial_hash(config, "trial:abc")) == ("e3aae6a9a042", "3bea5aa5e688")
     dc5 = config.model_copy(update={"model": config.model.model_copy(update={"backbone_dilation": True})})
     assert trial_hash(dc5) not in ("e3aae6a9a042", "3bea5aa5e688")
+    local = config.model_copy(update={"model": config.model.model_copy(update={"attention_init": "local"})})
+    assert trial_hash(local) not in ("e3aae6a9a042", "3bea5aa5e688")
 
 
 @pytest.mark.parametrize("change", [

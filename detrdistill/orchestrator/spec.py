@@ -40,7 +40,7 @@ NON_SEMANTIC_FIELDS = {"name": True, "cpus": True, "overlap_teacher": True, "dat
 # Model fields added after trials were first stored, with the default that keeps the old behaviour: left out
 # of the hash at that default, so upgrading detrdistill never retrains (or orphans) a finished trial.
 ADDED_MODEL_FIELDS = {"backbone_dilation": False, "finest_stride": None, "mixing_groups": 4, "mixing_in_points": 32,
-                      "mixing_out_points": 128}
+                      "mixing_out_points": 128, "attention_init": "xavier"}
 
 
 # ---------------------------------------------------------------------------------------------- the schema

@@ -54,6 +54,10 @@ class ModelConfig(StrictModel):
     mixing_in_points: int = Field(32, ge=1)
     mixing_out_points: int = Field(128, ge=1)
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    # conditional_detr: "xavier" is the paper's initialisation; "local" (for training from scratch on little
+    # data) starts each decoder cross-attention head as a kernel around its query's reference point and the
+    # encoder as the identity (ConditionalDETR._local_attention_init; README, "The small config")
+    attention_init: Literal["xavier", "local"] = "xavier"
 
     @model_validator(mode="before")
     @classmethod
@@ -79,8 +83,18 @@ class ModelConfig(StrictModel):
         if self.family == "adamixer" and self.hidden_dim % self.mixing_groups:
             raise ValueError(f"adamixer needs hidden_dim {self.hidden_dim} divisible by its {self.mixing_groups} "
                              "mixing groups")
-        if self.family == "conditional_detr" and self.levels != 1:
-            raise ValueError("conditional_detr uses one feature level (C5); num_feature_levels must be 1")
+        if self.family == "conditional_detr" and self.levels > 1 and self.hidden_dim % 32:
+            raise ValueError(f"conditional_detr with {self.levels} feature levels needs hidden_dim divisible by 32 "
+                             f"(GroupNorm(32) input projections), got {self.hidden_dim}")
+        if self.family == "conditional_detr" and self.backbone_dilation and self.levels != 1:
+            raise ValueError("backbone_dilation (DC5) is a single-level conditional_detr; with it "
+                             "num_feature_levels must be 1")
+        if self.attention_init == "local" and self.family != "conditional_detr":
+            raise ValueError(f"attention_init 'local' is for conditional_detr; {self.family} keeps 'xavier'")
+        if self.attention_init == "local" and (self.hidden_dim // self.num_heads) % 4:
+            raise ValueError(f"attention_init 'local' needs a head width (hidden_dim / num_heads = "
+                             f"{self.hidden_dim // self.num_heads}) divisible by 4: per head a sin and a cos "
+                             "of y and of x")
         if self.finest_stride == 4 and (self.family != "adamixer" or self.levels < 4):
             raise ValueError("finest_stride 4 (a C2-C5 pyramid) is for adamixer with num_feature_levels >= 4; "
                              f"got {self.family} with {self.levels} level(s)")

@@ -19,6 +19,7 @@ from detrdistill.trainers.box_ops import inverse_sigmoid
 from detrdistill.trainers.config import ModelConfig
 from detrdistill.trainers.models.backbone import Backbone
 from detrdistill.trainers.models.ms_deform_attn import MSDeformAttn
+from detrdistill.trainers.models.multi_scale import LevelProjections
 from detrdistill.trainers.models.output import DecoderPredictions, DetectorOutput, QueryGroup, cross_group_mask
 from detrdistill.trainers.models.position_encoding import sine_position_encoding
 from detrdistill.trainers.models.transformer_layers import MLP
@@ -109,12 +110,7 @@ class DeformableDETR(nn.Module):
         self.config, self.hidden_dim, self.num_levels, self.num_classes = config, d, levels, num_classes
         self.backbone = Backbone(config.backbone, min(levels, 3), config.backbone_weights, config.train_backbone,
                                  config.norm)
-        projections = [nn.Sequential(nn.Conv2d(c, d, 1), nn.GroupNorm(32, d)) for c in self.backbone.channels]
-        in_channels = self.backbone.channels[-1]  # extra levels: stride-2 convs, the first on the last backbone map
-        for _ in range(levels - len(projections)):
-            projections.append(nn.Sequential(nn.Conv2d(in_channels, d, 3, stride=2, padding=1), nn.GroupNorm(32, d)))
-            in_channels = d
-        self.input_proj = nn.ModuleList(projections)
+        self.input_proj = LevelProjections(self.backbone.channels, d, levels)
         # Only the encoder reads position encodings; without one a level embedding would be an unused parameter.
         self.level_embed = nn.Parameter(torch.empty(levels, d)) if config.encoder_layers else None
         layer_args = (d, config.num_heads, levels, config.num_points, config.ffn, config.dropout)
@@ -139,9 +135,7 @@ class DeformableDETR(nn.Module):
             nn.init.normal_(self.level_embed)
         nn.init.xavier_uniform_(self.reference_points.weight, gain=1.0)
         nn.init.zeros_(self.reference_points.bias)
-        for proj in self.input_proj:
-            nn.init.xavier_uniform_(proj[0].weight, gain=1)
-            nn.init.zeros_(proj[0].bias)
+        self.input_proj.reset_parameters()
         nn.init.constant_(self.class_head.bias, -math.log((1 - 0.01) / 0.01))  # prior probability 0.01
         nn.init.zeros_(self.box_head.layers[-1].weight)
         nn.init.zeros_(self.box_head.layers[-1].bias)
@@ -154,14 +148,7 @@ class DeformableDETR(nn.Module):
 
     def multi_scale_features(self, images: Tensor, padding_mask: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         """-> projected maps [B, d, H_j, W_j] and padding masks [B, H_j, W_j], finest level first."""
-        backbone_out = self.backbone(images, padding_mask)
-        features = [proj(f) for proj, (f, _) in zip(self.input_proj, backbone_out)]
-        masks = [m for _, m in backbone_out]
-        for j in range(len(features), self.num_levels):
-            src = backbone_out[-1][0] if j == len(backbone_out) else features[-1]
-            features.append(self.input_proj[j](src))
-            masks.append(F.interpolate(padding_mask[None].float(), size=features[-1].shape[-2:])[0].bool())
-        return features, masks
+        return self.input_proj(self.backbone(images, padding_mask), padding_mask)
 
     def encode(self, features: list[Tensor], masks: list[Tensor], valid_ratios: Tensor) -> Tensor:
         """Flatten the levels and run the encoder -> memory [B, S, d] (the flat features if no encoder)."""
