@@ -160,3 +160,19 @@ def test_asha_stops_a_bad_trial_early_while_two_run_at_once(ray_cluster, tiny_da
     slowest = min(trials, key=lambda r: float(r.data.params["student.schedule.lr"]))
     assert float(slowest.data.params["student.schedule.lr"]) < 1e-6 and slowest in stopped
     assert all(r.data.tags["detrdistill.status"] == "finished" for r in trials)
+
+
+def test_tune_runs_without_optunas_already_reported_warning_only():
+    """A resumed search re-reports the epoch Tune's snapshot missed (same value; Optuna keeps the first):
+    that one warning is silenced while Tune runs, any other still shows, and nothing is silenced after."""
+    import warnings
+    from optuna._warnings import optuna_warn
+    from detrdistill.orchestrator.search import _quiet_tune
+    again = "The reported value is ignored because this `step=1` is already reported."
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with _quiet_tune():
+            optuna_warn(again)
+            optuna_warn("another warning")
+        optuna_warn(again)
+    assert [str(w.message) for w in caught] == ["another warning", again]

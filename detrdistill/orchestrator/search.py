@@ -686,7 +686,12 @@ QUIET_TUNE = {"RAY_AIR_NEW_OUTPUT": "0", "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPO
 @contextlib.contextmanager
 def _quiet_tune() -> Iterator[None]:
     """Tune without its console output, and with the Ctrl-C handler put back afterwards: Tune installs its
-    own (stop gracefully, save the experiment state) and leaves it there when the run ends normally."""
+    own (stop gracefully, save the experiment state) and leaves it there when the run ends normally.
+
+    Also without Optuna's "step is already reported" warning. On a resumed search the Optuna study (SQLite,
+    written at every report) can be ahead of Tune's experiment snapshot (written now and then): a trial then
+    restarts from the checkpoint before its last reported epoch and reports that epoch again, with the same
+    value (resume is exact), and Optuna keeps the first."""
     saved_env = {k: os.environ.get(k) for k in QUIET_TUNE}
     os.environ.update({k: os.environ.get(k, v) for k, v in QUIET_TUNE.items()})
     tune_logger = logging.getLogger("ray.tune")  # its messages (how to Tuner.restore, trial tracebacks) are
@@ -695,7 +700,10 @@ def _quiet_tune() -> Iterator[None]:
     main = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGINT) if main else None
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"The reported value is ignored because this `step=",
+                                    category=UserWarning)
+            yield
     finally:
         tune_logger.setLevel(level)
         for k, v in saved_env.items():
