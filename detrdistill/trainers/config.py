@@ -76,19 +76,15 @@ class ModelConfig(StrictModel):
             raise ValueError(f"hidden_dim {self.hidden_dim} must be divisible by 4 (sine position encodings)")
         if self.hidden_dim % self.num_heads:
             raise ValueError(f"hidden_dim {self.hidden_dim} is not divisible by num_heads {self.num_heads}")
-        if self.family == "deformable_detr" and self.hidden_dim % 32:
-            raise ValueError(f"{self.family} needs hidden_dim divisible by 32 (GroupNorm(32) input projections)")
+        if self.hidden_dim % 32 and (self.family == "deformable_detr" or
+                                     (self.family == "conditional_detr" and self.levels > 1)):
+            raise ValueError(f"{self.family} with {self.levels} feature level(s) needs hidden_dim divisible by 32 "
+                             f"(GroupNorm(32) input projections), got {self.hidden_dim}")
         if self.family == "adamixer" and self.hidden_dim % 8:
             raise ValueError("adamixer needs hidden_dim divisible by 8 (its (x, y, z, r) position encoding)")
         if self.family == "adamixer" and self.hidden_dim % self.mixing_groups:
             raise ValueError(f"adamixer needs hidden_dim {self.hidden_dim} divisible by its {self.mixing_groups} "
                              "mixing groups")
-        if self.family == "conditional_detr" and self.levels > 1 and self.hidden_dim % 32:
-            raise ValueError(f"conditional_detr with {self.levels} feature levels needs hidden_dim divisible by 32 "
-                             f"(GroupNorm(32) input projections), got {self.hidden_dim}")
-        if self.family == "conditional_detr" and self.backbone_dilation and self.levels != 1:
-            raise ValueError("backbone_dilation (DC5) is a single-level conditional_detr; with it "
-                             "num_feature_levels must be 1")
         if self.attention_init == "local" and self.family != "conditional_detr":
             raise ValueError(f"attention_init 'local' is for conditional_detr; {self.family} keeps 'xavier'")
         if self.attention_init == "local" and (self.hidden_dim // self.num_heads) % 4:
@@ -101,6 +97,9 @@ class ModelConfig(StrictModel):
         if self.backbone_dilation and (self.family != "conditional_detr" or not self.backbone.startswith("resnet")):
             raise ValueError("backbone_dilation (DC5) is for conditional_detr on a resnet: the multi-scale "
                              "families assume strides 8/16/32")
+        if self.backbone_dilation and self.levels != 1:  # conditional_detr here
+            raise ValueError("backbone_dilation (DC5) is a single-level conditional_detr; with it "
+                             "num_feature_levels must be 1")
         return self
 
     @property

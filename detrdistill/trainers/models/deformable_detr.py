@@ -105,8 +105,6 @@ class DeformableDETR(nn.Module):
     def __init__(self, config: ModelConfig, num_classes: int):
         super().__init__()
         d, levels = config.hidden_dim, config.levels
-        if d % 32:
-            raise ValueError(f"deformable_detr needs hidden_dim divisible by 32 (GroupNorm(32)), got {d}")
         self.config, self.hidden_dim, self.num_levels, self.num_classes = config, d, levels, num_classes
         self.backbone = Backbone(config.backbone, min(levels, 3), config.backbone_weights, config.train_backbone,
                                  config.norm)
