@@ -158,4 +158,12 @@ def test_make_dataset_max_objects(tmp_path):
 def _median_size(coco: dict) -> int:
     sizes = sorted(max(a["bbox"][2:]) for a in coco["annotations"])
     return sizes[len(sizes) // 2]
-    assert main(["make-dataset", "synthetic", str(tmp_path / "bad"), "--max-objects", "0"]) == 2
+
+
+def test_make_dataset_refuses_bad_flags(tmp_path, capsys):
+    out = tmp_path / "bad"
+    assert main(["make-dataset", "synthetic", str(out), "--max-objects", "0", "--image-size", "16"]) == 2
+    err = capsys.readouterr().err
+    assert "--max-objects: input should be greater than or equal to 1, got 0" in err
+    assert "--image-size: input should be greater than or equal to 32, got 16" in err
+    assert "--train" not in err and not out.exists()  # named only what is wrong; nothing written

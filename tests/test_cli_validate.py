@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from detrdistill.orchestrator.cli import main
+from detrdistill.orchestrator.spec import expand_trials, load_spec
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted((REPO / "experiments").glob("*.yaml"))
@@ -141,3 +142,24 @@ def test_validate_imports_no_heavy_framework(workdir):
                             timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[-1] == "[]"
+
+
+def test_validate_plan_lists_trials_and_what_the_store_holds(workdir, capsys):
+    """--plan: teachers first, one line per trial with its hash; a result.json makes it finished (with its AP),
+    a checkpoint alone started, nothing to train; the store is only read."""
+    trials = expand_trials(load_spec("good.yaml"))
+    teacher, plain, distilled = trials[1].teacher.hash, trials[0].hash, trials[1].hash
+    store = workdir / "store"
+    (store / teacher).mkdir(parents=True)
+    (store / teacher / "result.json").write_text('{"metrics": {"AP": 0.4125}}')
+    (store / plain).mkdir()
+    (store / plain / "checkpoint.pt").write_bytes(b"")
+    before = tree(workdir)
+    assert main(["validate", "good.yaml", "--plan", "--store", str(store)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("good.yaml: ok: good: 2 trials") and len(lines) == 4
+    assert lines[1].split()[0] == "teacher" and teacher in lines[1] and "finished (AP 0.4125)" in lines[1]
+    assert lines[2].split()[0] == "distill.method=none" and plain in lines[2] and "started" in lines[2]
+    assert lines[3].split()[0] == "distill.method=detrdistill" and distilled in lines[3]
+    assert lines[3].endswith("to train") and "resnet18 6+6 layers, 50 epochs" in lines[3]
+    assert tree(workdir) == before

@@ -24,7 +24,7 @@ def small_model(family):
 
 
 def small_config_model(family):
-    """The small config's model: small_model, except (README, "The small config, what was tried")
+    """The small config's model: small_model, except (docs/small_config.md)
     - AdaMixer: 4 stages with P_out 32 (its cascade needs the stages: 2 stages reach AP 0.0066, 4 stages 0.0179
       at 1.4x the step time with P_out 128, 0.020 with P_out 32 at about Deformable DETR's cost);
     - Conditional DETR: Deformable DETR's 4 levels, attention_init local, no encoder and 4 decoder layers (the

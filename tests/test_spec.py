@@ -88,6 +88,16 @@ MALFORMED = [
         """, [], ["expected an integer, got 'ten'"], id="wrong-type"),
     pytest.param("""
         name: t
+        data:
+          format: synthetic
+          train_images: 2000  # <- data.train_images
+          seed: 1  # <- data.seed
+        student: {}
+        """, [], ["expected a string (the training images' folder, relative to root; the synthetic task's size "
+                  "is synthetic_train), got 2000", "unknown key 'seed' in data; did you mean 'synthetic_seed'?"],
+        id="synthetic-size-as-folder"),
+    pytest.param("""
+        name: t
         student:
           schedule:
             lr: -1.0e-4  # <- student.schedule.lr

@@ -28,6 +28,11 @@ def add_set_argument(parser: argparse.ArgumentParser) -> None:
 def add_validate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("specs", nargs="+", metavar="SPEC", help="spec YAML file(s)")
     add_set_argument(parser)
+    parser.add_argument("--plan", action="store_true",
+                        help="also list every trial (teachers first) with its model, epochs, hash and what the "
+                             "trial store holds of it: finished, started (resumed) or to train")
+    parser.add_argument("--store", default="runs", metavar="DIR",
+                        help="the trial store --plan looks in (default ./runs)")
 
 
 def validate(args: argparse.Namespace) -> int:
@@ -47,8 +52,38 @@ def validate(args: argparse.Namespace) -> int:
                   f"file (or override with --set KEY=VALUE) and run `detrdistill validate {file}` again",
                   file=sys.stderr)
             continue
-        print(summary(file, spec, expand_trials(spec)))
+        trials = expand_trials(spec)
+        print(summary(file, spec, trials))
+        if args.plan:
+            print("\n".join(plan_lines(spec, trials, args.store)))
     return EXIT_INVALID if invalid else EXIT_OK
+
+
+def plan_lines(spec: Spec, trials: Sequence[PlannedTrial], store: str) -> list[str]:
+    """One line per trial in the order a run starts them (each teacher before its students; a trial that
+    several cells share, once): label, model, epochs, hash, and what the store holds of it."""
+    from detrdistill.orchestrator.plan import store_status
+
+    def model(config) -> str:
+        m = config.model  # AdaMixer has no encoder: its depth is its decoder stages
+        depth = (f"{m.decoder_layers} stages" if m.family == "adamixer"
+                 else f"{m.encoder_layers}+{m.decoder_layers} layers")
+        return f"{m.family} {m.backbone} {depth}, {config.schedule.epochs} epochs"
+
+    rows, seen = [], set()
+    for trial in trials:
+        if trial.teacher is not None and trial.teacher.hash not in seen:
+            seen.add(trial.teacher.hash)
+            rows.append(("teacher", model(trial.teacher.config), trial.teacher.hash,
+                         store_status(store, trial.teacher.hash)))
+    for trial in trials:
+        if spec.search is not None:
+            rows.append((trial.label, model(trial.config), "-", f"a search of {spec.search.num_samples} trials"))
+        elif trial.hash not in seen:
+            seen.add(trial.hash)
+            rows.append((trial.label, model(trial.config), trial.hash, store_status(store, trial.hash)))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    return ["  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[3] for row in rows]
 
 
 def summary(file: str, spec: Spec, trials: Sequence[PlannedTrial]) -> str:
@@ -237,10 +272,19 @@ def make_dataset(args: argparse.Namespace) -> int:
     """Write the synthetic detection dataset in COCO format (deterministic by seed).
 
     A spec reads it with data: {format: coco, root: OUT}, or generates its own with format: synthetic."""
+    from pydantic import ValidationError
+
+    from detrdistill.trainers.config import DataConfig
     from detrdistill.trainers.data.synthetic import make_synthetic, print_progress
-    if min(args.train, args.val, args.max_objects) < 1 or args.image_size < 32 or not 0 < args.min_size < 0.65:
-        print("detrdistill: --train, --val and --max-objects must be >= 1, --image-size >= 32 and "
-              "0 < --min-size < 0.65", file=sys.stderr)
+    flags = {"synthetic_train": "train", "synthetic_val": "val", "synthetic_image_size": "image_size",
+             "synthetic_max_objects": "max_objects", "synthetic_min_size": "min_size"}
+    try:  # the bounds a spec's data.synthetic_* fields have, checked by the same model
+        DataConfig(format="synthetic", **{field: getattr(args, flag) for field, flag in flags.items()})
+    except ValidationError as e:
+        for err in e.errors(include_url=False):
+            flag = "--" + flags[err["loc"][0]].replace("_", "-")
+            print(f"detrdistill make-dataset: {flag}: {err['msg'][0].lower()}{err['msg'][1:]}, got {err['input']}",
+                  file=sys.stderr)
         return EXIT_INVALID
     out = make_synthetic(args.out, args.train, args.val, args.seed, args.image_size, args.max_objects,
                          args.min_size, progress=print_progress)

@@ -926,6 +926,13 @@ def _field_annotation(parts: tuple, root: Any = Spec) -> tuple[Any, Optional[str
     return ann, None
 
 
+def _field_description(path: tuple) -> Optional[str]:
+    """The pydantic `description` of the field at `path`, if it has one (what a value of it means)."""
+    model = _model_in(_field_annotation(path[:-1])[0]) if path else None
+    field = model.model_fields.get(path[-1]) if model is not None else None
+    return field.description if field is not None else None
+
+
 def _members(ann: Any) -> tuple:
     return get_args(ann) if _is_union(ann) else (ann,)
 
@@ -933,6 +940,8 @@ def _members(ann: Any) -> tuple:
 def _unknown_key_message(key: str, model: type[BaseModel], parent: tuple) -> str:
     known = list(model.model_fields)
     close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    # a key written without its prefix or suffix (data.seed for data.synthetic_seed) is too short for difflib
+    close = close or [k for k in known if k.endswith(f"_{key}") or k.startswith(f"{key}_")][:1]
     where = f"in {_fmt(parent)}" if parent else "at the top level"
     hint = f"did you mean {close[0]!r}? " if close else ""
     return f"unknown key {key!r} {where}; {hint}known keys: {', '.join(known)}"
@@ -1037,7 +1046,8 @@ def _message(err: dict, path: tuple, ann: Any) -> str:
     if kind == "string_pattern_mismatch":
         return f"expected a name of letters, digits, '-' and '_' starting with a letter or digit (at most 64){got}"
     if kind.endswith(("_type", "_parsing")) or kind in ("int_from_float", "model_attributes_type"):
-        return f"expected {expected}{got}"
+        meaning = _field_description(path)
+        return f"expected {expected}{f' ({meaning})' if meaning else ''}{got}"
     return f"{err['msg']}{got}"
 
 

@@ -56,7 +56,7 @@ class ModelConfig(StrictModel):
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
     # conditional_detr: "xavier" is the paper's initialisation; "local" (for training from scratch on little
     # data) starts each decoder cross-attention head as a kernel around its query's reference point and the
-    # encoder as the identity (ConditionalDETR._local_attention_init; README, "The small config")
+    # encoder as the identity (ConditionalDETR._local_attention_init; docs/small_config.md)
     attention_init: Literal["xavier", "local"] = "xavier"
 
     @model_validator(mode="before")
@@ -145,8 +145,10 @@ class DataConfig(StrictModel):
     root: Path = Path("data/synthetic")
     train: str = "annotations/instances_train.json"
     val: str = "annotations/instances_val.json"
-    train_images: str = "train"  # image folder relative to root
-    val_images: str = "val"
+    train_images: str = Field("train", description=(
+        "the training images' folder, relative to root; the synthetic task's size is synthetic_train"))
+    val_images: str = Field("val", description=(
+        "the validation images' folder, relative to root; the synthetic task's size is synthetic_val"))
     # synthetic generator settings (ignored for coco)
     synthetic_train: int = Field(2000, ge=1)
     synthetic_val: int = Field(300, ge=1)

@@ -206,7 +206,7 @@ class ConditionalDETR(nn.Module):
             self._local_attention_init()
 
     def _local_attention_init(self) -> None:
-        """attention_init "local", for training from scratch on little data (README, "The small config").
+        """attention_init "local", for training from scratch on little data (docs/small_config.md).
 
         From Xavier's random projections the cross-attention starts near uniform over the map, and from
         scratch on little data the queries then collapse to the image's class prior and stay there. Here, in
