@@ -14,10 +14,13 @@ it; the CPU's own time does not, being dominated by the convolutions). With --co
 (inductor's fused kernels are not aten operators) and "1st s", the first step, is mostly compilation.
 
 One step = forward, the set loss (ours: our criterion; transformers: its own loss), backward, fused AdamW step.
-Reported: the median over --steps timed steps after --warmup steps. On the CPU every configuration runs in
-its own subprocess, so "peak memory" (the process's peak RSS) is its own; on CUDA all run in this process,
-one after another with the memory freed in between, and peak memory is torch.cuda.max_memory_allocated
-since a reset (one process saves ~10 s of start-up per configuration on a lent GPU).
+Reported: the median over --steps timed steps after --warmup steps. The configurations compared in one
+table row (a family's ours and transformers' in fp32 and bf16; the parts of a distillation step) are built
+together and timed interleaved, one step of each per round, so that the machine's drift between them (GPU
+clocks, other tenants: up to 24% on the same configuration measured minutes apart on a lent H100) does not enter
+their ratios. On CUDA that is in this process, and peak memory is torch.cuda.max_memory_allocated during a
+configuration's warm-up less what the configurations built before it hold; on the CPU each configuration
+runs in a subprocess of its own (peak memory: its peak RSS; its times are not compared), unless --in-process.
 
 The distillation floor is what a distillation step cannot avoid, each part measured on its own: the student
 step, the teacher's forward (eval, no grad), and the extra cost of passing the teacher's queries through the
@@ -209,40 +212,68 @@ def count_ops(step) -> int:
     return Count.n
 
 
-def measure(family, mode, scale_name, dtype, steps, warmup, channels_last=False, compiled=False) -> dict:
-    """Build one configuration and time it -> {median_s, peak_mib, device, ops, kd_solve_s, first_s}."""
+def measure_group(configs, scale_name, steps, warmup, channels_last=False, compiled=False) -> list[dict]:
+    """Build every configuration of a comparison ([(family, mode, dtype)]), then time them interleaved: round r
+    runs one step of each, in an order rotated by r, so that a drift of the machine (GPU clocks, the host's
+    load, other tenants) weighs on all of them alike and their ratios stay fair. Returns one dict per
+    configuration: {median_s, peak_mib, device, ops, kd_solve_s, first_s}, or {error}; one that fails is
+    dropped from the later rounds without losing the others' numbers."""
     import resource
     import torch
-    torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     scale = SCALES[scale_name]
-    step = _hf(family, scale, device, dtype) if mode == "transformers" else \
-        _ours(family, scale, device, dtype, mode, channels_last, compiled)
     solving = _time_kd_solve()  # wall time inside the KD assignment solve, this step
-    first = None
-    for i in range(warmup):
-        t0 = time.perf_counter()
-        step()
+    results, steppers = [{} for _ in configs], {}
+    for i, (family, mode, dtype) in enumerate(configs):
+        torch.manual_seed(0)
         _sync(device)
-        if i == 0:
-            first = time.perf_counter() - t0  # with --compile: the compilation
-    _sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    times, solves = [], []
-    for _ in range(steps):
-        _sync(device)
-        solving[0] = 0.0
-        t0 = time.perf_counter()
-        step()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-        solves.append(solving[0])
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else \
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    # a compiled model's kernels are not aten operators: no count
-    return {"median_s": statistics.median(times), "peak_mib": peak, "device": str(device),
-            "ops": -1 if compiled else count_ops(step), "kd_solve_s": statistics.median(solves), "first_s": first}
+        held = torch.cuda.memory_allocated() if device.type == "cuda" else 0  # the configurations built before
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            step = _hf(family, scale, device, dtype) if mode == "transformers" else \
+                _ours(family, scale, device, dtype, mode, channels_last, compiled)
+            for w in range(warmup):
+                t0 = time.perf_counter()
+                step()
+                _sync(device)
+                if w == 0:
+                    results[i]["first_s"] = time.perf_counter() - t0  # with --compile: the compilation
+            # a compiled model's kernels are not aten operators: no count
+            results[i]["ops"] = -1 if compiled else count_ops(step)
+            _sync(device)
+        except Exception as e:  # this configuration failed (e.g. out of memory): keep the others
+            results[i] = {"error": f"{type(e).__name__}: {e}"[:200]}
+            step = None
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
+        results[i]["peak_mib"] = (torch.cuda.max_memory_allocated() - held) / 2**20 if device.type == "cuda" \
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        steppers[i] = step
+    times, solves = {i: [] for i in steppers}, {i: [] for i in steppers}
+    for r in range(steps):
+        order = list(steppers)
+        order = order[r % len(order):] + order[:r % len(order)] if order else order
+        for i in order:
+            try:
+                _sync(device)
+                solving[0] = 0.0
+                t0 = time.perf_counter()
+                steppers[i]()
+                _sync(device)
+            except Exception as e:
+                results[i] = {"error": f"{type(e).__name__}: {e}"[:200]}
+                del steppers[i]
+                continue
+            times[i].append(time.perf_counter() - t0)
+            solves[i].append(solving[0])
+    for i in steppers:
+        results[i].update(median_s=statistics.median(times[i]), kd_solve_s=statistics.median(solves[i]),
+                          device=str(device))
+    steppers.clear()
+    return results
 
 
 def _time_kd_solve() -> list:
@@ -263,25 +294,28 @@ def _time_kd_solve() -> list:
     return total
 
 
-def run_one(family, mode, scale, dtype, steps, warmup, in_process, channels_last=False, compiled=False) -> dict:
-    """One measurement, in this process (CUDA) or a subprocess of its own (CPU: peak RSS is per process)."""
+def run_group(configs, scale, steps, warmup, in_process, channels_last=False, compiled=False) -> list[dict]:
+    """A comparison's configurations timed interleaved in this process (CUDA, or --in-process), or on the
+    CPU each in a subprocess of its own (peak RSS is per process; CPU times are not compared anyway)."""
     if in_process:
         import torch
         try:
-            return measure(family, mode, scale, dtype, steps, warmup, channels_last, compiled)
-        except Exception as e:  # one failed configuration must not lose the others' numbers
-            return {"error": f"{type(e).__name__}: {e}"[:200]}
+            return measure_group(configs, scale, steps, warmup, channels_last, compiled)
         finally:
             gc.collect()
             torch.cuda.empty_cache()
-    cmd = [sys.executable, __file__, "--child", family, mode, "--scale", scale, "--dtypes", dtype,
-           "--steps", str(steps), "--warmup", str(warmup)] + (["--channels-last"] if channels_last else []) + \
-        (["--compile"] if compiled else [])
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
-    return json.loads(lines[-1])
+    out = []
+    for family, mode, dtype in configs:
+        cmd = [sys.executable, __file__, "--child", family, mode, "--scale", scale, "--dtypes", dtype,
+               "--steps", str(steps), "--warmup", str(warmup)] + (["--channels-last"] if channels_last else []) + \
+            (["--compile"] if compiled else [])
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+        if proc.returncode != 0 or not lines:
+            out.append({"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]})
+        else:
+            out.append(json.loads(lines[-1]))
+    return out
 
 
 def main(argv=None):
@@ -307,22 +341,23 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.child:
         family, mode = args.child
-        print(json.dumps(measure(family, mode, args.scale, args.dtypes[0], args.steps, args.warmup,
-                                 args.channels_last, args.compile)), flush=True)
+        print(json.dumps(measure_group([(family, mode, args.dtypes[0])], args.scale, args.steps, args.warmup,
+                                       args.channels_last, args.compile)[0]), flush=True)
         return
     import torch
     cuda = torch.cuda.is_available()
     dtypes = args.dtypes or (["fp32", "bf16"] if cuda else ["fp32"])
     results = []
 
-    def run(family, mode, dtype):
-        r = run_one(family, mode, args.scale, dtype, args.steps, args.warmup, in_process=cuda or args.in_process,
-                    channels_last=args.channels_last, compiled=args.compile)
-        results.append({"family": family, "mode": mode, "dtype": dtype, **r})
+    def run(configs):
+        """Measure [(family, mode, dtype)] together -> {(mode, dtype): result}."""
+        rs = run_group(configs, args.scale, args.steps, args.warmup, in_process=cuda or args.in_process,
+                       channels_last=args.channels_last, compiled=args.compile)
+        results.extend({"family": f, "mode": m, "dtype": d, **r} for (f, m, d), r in zip(configs, rs))
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"scale": args.scale, "results": results}, f, indent=1)
-        return r
+        return {(m, d): r for (_, m, d), r in zip(configs, rs)}
 
     device = torch.cuda.get_device_name() if cuda else "cpu"
     layout = (" memory_format=channels_last" if args.channels_last else "") + (" torch.compile" if args.compile else "")
@@ -334,12 +369,14 @@ def main(argv=None):
 
 
 def step_table(args, dtypes, run):
+    """Per family, ours and transformers' model in every dtype, timed interleaved; then ours bf16 / fp32."""
     print(f"{'family':18} {'dtype':5} {'ours s/step':>12} {'hf s/step':>10} {'ours/hf':>8} {'ours MiB':>9} "
           f"{'hf MiB':>8} {'ours ops':>9} {'hf ops':>8} {'ours 1st s':>10}", flush=True)
     for family in args.families:
+        modes = ["student"] + (["transformers"] if family in HF_FAMILIES and not args.ours_only else [])
+        r = run([(family, mode, dtype) for dtype in dtypes for mode in modes])
         for dtype in dtypes:
-            ours = run(family, "student", dtype)
-            hf = run(family, "transformers", dtype) if family in HF_FAMILIES and not args.ours_only else {}
+            ours, hf = r[("student", dtype)], r.get(("transformers", dtype), {})
             if "error" in ours:
                 print(f"{family:18} {dtype:5} ours failed: {ours['error']}", flush=True)
                 continue
@@ -348,9 +385,13 @@ def step_table(args, dtypes, run):
             hf_m = f"{hf['peak_mib']:.0f}" if "peak_mib" in hf else "-"
             hf_ops = str(hf["ops"]) if "ops" in hf else "-"
             print(f"{family:18} {dtype:5} {ours['median_s']:12.4f} {hf_s:>10} {ratio:>8} {ours['peak_mib']:9.0f} "
-                  f"{hf_m:>8} {ours['ops']:9d} {hf_ops:>8} {ours['first_s'] or 0:10.1f}", flush=True)
+                  f"{hf_m:>8} {ours['ops']:9d} {hf_ops:>8} {ours.get('first_s') or 0:10.1f}", flush=True)
             if "error" in hf:
                 print(f"  transformers failed: {hf['error']}", flush=True)
+        fp32, bf16 = r.get(("student", "fp32"), {}), r.get(("student", "bf16"), {})
+        if "median_s" in fp32 and "median_s" in bf16:
+            print(f"{family:18} ours bf16/fp32 {bf16['median_s'] / fp32['median_s']:.3f} (below 1: bf16 faster)",
+                  flush=True)
 
 
 def distill_table(args, dtypes, run):
@@ -364,7 +405,7 @@ def distill_table(args, dtypes, run):
     parts = ("student", "teacher_forward", "student_group", "distill", "distill_ahead")
     for family in args.families:
         for dtype in args.distill_dtypes or dtypes:
-            r = {m: run(family, m, dtype) for m in parts}
+            r = {m: v for (m, _), v in run([(family, m, dtype) for m in parts]).items()}
             if any("error" in v for v in r.values()):
                 print(f"{family:18} {dtype:5} failed: {[v.get('error') for v in r.values()]}", flush=True)
                 continue
