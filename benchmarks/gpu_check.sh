@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The prepared GPU check, run on a lent GPU machine from the repo root:
-#   bash benchmarks/gpu_check.sh [tests] [step] [distill] [layout] [matching] [compile] [kd]  (default: all, in order)
+#   bash benchmarks/gpu_check.sh [tests] [bf16] [step] [distill] [layout] [matching] [compile] [kd]
+#   (default: all but bf16, which step includes, in this order)
 # tests     the CUDA tests (tests/test_gpu.py: CUDA == CPU forward and KD terms, bf16 steps, a whole amp trial)
+# bf16      benchmarks/step.py at paper scale, ours only: fp32 and bf16 timed interleaved, bf16/fp32 per family
 # step      benchmarks/step.py at paper scale: ours vs transformers, fp32 and bf16
 # distill   benchmarks/step.py --distill at paper scale: distillation step vs the floor (fp32 and bf16)
 # layout    our steps again with channels_last backbones (does bf16 then beat fp32 where it did not?)
@@ -11,8 +13,8 @@
 # kd        experiments/synthetic_kd.yaml through benchmarks/run_local.py (teacher, then 10 students at once)
 # Each stage has its own time limit and writes its log under $OUT, so one that fails or runs long loses
 # nothing of the others. All stages together can take longer than one 10-minute device call; with a
-# 15-minute device budget run `tests distill` first (stage limits 450 s in all; timeout_s 600), then
-# `step layout` (390 s) or `compile` (360 s) with what is left. Needs no network: pydantic and pycocotools travel as wheels in .whl/ (see README).
+# 15-minute device budget run `tests bf16 distill` first (stage limits 570 s in all, ~6 min expected;
+# timeout_s 600), then `layout` (150 s) or `compile` (360 s) with what is left. Needs no network: pydantic and pycocotools travel as wheels in .whl/ (see README).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
@@ -33,6 +35,11 @@ $PY -c "import torch, torchvision, transformers; print('torch', torch.__version_
 if has tests; then
     stamp tests
     timeout 150 $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py 2>&1 | tail -15 | tee "$OUT/tests.txt"
+fi
+if has bf16; then
+    stamp "bf16 vs fp32, paper scale, ours only (interleaved)"
+    timeout 120 $PY benchmarks/step.py --scale paper --steps 10 --warmup 3 --ours-only \
+        --json "$OUT/bf16.json" 2>&1 | tee "$OUT/bf16.txt"
 fi
 if has step; then
     stamp "step benchmark, paper scale"
