@@ -3,7 +3,8 @@
 #   bash benchmarks/gpu_check.sh [tests] [bf16] [step] [distill] [layout] [matching] [compile] [kd]
 #   (default: all but bf16, which step includes, in this order)
 # tests     the CUDA tests (tests/test_gpu.py: CUDA == CPU forward and KD terms, bf16 steps, a whole amp trial)
-# bf16      benchmarks/step.py at paper scale, ours only: fp32 and bf16 timed interleaved, bf16/fp32 per family
+# bf16      benchmarks/step.py at paper scale, ours only: fp32, bf16 (the engine's: bf16 weight copies) and
+#           bf16-plain (autocast alone) timed interleaved, each bf16 / fp32 per family
 # step      benchmarks/step.py at paper scale: ours vs transformers, fp32 and bf16
 # distill   benchmarks/step.py --distill at paper scale: distillation step vs the floor (fp32 and bf16)
 # layout    our steps again with channels_last backbones (does bf16 then beat fp32 where it did not?)
@@ -38,7 +39,7 @@ if has tests; then
 fi
 if has bf16; then
     stamp "bf16 vs fp32, paper scale, ours only (interleaved)"
-    timeout 120 $PY benchmarks/step.py --scale paper --steps 10 --warmup 3 --ours-only \
+    timeout 120 $PY benchmarks/step.py --scale paper --steps 10 --warmup 3 --ours-only --dtypes fp32 bf16 bf16-plain \
         --json "$OUT/bf16.json" 2>&1 | tee "$OUT/bf16.txt"
 fi
 if has step; then

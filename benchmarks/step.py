@@ -50,6 +50,8 @@ SCALES = {
     "paper": dict(height=800, width=1066, batch=2, backbone="resnet50", queries=300, hidden=256, enc=6, dec=6,
                   classes=91, teacher_backbone="resnet101", norm="frozen_bn"),
 }
+# bf16: autocast with the weights as bf16 copies (BF16Weights, as the engine runs it); bf16-plain: autocast only
+DTYPES = ("fp32", "bf16", "bf16-plain")
 # what one measurement builds: ours/transformers train steps, and the parts of a distillation step
 MODES = ("student", "transformers", "teacher_forward", "student_group", "distill", "distill_ahead")
 
@@ -111,18 +113,24 @@ class _CachedTeacher:
         return self.out
 
 
-def _train_step(loss_fn, model, params, images, mask, targets, device, dtype, ahead=False):
+def _train_step(loss_fn, model, params, images, mask, targets, device, dtype, ahead=False, ours=True):
     """ahead: hand the objective the next step's batch (the same tensors here), as the engine does on
-    CUDA, so the teacher's next forward is queued before the KD matching is solved."""
+    CUDA, so the teacher's next forward is queued before the KD matching is solved. ours and dtype bf16: the
+    model runs on bf16 copies of its weights, as the engine runs it (transformers' model: plain autocast)."""
     import torch
+    from detrdistill.trainers.bf16_weights import BF16Weights
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)  # as the engine (and for transformers' model too)
     kw = {"upcoming": (images, mask)} if ahead else {}
+    copies = ours and dtype == "bf16"
+    forward_model = BF16Weights(model) if copies else model
 
     def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
-            loss = loss_fn(model, images, mask, targets, **kw)["loss"]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype != "fp32"):
+            loss = loss_fn(forward_model, images, mask, targets, **kw)["loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if copies:
+            forward_model.grads_to_master()
         opt.step()
     return step
 
@@ -148,15 +156,18 @@ def _ours(family, scale, device, dtype, mode, channels_last=False, compiled=Fals
     teacher = build_detector(_model_config(family, scale, scale["teacher_backbone"]), scale["classes"]).to(device)
     if channels_last:
         teacher.backbone.to(memory_format=torch.channels_last)
+    if dtype == "bf16":  # as the engine: the frozen teacher on bf16 copies of its weights, made once
+        from detrdistill.trainers.bf16_weights import BF16Weights
+        teacher = BF16Weights(teacher, frozen=True)
     if mode == "teacher_forward":
         teacher.eval()
 
         def forward():
-            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype != "fp32"):
                 teacher(images, mask)
         return forward
     if mode == "student_group":  # the extra query group alone: query prior on, teacher output cached
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype != "fp32"):
             teacher = _CachedTeacher(teacher.eval(), images, mask)
         cfg = DistillConfig(method="detrdistill", logits={"weight": 0}, feature={"weight": 0})
     else:  # the full DETRDistill step: all three terms, weights 1
@@ -189,7 +200,7 @@ def _hf(family, scale, device, dtype):
     def hf_loss(model, images, mask, targets):
         return {"loss": model(pixel_values=images, pixel_mask=pixel_mask, labels=labels).loss}
     params = [p for p in model.parameters() if p.requires_grad]
-    return _train_step(hf_loss, model, params, images, None, None, device, dtype)
+    return _train_step(hf_loss, model, params, images, None, None, device, dtype, ours=False)
 
 
 _NOT_LAUNCHES = {"_unsafe_view", "lift_fresh", "lift_fresh_copy"}  # metadata or host-side, not a kernel
@@ -322,9 +333,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scale", choices=SCALES, default="tiny")
     ap.add_argument("--families", nargs="+", default=FAMILIES, choices=FAMILIES)
-    ap.add_argument("--dtypes", nargs="+", default=None, choices=["fp32", "bf16"],
+    ap.add_argument("--dtypes", nargs="+", default=None, choices=DTYPES,
                     help="default: fp32 and bf16 on CUDA, fp32 on the CPU")
-    ap.add_argument("--distill-dtypes", nargs="+", default=None, choices=["fp32", "bf16"],
+    ap.add_argument("--distill-dtypes", nargs="+", default=None, choices=DTYPES,
                     help="dtypes of the distillation table (default: as --dtypes)")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
@@ -370,7 +381,7 @@ def main(argv=None):
 
 def step_table(args, dtypes, run):
     """Per family, ours and transformers' model in every dtype, timed interleaved; then ours bf16 / fp32."""
-    print(f"{'family':18} {'dtype':5} {'ours s/step':>12} {'hf s/step':>10} {'ours/hf':>8} {'ours MiB':>9} "
+    print(f"{'family':18} {'dtype':10} {'ours s/step':>12} {'hf s/step':>10} {'ours/hf':>8} {'ours MiB':>9} "
           f"{'hf MiB':>8} {'ours ops':>9} {'hf ops':>8} {'ours 1st s':>10}", flush=True)
     for family in args.families:
         modes = ["student"] + (["transformers"] if family in HF_FAMILIES and not args.ours_only else [])
@@ -378,20 +389,22 @@ def step_table(args, dtypes, run):
         for dtype in dtypes:
             ours, hf = r[("student", dtype)], r.get(("transformers", dtype), {})
             if "error" in ours:
-                print(f"{family:18} {dtype:5} ours failed: {ours['error']}", flush=True)
+                print(f"{family:18} {dtype:10} ours failed: {ours['error']}", flush=True)
                 continue
             ratio = f"{ours['median_s'] / hf['median_s']:.2f}" if "median_s" in hf else "-"
             hf_s = f"{hf['median_s']:.4f}" if "median_s" in hf else ("failed" if "error" in hf else "-")
             hf_m = f"{hf['peak_mib']:.0f}" if "peak_mib" in hf else "-"
             hf_ops = str(hf["ops"]) if "ops" in hf else "-"
-            print(f"{family:18} {dtype:5} {ours['median_s']:12.4f} {hf_s:>10} {ratio:>8} {ours['peak_mib']:9.0f} "
+            print(f"{family:18} {dtype:10} {ours['median_s']:12.4f} {hf_s:>10} {ratio:>8} {ours['peak_mib']:9.0f} "
                   f"{hf_m:>8} {ours['ops']:9d} {hf_ops:>8} {ours.get('first_s') or 0:10.1f}", flush=True)
             if "error" in hf:
                 print(f"  transformers failed: {hf['error']}", flush=True)
-        fp32, bf16 = r.get(("student", "fp32"), {}), r.get(("student", "bf16"), {})
-        if "median_s" in fp32 and "median_s" in bf16:
-            print(f"{family:18} ours bf16/fp32 {bf16['median_s'] / fp32['median_s']:.3f} (below 1: bf16 faster)",
-                  flush=True)
+        fp32 = r.get(("student", "fp32"), {})
+        for dtype in ("bf16", "bf16-plain"):
+            low = r.get(("student", dtype), {})
+            if "median_s" in fp32 and "median_s" in low:
+                print(f"{family:18} ours {dtype}/fp32 {low['median_s'] / fp32['median_s']:.3f} (below 1: faster "
+                      f"than fp32)", flush=True)
 
 
 def distill_table(args, dtypes, run):
@@ -399,7 +412,7 @@ def distill_table(args, dtypes, run):
           f"floor = student step + teacher forward + extra query group", flush=True)
     print("(ahead: the teacher's forward on the next batch queued before the KD matching is solved, as the "
           "engine does on CUDA)", flush=True)
-    print(f"{'family':18} {'dtype':5} {'student':>8} {'t.fwd':>8} {'group':>8} {'floor':>8} {'distill':>8} "
+    print(f"{'family':18} {'dtype':10} {'student':>8} {'t.fwd':>8} {'group':>8} {'floor':>8} {'distill':>8} "
           f"{'ahead':>8} {'distill/student':>15} {'distill/floor':>13} {'ahead/floor':>11} {'kd solve':>8} "
           f"{'ops: distill':>12} {'floor':>6} {'d/floor':>7}", flush=True)
     parts = ("student", "teacher_forward", "student_group", "distill", "distill_ahead")
@@ -407,13 +420,13 @@ def distill_table(args, dtypes, run):
         for dtype in args.distill_dtypes or dtypes:
             r = {m: v for (m, _), v in run([(family, m, dtype) for m in parts]).items()}
             if any("error" in v for v in r.values()):
-                print(f"{family:18} {dtype:5} failed: {[v.get('error') for v in r.values()]}", flush=True)
+                print(f"{family:18} {dtype:10} failed: {[v.get('error') for v in r.values()]}", flush=True)
                 continue
             s, t, g, d, a = (r[m]["median_s"] for m in parts)
             floor = g + t  # student step with the extra group (= student + group) + teacher forward
             ops = {m: r[m]["ops"] for m in r}
             ops_floor = ops["student_group"] + ops["teacher_forward"]
-            print(f"{family:18} {dtype:5} {s:8.4f} {t:8.4f} {g - s:8.4f} {floor:8.4f} {d:8.4f} {a:8.4f} "
+            print(f"{family:18} {dtype:10} {s:8.4f} {t:8.4f} {g - s:8.4f} {floor:8.4f} {d:8.4f} {a:8.4f} "
                   f"{d / s:15.2f} {d / floor:13.2f} {a / floor:11.2f} {r['distill']['kd_solve_s']:8.4f} "
                   f"{ops['distill']:12d} {ops_floor:6d} "
                   f"{ops['distill'] / ops_floor:7.2f}", flush=True)

@@ -93,6 +93,32 @@ def test_bf16_train_steps_are_finite_and_close_to_fp32(family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_bf16_weight_copies_on_cuda_give_autocast_values(family):
+    """BF16Weights on CUDA (the engine's bf16 path): the forward is bitwise plain autocast's, and a step's
+    gradients match it (CUDA backward kernels may sum in another order; the CPU test is bitwise)."""
+    from detrdistill.trainers.bf16_weights import BF16Weights
+    torch.manual_seed(0)
+    model = build_detector(small(family), 5).to(CUDA).train()
+    wrapper, loss_fn = BF16Weights(model), DetectionLoss(SetCriterion(5))
+    images, mask, targets = batch(CUDA)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        plain, copied = model(images, mask).predictions, wrapper(images, mask).predictions
+    assert torch.equal(plain.logits, copied.logits) and torch.equal(plain.boxes, copied.boxes)
+    grads = []
+    for forward in (model, wrapper):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = loss_fn(forward, images, mask, targets)["loss"]
+        loss.backward()
+        if forward is wrapper:
+            wrapper.grads_to_master()
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+    assert len(grads[0]) == len(grads[1]) > 0
+    for a, b in zip(*grads):
+        assert b.dtype == torch.float32 and (a - b).abs().max().item() <= 1e-2 * a.abs().max().item() + 1e-6
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_distillation_terms_on_cuda_equal_cpu(family):
     torch.manual_seed(0)
     student = build_detector(small(family), 5).train()

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 
+from detrdistill.trainers.bf16_weights import BF16Weights
 from detrdistill.trainers.checkpoint import load_checkpoint, rng_state, save_checkpoint
 from detrdistill.trainers.config import ScheduleConfig, TrialConfig
 from detrdistill.trainers.criterion import SetCriterion
@@ -100,6 +101,11 @@ def _float_predictions(pred):
     return DecoderPredictions(pred.logits.float(), pred.boxes.float(), pred.hidden)
 
 
+def amp_enabled(schedule: ScheduleConfig, device: torch.device) -> bool:
+    """bf16 autocast in training: when the schedule asks for it, on CUDA (on a CPU bf16 is rarely faster)."""
+    return schedule.amp and device.type == "cuda"
+
+
 def _overlap_teacher(loss_fn, config: TrialConfig, device: torch.device) -> bool:
     """Whether this epoch hands the objective the next batch, for its teacher to run ahead (TrialConfig.
     overlap_teacher): "auto" only on CUDA with data workers, the case it speeds up and changes nothing in."""
@@ -132,18 +138,20 @@ def train_one_epoch(model, loss_fn, loader, optimizer, scheduler, device, config
     """One pass over the training loader. Returns the mean of every logged loss term."""
     model.train()
     schedule = config.schedule
-    use_amp = schedule.amp and device.type == "cuda"
+    use_amp = amp_enabled(schedule, device)
     sums: dict[str, float] = {}
     n = len(loader)
     log_every = max(1, n // 4)
     overlap = _overlap_teacher(loss_fn, config, device)
+    # under autocast the model runs on bf16 copies of its weights: autocast's values, fewer operators
+    forward_model = BF16Weights(model) if use_amp else model
     start = time.perf_counter()
     for step, (images, mask, targets, upcoming) in enumerate(_device_batches(loader, device, lookahead=overlap)):
         where = f"trial {config.name!r}: epoch {epoch + 1}, step {step + 1}"
         try:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                losses = loss_fn(model, images, mask, targets, upcoming=upcoming) if overlap else \
-                    loss_fn(model, images, mask, targets)
+                losses = loss_fn(forward_model, images, mask, targets, upcoming=upcoming) if overlap else \
+                    loss_fn(forward_model, images, mask, targets)
         except NonFiniteCostError as e:  # NaN predictions are caught by the matcher before any loss exists
             raise NonFiniteLossError(f"{where}: loss became nan (predictions are not finite: {e}); "
                                      "lower the learning rate or check the data") from e
@@ -154,6 +162,8 @@ def train_one_epoch(model, loss_fn, loader, optimizer, scheduler, device, config
                                      "rate or check the data")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if use_amp:
+            forward_model.grads_to_master()
         if schedule.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
                                            schedule.grad_clip)
@@ -185,7 +195,8 @@ def build_loss(config: TrialConfig, num_classes: int, device: torch.device):
     if config.distill.method == "none":
         return DetectionLoss(criterion)
     from detrdistill.trainers.distill import build_distillation_loss
-    return build_distillation_loss(config, criterion, num_classes, device)
+    return build_distillation_loss(config, criterion, num_classes, device,
+                                   bf16_teacher=amp_enabled(config.schedule, device))
 
 
 def run_trial(config: TrialConfig, workdir: Path, report: Optional[Report] = None,

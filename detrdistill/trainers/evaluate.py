@@ -6,6 +6,7 @@ import io
 
 import torch
 
+from detrdistill.trainers.bf16_weights import BF16Weights
 from detrdistill.trainers.postprocess import postprocess
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # the first six of COCOeval.stats, in its order
@@ -48,10 +49,12 @@ def evaluate(model, data_loader, device, label_to_category: list[int], coco_gt, 
     device = torch.device(device)
     was_training = model.training
     model.eval()
+    amp = amp and device.type == "cuda"
+    forward = BF16Weights(model, frozen=True) if amp else model  # bf16 weight copies made once, not per batch
     detections = {}
     for images, mask, targets in data_loader:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
-            out = model(images.to(device), mask.to(device)).predictions.layer(-1)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            out = forward(images.to(device), mask.to(device)).predictions.layer(-1)
         orig_sizes = torch.stack([t["orig_size"] for t in targets]).to(device)
         for t, det in zip(targets, postprocess(out["logits"], out["boxes"], orig_sizes)):
             detections[int(t["image_id"])] = det

@@ -1,8 +1,9 @@
 """Knowledge distillation for DETR-family detectors, written once against the detector contract."""
 
 
-def build_distillation_loss(config, criterion, num_classes: int, device):
-    """The distillation objective of a trial: loads the frozen teacher named by config.teacher."""
+def build_distillation_loss(config, criterion, num_classes: int, device, bf16_teacher: bool = False):
+    """The distillation objective of a trial: loads the frozen teacher named by config.teacher. bf16_teacher
+    (bf16 autocast on): the teacher runs on bf16 copies of its weights, made once (BF16Weights)."""
     from detrdistill.trainers.checkpoint import load_detector
     from detrdistill.trainers.distill.objective import DistillationLoss
     if config.teacher is None or config.teacher.checkpoint is None:
@@ -14,5 +15,8 @@ def build_distillation_loss(config, criterion, num_classes: int, device):
         raise ValueError(f"teacher {config.teacher.checkpoint} predicts {t_classes} classes, the data has "
                          f"{num_classes}")
     s_model, t_model = config.model, teacher.config
+    if bf16_teacher:
+        from detrdistill.trainers.bf16_weights import BF16Weights
+        teacher = BF16Weights(teacher, frozen=True)
     return DistillationLoss(teacher, criterion, config.distill, s_model.hidden_dim, t_model.hidden_dim,
                             s_model.decoder_layers, t_model.decoder_layers, s_model.levels).to(device)
