@@ -113,15 +113,15 @@ class _CachedTeacher:
         return self.out
 
 
-def _train_step(loss_fn, model, params, images, mask, targets, device, dtype, ahead=False, ours=True):
+def _train_step(loss_fn, model, params, images, mask, targets, device, dtype, ahead=False, weight_copies=False):
     """ahead: hand the objective the next step's batch (the same tensors here), as the engine does on
-    CUDA, so the teacher's next forward is queued before the KD matching is solved. ours and dtype bf16: the
-    model runs on bf16 copies of its weights, as the engine runs it (transformers' model: plain autocast)."""
+    CUDA, so the teacher's next forward is queued before the KD matching is solved. weight_copies and dtype
+    bf16: the model runs on bf16 copies of its weights (BF16Weights), as the engine runs ours."""
     import torch
     from detrdistill.trainers.bf16_weights import BF16Weights
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)  # as the engine (and for transformers' model too)
     kw = {"upcoming": (images, mask)} if ahead else {}
-    copies = ours and dtype == "bf16"
+    copies = weight_copies and dtype == "bf16"
     forward_model = BF16Weights(model) if copies else model
 
     def step():
@@ -147,12 +147,15 @@ def _ours(family, scale, device, dtype, mode, channels_last=False, compiled=Fals
     if channels_last:  # NHWC images and backbone weights: cuDNN's tensor-core convolutions want this in bf16
         images = images.contiguous(memory_format=torch.channels_last)
         model.backbone.to(memory_format=torch.channels_last)
-    if compiled:  # the whole detector one graph (no graph breaks in any family); matching and losses stay eager
+    if compiled:  # the whole detector one graph (no graph breaks in any family); matching and losses stay eager.
+        # bf16 runs plain autocast then: swapping weight copies in would break the graph's guards, and the
+        # compiler fuses autocast's casts into its kernels anyway
         model = torch.compile(model)
     criterion = SetCriterion(scale["classes"])
     if mode == "student":
         params = [p for p in model.parameters() if p.requires_grad]
-        return _train_step(DetectionLoss(criterion), model, params, images, mask, targets, device, dtype)
+        return _train_step(DetectionLoss(criterion), model, params, images, mask, targets, device, dtype,
+                           weight_copies=not compiled)
     teacher = build_detector(_model_config(family, scale, scale["teacher_backbone"]), scale["classes"]).to(device)
     if channels_last:
         teacher.backbone.to(memory_format=torch.channels_last)
@@ -175,7 +178,8 @@ def _ours(family, scale, device, dtype, mode, channels_last=False, compiled=Fals
     loss_fn = DistillationLoss(teacher, criterion, cfg, scale["hidden"], scale["hidden"], scale["dec"],
                                scale["dec"], model.config.levels).to(device)
     params = [p for p in model.parameters() if p.requires_grad] + list(loss_fn.trainable.parameters())
-    return _train_step(loss_fn, model, params, images, mask, targets, device, dtype, ahead=mode == "distill_ahead")
+    return _train_step(loss_fn, model, params, images, mask, targets, device, dtype, ahead=mode == "distill_ahead",
+                       weight_copies=not compiled)
 
 
 def _hf(family, scale, device, dtype):
@@ -200,7 +204,7 @@ def _hf(family, scale, device, dtype):
     def hf_loss(model, images, mask, targets):
         return {"loss": model(pixel_values=images, pixel_mask=pixel_mask, labels=labels).loss}
     params = [p for p in model.parameters() if p.requires_grad]
-    return _train_step(hf_loss, model, params, images, None, None, device, dtype, ours=False)
+    return _train_step(hf_loss, model, params, images, None, None, device, dtype)
 
 
 _NOT_LAUNCHES = {"_unsafe_view", "lift_fresh", "lift_fresh_copy"}  # metadata or host-side, not a kernel

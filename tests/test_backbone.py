@@ -48,11 +48,16 @@ def test_frozen_batch_norm_is_torchvisions_as_one_multiply_add():
     assert torch.allclose(ours(x), reference(x), atol=1e-6)
     assert ours(x.bfloat16()).dtype == torch.bfloat16 and reference(x.bfloat16()).dtype == torch.float32
     assert (ours(x.bfloat16()).double() - exact).abs().max() < 0.1
+
+    def cast_affine(xb):  # what casting the float32 scale and shift at each bf16 forward would give
+        return torch.addcmul(ours.shift.bfloat16().view(1, -1, 1, 1), xb, ours.scale.bfloat16().view(1, -1, 1, 1))
+    assert torch.equal(ours(x.bfloat16()), cast_affine(x.bfloat16()))  # its kept bf16 scale and shift
     with torch.no_grad():  # buffers changed in place: refresh() is what makes the affine follow
         ours.running_var.fill_(4.0)
         ours.refresh()
     assert torch.allclose(ours(x), (x - ours.running_mean.view(1, -1, 1, 1)) / (4.0 + ours.eps) ** 0.5
                           * ours.weight.view(1, -1, 1, 1) + ours.bias.view(1, -1, 1, 1), atol=1e-5)
+    assert torch.equal(ours(x.bfloat16()), cast_affine(x.bfloat16()))
 
 
 def test_dc5_equals_torchvision_dilation_and_halves_the_stride():

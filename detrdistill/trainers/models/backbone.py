@@ -50,12 +50,14 @@ class FrozenBatchNorm2d(torchvision.ops.misc.FrozenBatchNorm2d):
     shift depend only on buffers that never train, so they are kept (not saved) and computed again only when a
     state_dict is loaded, not in every forward as torchvision does (7 kernels a layer; a ResNet-50 has 53). In
     the input's dtype: under bf16 autocast the output stays bf16, where torchvision's is promoted to float32
-    and then cast back by the next convolution. Buffers changed in place by hand need refresh()."""
+    and then cast back by the next convolution; the bf16 scale and shift are kept too, so that a bf16 forward
+    casts nothing. Buffers changed in place by hand need refresh()."""
 
     def __init__(self, num_features: int, eps: float = 1e-5):
         super().__init__(num_features, eps)
-        self.register_buffer("scale", torch.ones(num_features), persistent=False)
-        self.register_buffer("shift", torch.zeros(num_features), persistent=False)
+        for name, init in (("scale", torch.ones), ("shift", torch.zeros)):
+            self.register_buffer(name, init(num_features), persistent=False)
+            self.register_buffer(f"{name}_bf16", init(num_features, dtype=torch.bfloat16), persistent=False)
         self.refresh()
 
     @torch.no_grad()
@@ -63,6 +65,8 @@ class FrozenBatchNorm2d(torchvision.ops.misc.FrozenBatchNorm2d):
         scale = self.weight * (self.running_var + self.eps).rsqrt()
         self.scale.copy_(scale)
         self.shift.copy_(self.bias - self.running_mean * scale)
+        self.scale_bf16.copy_(self.scale)
+        self.shift_bf16.copy_(self.shift)
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
@@ -70,7 +74,8 @@ class FrozenBatchNorm2d(torchvision.ops.misc.FrozenBatchNorm2d):
 
     def forward(self, x: Tensor) -> Tensor:
         """x [B, C, H, W] -> x * scale + shift per channel, in x's dtype."""
-        return torch.addcmul(self.shift.to(x.dtype).view(1, -1, 1, 1), x, self.scale.to(x.dtype).view(1, -1, 1, 1))
+        scale, shift = (self.scale_bf16, self.shift_bf16) if x.dtype == torch.bfloat16 else (self.scale, self.shift)
+        return torch.addcmul(shift.to(x.dtype).view(1, -1, 1, 1), x, scale.to(x.dtype).view(1, -1, 1, 1))
 
 
 class Backbone(nn.Module):
