@@ -14,6 +14,9 @@ it; the CPU's own time does not, being dominated by the convolutions). With --co
 (inductor's fused kernels are not aten operators) and "1st s", the first step, is mostly compilation.
 
 One step = forward, the set loss (ours: our criterion; transformers: its own loss), backward, fused AdamW step.
+dtypes: fp32; bf16 = autocast as the engine runs it (ours on bf16 copies of its Linear/Conv2d weights, the
+teacher too: trainers/bf16_weights.py; transformers' model, and ours with --compile, with autocast alone);
+bf16-plain = autocast alone.
 Reported: the median over --steps timed steps after --warmup steps. The configurations compared in one
 table row (a family's ours and transformers' in fp32 and bf16; the parts of a distillation step) are built
 together and timed interleaved, one step of each per round, so that the machine's drift between them (GPU
