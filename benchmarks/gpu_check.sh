@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The prepared GPU check, run on a lent GPU machine from the repo root:
 #   bash benchmarks/gpu_check.sh [tests] [bf16] [step] [distill] [layout] [matching] [compile] [kd]
-#   (default: all but bf16, which step includes, in this order)
+#   (default: all but bf16, whose parts step and layout measure, in this order)
 # tests     the CUDA tests (tests/test_gpu.py: CUDA == CPU forward and KD terms, bf16 steps, a whole amp trial)
-# bf16      benchmarks/step.py at paper scale, ours only: fp32, bf16 (the engine's: bf16 weight copies) and
-#           bf16-plain (autocast alone) timed interleaved, each bf16 / fp32 per family
+# bf16      benchmarks/step.py at paper scale, ours only: fp32, bf16 (the engine's: bf16 weight copies),
+#           bf16-plain (autocast alone) and bf16-nhwc (channels_last backbone) timed interleaved, each / fp32
 # step      benchmarks/step.py at paper scale: ours vs transformers, fp32 and bf16
 # distill   benchmarks/step.py --distill at paper scale: distillation step vs the floor (fp32 and bf16)
 # layout    our steps again with channels_last backbones (does bf16 then beat fp32 where it did not?)
@@ -14,8 +14,8 @@
 # kd        experiments/synthetic_kd.yaml through benchmarks/run_local.py (teacher, then 10 students at once)
 # Each stage has its own time limit and writes its log under $OUT, so one that fails or runs long loses
 # nothing of the others. All stages together can take longer than one 10-minute device call; with a
-# 15-minute device budget run `tests bf16 distill` first (stage limits 570 s in all, ~6 min expected;
-# timeout_s 600), then `layout` (150 s) or `compile` (360 s) with what is left. Needs no network: pydantic and pycocotools travel as wheels in .whl/ (see README).
+# 15-minute device budget run `tests bf16 distill` first (stage limits 590 s in all, ~6 min expected;
+# timeout_s 600), then `compile` (360 s) with what is left (bf16 covers layout's question). Needs no network: pydantic and pycocotools travel as wheels in .whl/ (see README).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
@@ -39,7 +39,8 @@ if has tests; then
 fi
 if has bf16; then
     stamp "bf16 vs fp32, paper scale, ours only (interleaved)"
-    timeout 120 $PY benchmarks/step.py --scale paper --steps 10 --warmup 3 --ours-only --dtypes fp32 bf16 bf16-plain \
+    timeout 140 $PY benchmarks/step.py --scale paper --steps 10 --warmup 3 --ours-only \
+        --dtypes fp32 bf16 bf16-plain bf16-nhwc \
         --json "$OUT/bf16.json" 2>&1 | tee "$OUT/bf16.txt"
 fi
 if has step; then

@@ -16,7 +16,8 @@ it; the CPU's own time does not, being dominated by the convolutions). With --co
 One step = forward, the set loss (ours: our criterion; transformers: its own loss), backward, fused AdamW step.
 dtypes: fp32; bf16 = autocast as the engine runs it (ours on bf16 copies of its Linear/Conv2d weights, the
 teacher too: trainers/bf16_weights.py; transformers' model, and ours with --compile, with autocast alone);
-bf16-plain = autocast alone.
+bf16-plain = autocast alone; -nhwc: channels_last backbone and images (as --channels-last, but per configuration,
+so that one interleaved comparison holds both layouts).
 Reported: the median over --steps timed steps after --warmup steps. The configurations compared in one
 table row (a family's ours and transformers' in fp32 and bf16; the parts of a distillation step) are built
 together and timed interleaved, one step of each per round, so that the machine's drift between them (GPU
@@ -54,7 +55,8 @@ SCALES = {
                   classes=91, teacher_backbone="resnet101", norm="frozen_bn"),
 }
 # bf16: autocast with the weights as bf16 copies (BF16Weights, as the engine runs it); bf16-plain: autocast only
-DTYPES = ("fp32", "bf16", "bf16-plain")
+DTYPES = ("fp32", "bf16", "bf16-plain", "bf16-nhwc", "fp32-nhwc")  # -nhwc: channels_last backbone and images
+COPIES = ("bf16", "bf16-nhwc")  # the dtypes whose models run on bf16 weight copies (ours)
 # what one measurement builds: ours/transformers train steps, and the parts of a distillation step
 MODES = ("student", "transformers", "teacher_forward", "student_group", "distill", "distill_ahead")
 
@@ -124,11 +126,11 @@ def _train_step(loss_fn, model, params, images, mask, targets, device, dtype, ah
     from detrdistill.trainers.bf16_weights import BF16Weights
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)  # as the engine (and for transformers' model too)
     kw = {"upcoming": (images, mask)} if ahead else {}
-    copies = weight_copies and dtype == "bf16"
+    copies = weight_copies and dtype in COPIES
     forward_model = BF16Weights(model) if copies else model
 
     def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype != "fp32"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype.startswith("bf16")):
             loss = loss_fn(forward_model, images, mask, targets, **kw)["loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -147,6 +149,7 @@ def _ours(family, scale, device, dtype, mode, channels_last=False, compiled=Fals
     from detrdistill.trainers.models import build_detector
     images, mask, targets = _inputs(scale, device)
     model = build_detector(_model_config(family, scale, scale["backbone"]), scale["classes"]).to(device).train()
+    channels_last = channels_last or dtype.endswith("-nhwc")
     if channels_last:  # NHWC images and backbone weights: cuDNN's tensor-core convolutions want this in bf16
         images = images.contiguous(memory_format=torch.channels_last)
         model.backbone.to(memory_format=torch.channels_last)
@@ -162,18 +165,19 @@ def _ours(family, scale, device, dtype, mode, channels_last=False, compiled=Fals
     teacher = build_detector(_model_config(family, scale, scale["teacher_backbone"]), scale["classes"]).to(device)
     if channels_last:
         teacher.backbone.to(memory_format=torch.channels_last)
-    if dtype == "bf16":  # as the engine: the frozen teacher on bf16 copies of its weights, made once
+    if dtype in COPIES:  # as the engine: the frozen teacher on bf16 copies of its weights, made once
         from detrdistill.trainers.bf16_weights import BF16Weights
         teacher = BF16Weights(teacher, frozen=True)
     if mode == "teacher_forward":
         teacher.eval()
 
         def forward():
-            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype != "fp32"):
+            with torch.no_grad(), \
+                    torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype.startswith("bf16")):
                 teacher(images, mask)
         return forward
     if mode == "student_group":  # the extra query group alone: query prior on, teacher output cached
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype != "fp32"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype.startswith("bf16")):
             teacher = _CachedTeacher(teacher.eval(), images, mask)
         cfg = DistillConfig(method="detrdistill", logits={"weight": 0}, feature={"weight": 0})
     else:  # the full DETRDistill step: all three terms, weights 1
@@ -407,7 +411,7 @@ def step_table(args, dtypes, run):
             if "error" in hf:
                 print(f"  transformers failed: {hf['error']}", flush=True)
         fp32 = r.get(("student", "fp32"), {})
-        for dtype in ("bf16", "bf16-plain"):
+        for dtype in DTYPES[1:]:
             low = r.get(("student", dtype), {})
             if "median_s" in fp32 and "median_s" in low:
                 print(f"{family:18} ours {dtype}/fp32 {low['median_s'] / fp32['median_s']:.3f} (below 1: faster "
