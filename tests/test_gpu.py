@@ -176,3 +176,20 @@ def test_trial_trains_evaluates_and_resumes_on_cuda_with_amp(tiny_data_root, tmp
     assert [m["epoch"] for m in reports] == [1, 2]
     assert all(math.isfinite(m["train/loss"]) for m in reports)
     assert all(0.0 <= final[k] <= 1.0 for k in ("AP", "AP50"))
+
+
+def test_distillation_trial_with_amp_on_cuda(tiny_data_root, tmp_path):
+    """The engine's bf16 path for distillation: student and teacher on bf16 weight copies, the teacher run
+    ahead (data workers on CUDA), every KD term reported and finite."""
+    from detrdistill.trainers.config import TeacherConfig
+    teacher = tiny_trial(tiny_data_root, "deformable_detr", epochs=1, device="cuda")
+    run_trial(teacher, tmp_path / "teacher", log=lambda s: None)
+    config = tiny_trial(tiny_data_root, "deformable_detr", epochs=1, device="cuda",
+                        distill=DistillConfig(method="detrdistill"),
+                        teacher=TeacherConfig(model=teacher.model, checkpoint=tmp_path / "teacher" / "checkpoint.pt"))
+    config = config.model_copy(update={"data": config.data.model_copy(update={"num_workers": 1})})
+    assert config.schedule.amp
+    reports = []
+    run_trial(config, tmp_path / "student", report=lambda m, c: reports.append(m), log=lambda s: None)
+    for key in ("train/kd_logits", "train/kd_feature", "train/kd_query_prior", "train/loss_det", "AP"):
+        assert key in reports[-1] and math.isfinite(reports[-1][key]), key
