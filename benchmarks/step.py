@@ -148,6 +148,7 @@ def _ours(family, scale, device, dtype, mode, channels_last=False, compiled=Fals
     from detrdistill.trainers.engine import DetectionLoss
     from detrdistill.trainers.models import build_detector
     images, mask, targets = _inputs(scale, device)
+    amp = dtype.startswith("bf16")
     model = build_detector(_model_config(family, scale, scale["backbone"]), scale["classes"]).to(device).train()
     channels_last = channels_last or dtype.endswith("-nhwc")
     if channels_last:  # NHWC images and backbone weights: cuDNN's tensor-core convolutions want this in bf16
@@ -172,12 +173,11 @@ def _ours(family, scale, device, dtype, mode, channels_last=False, compiled=Fals
         teacher.eval()
 
         def forward():
-            with torch.no_grad(), \
-                    torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype.startswith("bf16")):
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 teacher(images, mask)
         return forward
     if mode == "student_group":  # the extra query group alone: query prior on, teacher output cached
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype.startswith("bf16")):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             teacher = _CachedTeacher(teacher.eval(), images, mask)
         cfg = DistillConfig(method="detrdistill", logits={"weight": 0}, feature={"weight": 0})
     else:  # the full DETRDistill step: all three terms, weights 1

@@ -177,12 +177,12 @@ def store_status(store: Path | str, node_hash: str) -> str:
     """What the store holds of a trial, for a plan listing: finished (with its AP), started (a checkpoint
     that the next run resumes from) or nothing yet."""
     workdir = Path(store) / node_hash
-    if (workdir / RESULT).is_file():
-        try:
-            ap = json.loads((workdir / RESULT).read_text())["metrics"]["AP"]
-            return f"finished (AP {ap:.4f}): not trained again"
-        except (ValueError, KeyError, TypeError):
-            return "finished (its result.json unreadable): not trained again"
+    try:
+        result = read_result(workdir)
+        if result is not None:
+            return f"finished (AP {result['metrics']['AP']:.4f}): not trained again"
+    except (ValueError, KeyError, TypeError):  # not JSON, or not a result
+        return "finished (its result.json unreadable): not trained again"
     if (workdir / CHECKPOINT).is_file():
         return "started: the next run resumes it from its checkpoint"
     return "to train"

@@ -12,9 +12,7 @@ class LevelProjections(nn.ModuleList):
     """Entry j is Sequential(conv, GroupNorm): state_dict keys `j.0.weight`, as transformers' `input_proj`."""
 
     def __init__(self, channels: list[int], dim: int, levels: int):
-        if dim % 32:
-            raise ValueError(f"multi-scale input projections need a width divisible by 32 (GroupNorm(32)), "
-                             f"got {dim}")
+        # dim % 32 == 0 (GroupNorm(32)) is checked by ModelConfig, with the family and level count named
         projections = [nn.Sequential(nn.Conv2d(c, dim, 1), nn.GroupNorm(32, dim)) for c in channels]
         in_channels = channels[-1]
         for _ in range(levels - len(channels)):
