@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The prepared GPU check, run on a lent GPU machine from the repo root:
-#   bash benchmarks/gpu_check.sh [tests] [bf16] [step] [distill] [layout] [matching] [compile] [kd]
-#   (default: all but bf16, whose parts step and layout measure, in this order)
+#   bash benchmarks/gpu_check.sh [tests] [bf16] [step] [distill] [profile] [layout] [matching] [compile] [kd]
+#   (default: all but bf16 and profile, in this order)
 # tests     the CUDA tests (tests/test_gpu.py: CUDA == CPU forward and KD terms, bf16 steps, a whole amp trial)
-# bf16      benchmarks/step.py at paper scale, ours only: fp32, bf16 (the engine's: bf16 weight copies),
-#           bf16-plain (autocast alone) and bf16-nhwc (channels_last backbone) timed interleaved, each / fp32
+# bf16      benchmarks/step.py at paper scale, ours only: fp32, bf16 (the engine's: bf16 weight copies, no cuDNN
+#           attention), bf16-cudnn-sdp (with it, PyTorch's default) and bf16-nhwc (channels_last backbone)
+#           timed interleaved, each / fp32
+# profile   benchmarks/profile_step.py: student steps' GPU busy time / wall time and top kernels, fp32 and bf16
 # step      benchmarks/step.py at paper scale: ours vs transformers, fp32 and bf16
 # distill   benchmarks/step.py --distill at paper scale: distillation step vs the floor (fp32 and bf16)
 # layout    our steps again with channels_last backbones (does bf16 then beat fp32 where it did not?)
@@ -35,12 +37,13 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 $PY -c "import torch, torchvision, transformers; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'transformers', transformers.__version__, 'cpus', __import__('os').cpu_count())" | tee -a "$OUT/gpu.txt"
 if has tests; then
     stamp tests
-    timeout 150 $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py 2>&1 | tail -15 | tee "$OUT/tests.txt"
+    timeout 150 $PY -m pytest -q -p no:cacheprovider -m gpu -rf tests/test_gpu.py > "$OUT/tests.txt" 2>&1
+    grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.txt" | cut -c1-600
 fi
 if has bf16; then
     stamp "bf16 vs fp32, paper scale, ours only (interleaved)"
     timeout 140 $PY benchmarks/step.py --scale paper --steps 10 --warmup 3 --ours-only \
-        --dtypes fp32 bf16 bf16-plain bf16-nhwc \
+        --dtypes fp32 bf16 bf16-cudnn-sdp bf16-nhwc \
         --json "$OUT/bf16.json" 2>&1 | tee "$OUT/bf16.txt"
 fi
 if has step; then
@@ -51,6 +54,11 @@ if has distill; then
     stamp "distillation step vs floor, paper scale"
     timeout 300 $PY benchmarks/step.py --scale paper --steps 10 --warmup 3 --distill-only \
         --dtypes fp32 bf16 --json "$OUT/distill.json" 2>&1 | tee "$OUT/distill.txt"
+fi
+if has profile; then
+    stamp "where a student step's time goes, paper scale (GPU busy / wall, top kernels)"
+    timeout 120 $PY benchmarks/profile_step.py --scale paper --families conditional_detr adamixer \
+        --dtypes fp32 bf16 bf16-cudnn-sdp 2>&1 | grep -v "^USDT\|^ERROR:.*gpuGetDeviceCount" | tee "$OUT/profile.txt"
 fi
 if has layout; then
     stamp "step benchmark, paper scale, channels_last backbones (ours only)"

@@ -17,7 +17,8 @@ One step = forward, the set loss (ours: our criterion; transformers: its own los
 dtypes: fp32; bf16 = autocast as the engine runs it (ours on bf16 copies of its Linear/Conv2d weights, the
 teacher too: trainers/bf16_weights.py; transformers' model, and ours with --compile, with autocast alone);
 bf16-plain = autocast alone; -nhwc: channels_last backbone and images (as --channels-last, but per configuration,
-so that one interleaved comparison holds both layouts).
+so that one interleaved comparison holds both layouts); bf16-cudnn-sdp = bf16 with cuDNN's attention kernels,
+PyTorch's default, which the engine turns off (trainers/engine.py: select_attention_kernels).
 Reported: the median over --steps timed steps after --warmup steps. The configurations compared in one
 table row (a family's ours and transformers' in fp32 and bf16; the parts of a distillation step) are built
 together and timed interleaved, one step of each per round, so that the machine's drift between them (GPU
@@ -31,9 +32,13 @@ step, the teacher's forward (eval, no grad), and the extra cost of passing the t
 student's decoder as an extra group (a query-prior-only step with the teacher's output cached, minus the
 student step). distill/floor - 1 is the overhead of the KD terms themselves (matching, feature masks, losses).
 "kd solve" is the CPU time of the logits-KD assignment solve within the distillation step (median).
-"ahead" is the same DETRDistill step with the teacher's forward on the next batch queued before the KD
-matching is solved on the CPU (the engine's default on CUDA): the GPU runs the teacher while the CPU
-solves, instead of idling. On the CPU both run on the same cores, so only a GPU shows the difference.
+"ahead" is the same DETRDistill step with the teacher's forward on the next batch queued right after the KD
+assignment is started (the engine's default on CUDA): on a GPU the assignment is solved on a helper thread
+while this one queues the teacher and the other terms, and the GPU runs them meanwhile. On the CPU both run on
+the same cores (and the solve stays in line), so only a GPU shows the difference.
+Frozen batch norm statistics are set from each model's own input on the benchmark batch
+(`_calibrate_frozen_bn`), as a pretrained backbone's are about: under the identity statistics of random
+weights a ResNet-101 overflows and the teacher's predictions turn NaN.
 """
 import argparse
 import gc
@@ -55,8 +60,10 @@ SCALES = {
                   classes=91, teacher_backbone="resnet101", norm="frozen_bn"),
 }
 # bf16: autocast with the weights as bf16 copies (BF16Weights, as the engine runs it); bf16-plain: autocast only
-DTYPES = ("fp32", "bf16", "bf16-plain", "bf16-nhwc", "fp32-nhwc")  # -nhwc: channels_last backbone and images
-COPIES = ("bf16", "bf16-nhwc")  # the dtypes whose models run on bf16 weight copies (ours)
+# -nhwc: channels_last backbone and images; -cudnn-sdp: the engine's bf16 but with cuDNN's attention kernels
+# (PyTorch's default, which the engine turns off: trainers/engine.py select_attention_kernels)
+DTYPES = ("fp32", "bf16", "bf16-plain", "bf16-nhwc", "fp32-nhwc", "bf16-cudnn-sdp")
+COPIES = ("bf16", "bf16-nhwc", "bf16-cudnn-sdp")  # the dtypes whose models run on bf16 weight copies (ours)
 # what one measurement builds: ours/transformers train steps, and the parts of a distillation step
 MODES = ("student", "transformers", "teacher_forward", "student_group", "distill", "distill_ahead")
 
@@ -95,6 +102,29 @@ def _model_config(family, scale, backbone):
     if family != "adamixer":
         kw["encoder_layers"] = scale["enc"]
     return ModelConfig(**kw)
+
+
+def _calibrate_frozen_bn(model, images):
+    """Sets every frozen batch norm's statistics to those of its input on `images`, layer after layer, as a
+    pretrained backbone's are about. Random weights under the identity statistics of a fresh frozen batch
+    norm leave a deep ResNet unnormalised: a ResNet-101's C5 reaches ~1e5 at 400x533, its Conditional DETR's
+    boxes degenerate and the KD cost turns NaN, and a step times overflowing values."""
+    import torch
+    from detrdistill.trainers.models.backbone import FrozenBatchNorm2d
+
+    def calibrate(module, inputs):
+        x = inputs[0].float()
+        module.running_mean.copy_(x.mean((0, 2, 3)))
+        module.running_var.copy_(x.var((0, 2, 3)))
+        module.refresh()
+    hooks = [m.register_forward_pre_hook(calibrate) for m in model.modules() if isinstance(m, FrozenBatchNorm2d)]
+    try:
+        with torch.no_grad():
+            model.backbone(images, torch.zeros_like(images[:, 0], dtype=torch.bool))
+    finally:
+        for h in hooks:
+            h.remove()
+    return model
 
 
 class _CachedTeacher:
@@ -141,6 +171,18 @@ def _train_step(loss_fn, model, params, images, mask, targets, device, dtype, ah
 
 
 def _ours(family, scale, device, dtype, mode, channels_last=False, compiled=False):
+    """One configuration's step (or teacher forward), with the attention kernels the engine selects (or, for
+    -cudnn-sdp, PyTorch's default) set at each call: configurations timed interleaved may differ in it."""
+    from detrdistill.trainers.engine import select_attention_kernels
+    run = _build_ours(family, scale, device, dtype, mode, channels_last, compiled)
+
+    def step():
+        select_attention_kernels(device, cudnn=dtype.endswith("-cudnn-sdp"))
+        run()
+    return step
+
+
+def _build_ours(family, scale, device, dtype, mode, channels_last=False, compiled=False):
     import torch
     from detrdistill.trainers.config import DistillConfig
     from detrdistill.trainers.criterion import SetCriterion
@@ -150,6 +192,7 @@ def _ours(family, scale, device, dtype, mode, channels_last=False, compiled=Fals
     images, mask, targets = _inputs(scale, device)
     amp = dtype.startswith("bf16")
     model = build_detector(_model_config(family, scale, scale["backbone"]), scale["classes"]).to(device).train()
+    _calibrate_frozen_bn(model, images)
     channels_last = channels_last or dtype.endswith("-nhwc")
     if channels_last:  # NHWC images and backbone weights: cuDNN's tensor-core convolutions want this in bf16
         images = images.contiguous(memory_format=torch.channels_last)
@@ -163,7 +206,8 @@ def _ours(family, scale, device, dtype, mode, channels_last=False, compiled=Fals
         params = [p for p in model.parameters() if p.requires_grad]
         return _train_step(DetectionLoss(criterion), model, params, images, mask, targets, device, dtype,
                            weight_copies=not compiled)
-    teacher = build_detector(_model_config(family, scale, scale["teacher_backbone"]), scale["classes"]).to(device)
+    teacher = _calibrate_frozen_bn(build_detector(_model_config(family, scale, scale["teacher_backbone"]),
+                                                  scale["classes"]).to(device), images)
     if channels_last:
         teacher.backbone.to(memory_format=torch.channels_last)
     if dtype in COPIES:  # as the engine: the frozen teacher on bf16 copies of its weights, made once
@@ -204,6 +248,7 @@ def _hf(family, scale, device, dtype):
     else:
         model = DeformableDetrForObjectDetection(DeformableDetrConfig(**common, num_feature_levels=levels))
     model = model.to(device).train()
+    from detrdistill.trainers.engine import select_attention_kernels
     images, _, targets = _inputs(scale, device)
     pixel_mask = torch.ones(scale["batch"], scale["height"], scale["width"], dtype=torch.long, device=device)
     labels = [{"class_labels": t["labels"], "boxes": t["boxes"]} for t in targets]
@@ -211,7 +256,12 @@ def _hf(family, scale, device, dtype):
     def hf_loss(model, images, mask, targets):
         return {"loss": model(pixel_values=images, pixel_mask=pixel_mask, labels=labels).loss}
     params = [p for p in model.parameters() if p.requires_grad]
-    return _train_step(hf_loss, model, params, images, None, None, device, dtype)
+    run = _train_step(hf_loss, model, params, images, None, None, device, dtype)
+
+    def step():  # transformers' model as PyTorch runs it by default: cuDNN's attention allowed
+        select_attention_kernels(device, cudnn=True)
+        run()
+    return step
 
 
 _NOT_LAUNCHES = {"_unsafe_view", "lift_fresh", "lift_fresh_copy"}  # metadata or host-side, not a kernel
@@ -421,8 +471,8 @@ def step_table(args, dtypes, run):
 def distill_table(args, dtypes, run):
     print(f"\ndistillation step (DETRDistill, all terms; teacher {SCALES[args.scale]['teacher_backbone']}) vs the "
           f"floor = student step + teacher forward + extra query group", flush=True)
-    print("(ahead: the teacher's forward on the next batch queued before the KD matching is solved, as the "
-          "engine does on CUDA)", flush=True)
+    print("(ahead: the teacher's forward on the next batch queued while the KD assignment is solved on a helper "
+          "thread, as the engine does on CUDA)", flush=True)
     print(f"{'family':18} {'dtype':10} {'student':>8} {'t.fwd':>8} {'group':>8} {'floor':>8} {'distill':>8} "
           f"{'ahead':>8} {'distill/student':>15} {'distill/floor':>13} {'ahead/floor':>11} {'kd solve':>8} "
           f"{'ops: distill':>12} {'floor':>6} {'d/floor':>7}", flush=True)

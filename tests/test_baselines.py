@@ -214,7 +214,11 @@ def test_gradients_reach_student_and_parameters_not_teacher(method):
     assert all(s.grad is not None and s.grad.abs().sum() > 0 for s in student)
     assert all(t.grad is None for t in teacher_leaf)
     for name, p in module.named_parameters():
-        assert p.grad is not None and p.grad.abs().sum() > 0, name
+        assert p.grad is not None, name
+        if name.endswith("key.bias"):  # adds one constant to every softmax logit: no effect, zero gradient
+            assert p.grad.abs().max() < 1e-12, name
+        else:
+            assert p.grad.abs().sum() > 0, name
 
 
 @pytest.mark.parametrize("method", ["fitnet", "fgd", "mgd"])

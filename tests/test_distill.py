@@ -290,12 +290,14 @@ def test_teacher_gets_no_gradient_and_stays_bitwise_unchanged():
 
 
 def test_teacher_run_ahead_gives_the_same_losses_and_gradients(monkeypatch):
-    """With `upcoming`, the teacher's forward on the next batch runs before this step's KD assignment is
-    solved (on a GPU: during the solve) and is reused by the next call: the losses and gradients are bitwise
-    those of the plain order, and the teacher runs once per batch, not twice."""
+    """With `upcoming`, the teacher's forward on the next batch is queued while this step's KD assignment is
+    solved and is reused by the next call; in the background (the GPU's way, forced here on the CPU) the solve
+    runs on the helper thread while this one goes on. Either way the losses and gradients are bitwise those of
+    the plain order, and the teacher runs once per batch, not twice."""
+    import threading
     import detrdistill.trainers.distill.logits as logits_module
     teacher = _tiny_model()
-    calls, events = [], []
+    calls, events, solvers = [], [], set()
     batches = [torch.randn(2, 3, 64, 80, generator=torch.Generator().manual_seed(i)) for i in range(3)]
 
     def record(module, args, out):  # which batch the teacher ran on
@@ -303,28 +305,41 @@ def test_teacher_run_ahead_gives_the_same_losses_and_gradients(monkeypatch):
         events.append(f"T{next((i for i, b in enumerate(batches) if b is args[0]), '?')}")
     teacher.register_forward_hook(record)
     solve = logits_module.solve_assignments
-    monkeypatch.setattr(logits_module, "solve_assignments", lambda problems: (events.append("M"), solve(problems))[1])
+
+    def recorded_solve(problems):
+        solvers.add(threading.current_thread().name)
+        events.append("M")
+        return solve(problems)
+    monkeypatch.setattr(logits_module, "solve_assignments", recorded_solve)
+    background = False
+    monkeypatch.setattr(logits_module, "solve_in_background", lambda device: background)
     results = {}
-    for ahead in (False, True):
+    for ahead, background in [(False, False), (True, False), (False, True), (True, True)]:
         student = _tiny_model(seed=1).train()
         objective = _objective(teacher, student)
         assert objective.overlaps_teacher
         calls.clear()
         events.clear()
-        results[ahead] = []
+        solvers.clear()
+        results[ahead, background] = run = []
         for i, images in enumerate(batches):
             upcoming = (batches[i + 1], None) if ahead and i + 1 < len(batches) else None
             losses = objective(student, images, None, _targets(), upcoming=upcoming)
             student.zero_grad()
             losses["loss"].backward()
-            results[ahead].append(({k: v.clone() for k, v in losses.items()},
+            run.append(({k: v.clone() for k, v in losses.items()},
                                    [p.grad.clone() for p in student.parameters() if p.grad is not None]))
         assert len(calls) == len(batches)
-        assert events == (["T0", "T1", "M", "T2", "M", "M"] if ahead else ["T0", "M", "T1", "M", "T2", "M"])
-    for (loss_a, grad_a), (loss_b, grad_b) in zip(results[False], results[True]):
-        assert loss_a.keys() == loss_b.keys()
-        assert all(torch.equal(loss_a[k], loss_b[k]) for k in loss_a)
-        assert len(grad_a) == len(grad_b) and all(torch.equal(a, b) for a, b in zip(grad_a, grad_b))
+        assert [e for e in events if e != "M"] == ["T0", "T1", "T2"] and events.count("M") == len(batches)
+        if not background:  # the solve, then the teacher's next forward, in this thread
+            assert events == (["T0", "M", "T1", "M", "T2", "M"])
+        assert solvers == ({"kd-solve_0"} if background else {threading.current_thread().name})
+    plain = results[False, False]
+    for run in list(results.values())[1:]:
+        for (loss_a, grad_a), (loss_b, grad_b) in zip(plain, run):
+            assert loss_a.keys() == loss_b.keys()
+            assert all(torch.equal(loss_a[k], loss_b[k]) for k in loss_a)
+            assert len(grad_a) == len(grad_b) and all(torch.equal(a, b) for a, b in zip(grad_a, grad_b))
     # a queued output is used only for the very tensors it was computed on
     student = _tiny_model(seed=1).train()
     objective = _objective(teacher, student)

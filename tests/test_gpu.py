@@ -95,27 +95,78 @@ def test_bf16_train_steps_are_finite_and_close_to_fp32(family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_bf16_weight_copies_on_cuda_give_autocast_values(family):
     """BF16Weights on CUDA (the engine's bf16 path): the forward is bitwise plain autocast's, and a step's
-    gradients match it (CUDA backward kernels may sum in another order; the CPU test is bitwise)."""
+    gradients match it (CUDA backward kernels may sum in another order; the CPU test is bitwise). A forward
+    failure names the first module whose output differs, and whether plain autocast itself repeats bitwise."""
     from detrdistill.trainers.bf16_weights import BF16Weights
     torch.manual_seed(0)
     model = build_detector(small(family), 5).to(CUDA).train()
-    wrapper, loss_fn = BF16Weights(model), DetectionLoss(SetCriterion(5))
-    images, mask, targets = batch(CUDA)
-    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-        plain, copied = model(images, mask).predictions, wrapper(images, mask).predictions
-    assert torch.equal(plain.logits, copied.logits) and torch.equal(plain.boxes, copied.boxes)
+    wrapper = BF16Weights(model)
+    images, mask, _ = batch(CUDA)
+    runs = {}
+    for name, forward in (("plain", model), ("plain again", model), ("copies", wrapper)):
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            runs[name] = _module_outputs(model, lambda: forward(images, mask).predictions)
+    assert _first_difference(runs["plain"], runs["copies"]) is None, (
+        f"copies vs plain: {_first_difference(runs['plain'], runs['copies'])}; "
+        f"plain vs plain again: {_first_difference(runs['plain'], runs['plain again'])}")
+    # Gradients of a smooth function of every prediction (the set loss's Hungarian matching would turn a last-
+    # bit difference anywhere into another assignment). grid_sample's backward adds with atomics, so on CUDA
+    # even plain autocast need not repeat bitwise: the copies must stay within 1% of plain autocast, or
+    # within three times its own run-to-run spread, whichever is larger.
     grads = []
-    for forward in (model, wrapper):
+    names = [n for n, p in model.named_parameters()]
+    for forward in (model, model, wrapper):
         model.zero_grad(set_to_none=True)
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = loss_fn(forward, images, mask, targets)["loss"]
+            pred = forward(images, mask).predictions
+            loss = pred.logits.float().square().mean() + pred.boxes.float().square().mean()
         loss.backward()
         if forward is wrapper:
             wrapper.grads_to_master()
-        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
-    assert len(grads[0]) == len(grads[1]) > 0
-    for a, b in zip(*grads):
-        assert b.dtype == torch.float32 and (a - b).abs().max().item() <= 1e-2 * a.abs().max().item() + 1e-6
+        grads.append({n: p.grad.clone() for n, p in zip(names, model.parameters()) if p.grad is not None})
+    plain, again, copies = grads
+    assert plain.keys() == again.keys() == copies.keys() and plain
+    assert all(g.dtype == torch.float32 for g in copies.values())
+
+    def spread(other):  # (largest difference from plain relative to the parameter's scale, that parameter)
+        return max((((plain[n] - other[n]).abs().max() / (plain[n].abs().max() + 1e-6)).item(), n) for n in plain)
+    assert spread(copies)[0] <= max(1e-2, 3 * spread(again)[0]), f"copies {spread(copies)}, plain again {spread(again)}"
+
+
+def _module_outputs(model, run) -> list:
+    """[(module name, output tensors)] in call order during run(), then ('result', run()'s tensors)."""
+    seen = []
+    hooks = [m.register_forward_hook(lambda m, a, out, n=n: seen.append((n, _tensors(out))))
+             for n, m in model.named_modules() if n]
+    try:
+        result = run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen + [("result", _tensors(result))]
+
+
+def _tensors(out) -> list:
+    if torch.is_tensor(out):
+        return [out.detach().clone()]
+    if isinstance(out, (list, tuple)):
+        return [t for o in out for t in _tensors(o)]
+    if hasattr(out, "__dict__"):
+        return [t for o in vars(out).values() for t in _tensors(o)]
+    return []
+
+
+def _first_difference(a: list, b: list):
+    """The first (module, max |difference|, dtypes) where two runs' outputs differ, or None."""
+    for (name, xs), (name_b, ys) in zip(a, b):
+        if name != name_b or len(xs) != len(ys):
+            return (name, name_b, "different calls")
+        for x, y in zip(xs, ys):
+            if x.shape != y.shape or x.dtype != y.dtype:
+                return (name, "shape/dtype", x.shape, y.shape, x.dtype, y.dtype)
+            if not torch.equal(x, y) and not (x.is_floating_point() and torch.equal(x.nan_to_num(), y.nan_to_num())):
+                return (name, (x.float() - y.float()).abs().max().item(), x.dtype)
+    return None
 
 
 @pytest.mark.parametrize("family", FAMILIES)

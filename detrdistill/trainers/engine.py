@@ -106,6 +106,15 @@ def amp_enabled(schedule: ScheduleConfig, device: torch.device) -> bool:
     return schedule.amp and device.type == "cuda"
 
 
+def select_attention_kernels(device: torch.device, cudnn: bool = False) -> None:
+    """Which kernels scaled_dot_product_attention may use on CUDA (a process-wide switch): by default not
+    cuDNN's, which PyTorch picks first for bf16 on Hopper. A detection step's attention calls are small (batch
+    2, a few hundred queries) and the step waits on its host; cuDNN's attention costs more host time per call
+    than the FlashAttention / memory-efficient kernels it displaces (benchmarks/profile_step.py compares)."""
+    if device.type == "cuda":
+        torch.backends.cuda.enable_cudnn_sdp(cudnn)
+
+
 def _overlap_teacher(loss_fn, config: TrialConfig, device: torch.device) -> bool:
     """Whether this epoch hands the objective the next batch, for its teacher to run ahead (TrialConfig.
     overlap_teacher): "auto" only on CUDA with data workers, the case it speeds up and changes nothing in."""
@@ -211,6 +220,7 @@ def run_trial(config: TrialConfig, workdir: Path, report: Optional[Report] = Non
     if config.cpus:
         torch.set_num_threads(config.cpus)
     device = select_device(config.device)
+    select_attention_kernels(device)
     seed_everything(config.seed)
 
     train_set, val_set, train_loader, val_loader, sampler_gen = build_loaders(config)

@@ -2,8 +2,11 @@
 
 DETR predictions are an unordered set, so student and teacher predictions are first matched one-to-one with
 the Hungarian algorithm (cost: soft BCE summed over classes + L1 - GIoU), then matched pairs are distilled.
-All layer pairs and images of a step are matched in one call of `solve_assignments`.
+All layer pairs and images of a step are matched in one call of `solve_assignments`; on a GPU that solve
+runs on a helper thread while the host queues the rest of the step (`start_logits_distillation`).
 """
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Optional
 
 import torch
@@ -30,33 +33,65 @@ def kd_cost(student_logits: Tensor, student_boxes: Tensor, teacher_probs: Tensor
     return cfg.cost_cls * cls + cfg.cost_l1 * l1 - cfg.cost_giou * giou
 
 
-def match_to_teacher(cost: Tensor, student_valid: Tensor = None, teacher_valid: Tensor = None,
-                     meanwhile: Optional[Callable[[], None]] = None) -> list:
+def match_to_teacher(cost: Tensor, student_valid: Tensor = None, teacher_valid: Tensor = None) -> list:
     """cost [P, B, N_S, N_T] -> per (pair, image) (student_idx, teacher_idx) int64 tensors on the CPU
     (`flat_matches` moves a whole step's indices to the device in one copy).
 
     Optional masks [P, B, N_S] / [P, B, N_T] restrict which predictions take part (positive/negative split).
-    meanwhile: called once the copies to the host are queued and before waiting for them. On a GPU the work
-    it queues (the teacher's next forward) runs while the CPU solves the assignments, instead of after.
     """
-    P, B = cost.shape[:2]
-    # one device -> host copy each, not one per problem; non_blocking so `meanwhile` is queued behind it
-    cost_cpu = cost.detach().to("cpu", non_blocking=True)
-    student_valid = student_valid.to("cpu", non_blocking=True) if student_valid is not None else None
-    teacher_valid = teacher_valid.to("cpu", non_blocking=True) if teacher_valid is not None else None
-    if cost.is_cuda:
+    return start_on_host(_solve, cost.detach(), student_valid, teacher_valid)()
+
+
+def start_on_host(solve: Callable, *tensors: Optional[Tensor]) -> Callable[[], object]:
+    """Queues one copy of each tensor to the host and returns `wait() -> solve(*host_tensors)`.
+
+    On a GPU the copies are asynchronous and `solve` runs on a helper thread as soon as they land, so the
+    caller goes on queueing GPU work (the teacher's next forward, the detection loss) while the CPU solves,
+    instead of waiting for the GPU, then for the solve. The solvers release the GIL. On the CPU it is solved
+    here and now (the host has nothing else to do, and its cores are the solver's).
+    """
+    device = next(t.device for t in tensors if t is not None)
+    host = [t.to("cpu", non_blocking=True) if t is not None else None for t in tensors]
+    if not solve_in_background(device):
+        result = solve(*host)
+        return lambda: result
+    copied = None
+    if device.type == "cuda":
         copied = torch.cuda.Event()
-        copied.record(torch.cuda.current_stream(cost.device))
-    if meanwhile is not None:
-        meanwhile()
-    if cost.is_cuda:
-        copied.synchronize()
+        copied.record(torch.cuda.current_stream(device))
+
+    def job():
+        if copied is not None:
+            copied.synchronize()  # releases the GIL
+        return solve(*host)
+    return _helper().submit(job).result
+
+
+def solve_in_background(device: torch.device) -> bool:
+    """Where the KD assignment is solved on the helper thread: on a GPU (tests force it on the CPU)."""
+    return device.type == "cuda"
+
+
+_pool, _pool_pid = None, None
+
+
+def _helper() -> ThreadPoolExecutor:
+    """The process's one KD-solve thread (made again after a fork: threads do not survive one)."""
+    global _pool, _pool_pid
+    if _pool_pid != os.getpid():
+        _pool, _pool_pid = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kd-solve"), os.getpid()
+    return _pool
+
+
+def _solve(cost: Tensor, student_valid: Optional[Tensor], teacher_valid: Optional[Tensor]) -> list:
+    """On host tensors: the assignments of every (pair, image), restricted to the valid rows / columns."""
+    P, B = cost.shape[:2]
     problems, rows_kept, cols_kept = [], [], []
     for pi in range(P):
         for b in range(B):
             rows = torch.nonzero(student_valid[pi, b]).flatten() if student_valid is not None else None
             cols = torch.nonzero(teacher_valid[pi, b]).flatten() if teacher_valid is not None else None
-            c = cost_cpu[pi, b]
+            c = cost[pi, b]
             c = c if rows is None else c[rows]
             c = c if cols is None else c[:, cols]
             problems.append(c.numpy())
@@ -68,6 +103,17 @@ def match_to_teacher(cost: Tensor, student_valid: Tensor = None, teacher_valid: 
         r, c = torch.as_tensor(r, dtype=torch.long), torch.as_tensor(c, dtype=torch.long)
         out.append((r if rows is None else rows[r], c if cols is None else cols[c]))
     return out
+
+
+def _solve_split(cost: Tensor, positive: Tensor) -> tuple[list, list]:
+    """positive/negative split: confident teacher predictions matched first; then the rest of the teacher's
+    among the student predictions left over."""
+    pos_matches = _solve(cost, None, positive)
+    B = cost.shape[1]
+    student_free = torch.ones(cost.shape[:3], dtype=torch.bool)
+    for k, (s, _) in enumerate(pos_matches):
+        student_free[k // B, k % B, s] = False
+    return pos_matches, _solve(cost, student_free, ~positive)
 
 
 def _pairwise_loss(x, bs, p, bt, matches, background: bool = False) -> dict:
@@ -87,7 +133,7 @@ def _pairwise_loss(x, bs, p, bt, matches, background: bool = False) -> dict:
 
 
 def logits_distillation(student: DecoderPredictions, teacher: DecoderPredictions, mapping: list[int],
-                        cfg: LogitsKDConfig, meanwhile: Optional[Callable[[], None]] = None) -> dict:
+                        cfg: LogitsKDConfig) -> dict:
     """Sum over layer pairs (s, mapping[s]) of the matched-pair KD loss. Returns the weighted total
     'kd_logits' and its unweighted terms (summed over layer pairs) for logging.
 
@@ -95,25 +141,33 @@ def logits_distillation(student: DecoderPredictions, teacher: DecoderPredictions
     background reaches the student. split == "positive_negative" (paper's reading): teacher predictions
     with max probability >= threshold are matched and distilled as pseudo ground truth; the rest are matched
     among the remaining student predictions, with a class term pushing to background and the box terms.
-    meanwhile: see `match_to_teacher` (called once, before the first solve).
     """
+    return start_logits_distillation(student, teacher, mapping, cfg)()
+
+
+def start_logits_distillation(student: DecoderPredictions, teacher: DecoderPredictions, mapping: list[int],
+                              cfg: LogitsKDConfig) -> Callable[[], dict]:
+    """`logits_distillation` in two halves: this queues the KD cost and starts its assignment (see
+    `start_on_host`), the returned `finish()` waits for it and computes the loss. Between the two the
+    caller queues the rest of the step's GPU work."""
     t_idx = torch.as_tensor(mapping, device=teacher.logits.device)
     x, bs = student.logits, student.boxes                          # [P, B, N_S, C], [P, B, N_S, 4]
     p = teacher.logits.detach().float()[t_idx].sigmoid()           # [P, B, N_T, C]
     bt = clamp_cxcywh(teacher.boxes.detach().float()[t_idx])       # [P, B, N_T, 4]
-    P, B = x.shape[:2]
     cost = kd_cost(x.detach(), bs.detach(), p, bt, cfg)
     if cfg.split == "all":
-        terms = _pairwise_loss(x, bs, p, bt, match_to_teacher(cost, meanwhile=meanwhile))
+        matching = start_on_host(_solve, cost, None, None)
     else:
-        positive = p.max(-1).values >= cfg.threshold               # [P, B, N_T]
-        pos_matches = match_to_teacher(cost, teacher_valid=positive, meanwhile=meanwhile)
-        student_free = torch.ones(x.shape[:3], dtype=torch.bool)  # on the CPU, where the indices are
-        for k, (s, _) in enumerate(pos_matches):
-            student_free[k // B, k % B, s] = False
-        neg_matches = match_to_teacher(cost, student_valid=student_free, teacher_valid=~positive)
-        pos = _pairwise_loss(x, bs, p, bt, pos_matches)
-        neg = _pairwise_loss(x, bs, p, bt, neg_matches, background=True)
-        terms = {k: pos[k] + neg[k] for k in pos}
-    total = cfg.cost_cls * terms["cls"] + cfg.cost_l1 * terms["l1"] + cfg.cost_giou * terms["giou"]
-    return {"kd_logits": cfg.weight * total, **{f"kd_logits_{k}": v.detach() for k, v in terms.items()}}
+        matching = start_on_host(_solve_split, cost, p.max(-1).values >= cfg.threshold)  # [P, B, N_T]
+
+    def finish() -> dict:
+        if cfg.split == "all":
+            terms = _pairwise_loss(x, bs, p, bt, matching())
+        else:
+            pos_matches, neg_matches = matching()
+            pos = _pairwise_loss(x, bs, p, bt, pos_matches)
+            neg = _pairwise_loss(x, bs, p, bt, neg_matches, background=True)
+            terms = {k: pos[k] + neg[k] for k in pos}
+        total = cfg.cost_cls * terms["cls"] + cfg.cost_l1 * terms["l1"] + cfg.cost_giou * terms["giou"]
+        return {"kd_logits": cfg.weight * total, **{f"kd_logits_{k}": v.detach() for k, v in terms.items()}}
+    return finish

@@ -12,7 +12,7 @@ from torch import nn
 
 from detrdistill.trainers.config import DistillConfig
 from detrdistill.trainers.distill.feature import feature_adapters, feature_distillation
-from detrdistill.trainers.distill.logits import logits_distillation
+from detrdistill.trainers.distill.logits import start_logits_distillation
 from detrdistill.trainers.distill.mapping import layer_mapping
 from detrdistill.trainers.distill.query_prior import query_prior_loss
 from detrdistill.trainers.models.output import DecoderPredictions
@@ -68,20 +68,23 @@ class DistillationLoss:
 
     def __call__(self, student, images, mask, targets, upcoming=None) -> dict:
         """upcoming: (images, mask) of the next call, already on the device, or None. Given, the teacher's
-        forward on it is queued while this step's logits-KD assignment is solved on the CPU, and the next
-        call uses it: the same values, but on a GPU the teacher's forward no longer waits for the solve."""
+        forward on it is queued right after this step's logits-KD assignment is started, and the next call
+        uses it: the same values, but on a GPU the teacher runs while the CPU solves the assignment."""
         cfg = self.cfg
         use_qp = cfg.method == "detrdistill" and cfg.query_prior.weight > 0
         t_out = self._teacher_output(images, mask)
         s_out = student(images, mask, queries=t_out.queries.detach() if use_qp else None)
-        queue_next = (lambda: self._queue_teacher(*upcoming)) if upcoming is not None else None
-        kd = {}
+        finish_logits = None
         if self.overlaps_teacher:  # the logits KD term is on
-            # first, so that its host copy is queued before anything else waits on the GPU
-            kd.update(logits_distillation(s_out.predictions, t_out.predictions, self.mapping, cfg.logits,
-                                          meanwhile=queue_next))
-            queue_next = None
+            # first, so that its host copy is queued before anything else waits on the GPU; on a GPU its
+            # assignment is solved on a helper thread while this one queues the teacher's next forward and
+            # the other terms
+            finish_logits = start_logits_distillation(s_out.predictions, t_out.predictions, self.mapping,
+                                                      cfg.logits)
+        if upcoming is not None:
+            self._queue_teacher(*upcoming)
         losses = self.criterion(_float(s_out.predictions), targets)
+        kd = {}
         if cfg.method == "detrdistill":
             if cfg.feature.weight > 0:
                 kd.update(feature_distillation(s_out.features, t_out.features, t_out.predictions, targets,
@@ -93,12 +96,12 @@ class DistillationLoss:
         elif cfg.method in ("fitnet", "fgd", "mgd"):
             kd[f"kd_{cfg.method}"] = self.trainable["baseline"](s_out.features, [f.detach() for f in t_out.features],
                                                                 s_out.masks, targets, tuple(images.shape[-2:]))
+        if finish_logits is not None:  # the assignment solved meanwhile
+            kd = {**finish_logits(), **kd}
         weighted = [v for k, v in kd.items() if k in ("kd_logits", "kd_feature", "kd_query_prior")
                     or k == f"kd_{cfg.method}"]
         if weighted:
             losses["loss_det"] = losses["loss"].detach()
             losses["loss"] = losses["loss"] + sum(weighted)
         losses.update({k: v.detach() if torch.is_tensor(v) else v for k, v in kd.items()})
-        if queue_next is not None:  # nothing to overlap with in this configuration: still serve the next call
-            queue_next()
         return losses
