@@ -45,17 +45,24 @@ def query_quality(probs: Tensor, boxes: Tensor, targets: list, top_k: int, use_q
     return query, torch.where(count > 0, scores * best, scores)
 
 
-def selection_mask(feature: Tensor, queries: Tensor, weights: Tensor) -> Tensor:
-    """feature [B, d, H, W], queries [L, B, K, d], weights [L, B, K] -> psi [L, B, H, W], every layer at once.
+def _join(maps: list[Tensor], dim: int) -> Tensor:
+    """torch.cat, but one tensor is returned as it is (a one-level model pays no copy)."""
+    return maps[0] if len(maps) == 1 else torch.cat(maps, dim)
 
-    psi(h, w) = sum_k s_k cos(q_k, F(:, h, w)), clamped at 0.01 and divided by its per-image maximum.
+
+def selection_masks(features: list[Tensor], queries: Tensor, weights: Tensor) -> list[Tensor]:
+    """per level feature [B, d, H_j, W_j], queries [L, B, K, d], weights [L, B, K] -> per level psi
+    [L, B, H_j, W_j], every layer and level in one pass (on a GPU each operator is a launch).
+
+    psi(h, w) = sum_k s_k cos(q_k, F(:, h, w)), clamped at 0.01 and divided by its per-image maximum over the
+    level.
     """
-    f = F.normalize(feature.flatten(2), dim=1)                    # [B, d, HW]
-    q = F.normalize(queries, dim=-1)                               # [L, B, K, d]
-    psi = torch.einsum("lbk,lbkd,bdp->lbp", weights, q, f)         # [L, B, HW]
-    psi = psi.clamp(min=0.01)
-    psi = psi / psi.max(dim=2, keepdim=True).values
-    return psi.view(*psi.shape[:2], *feature.shape[-2:])
+    sizes = [f.shape[-2] * f.shape[-1] for f in features]
+    f = F.normalize(_join([f.flatten(2) for f in features], 2), dim=1)  # [B, d, P], P = sum_j H_j W_j
+    q = F.normalize(queries, dim=-1)                                         # [L, B, K, d]
+    psi = torch.einsum("lbk,lbkd,bdp->lbp", weights, q, f).clamp(min=0.01)  # [L, B, P]
+    return [(p / p.amax(2, keepdim=True)).view(*p.shape[:2], *feat.shape[-2:])
+            for p, feat in zip(psi.split(sizes, 2), features)]
 
 
 def feature_distillation(student_features: list, teacher_features: list, teacher: DecoderPredictions,
@@ -64,20 +71,23 @@ def feature_distillation(student_features: list, teacher_features: list, teacher
 
     student_features / teacher_features: per level [B, d_S, H_j, W_j] / [B, d_T, H_j, W_j].
     Returns the weighted total 'kd_feature'. Per level, sum_t mean(psi_t^2 (F_T - phi(F_S))^2) is computed
-    as mean((sum_t psi_t^2) (F_T - phi(F_S))^2): one squared difference per level, not one per teacher layer.
+    as mean((sum_t psi_t^2) (F_T - phi(F_S))^2): one squared difference per level, not one per teacher layer;
+    and the levels' means as one weighted sum over all their positions.
     """
     if len(student_features) != len(teacher_features):
         raise ValueError(f"feature distillation needs as many feature levels in the student "
                          f"({len(student_features)}) as in the teacher ({len(teacher_features)})")
     adapted = [phi(fs) for phi, fs in zip(adapters, student_features)]
     teacher_features = [ft.detach().float() for ft in teacher_features]
-    total = adapted[0].new_zeros((), dtype=torch.float32)
     with torch.no_grad():
         probs = teacher.logits.detach().float().sigmoid()         # [L_T, B, N, C]
         query, weight = query_quality(probs, teacher.boxes.detach().float(), targets, cfg.top_k, cfg.quality)
         hidden = teacher.hidden.detach().float()
         q = torch.gather(hidden, 2, query[..., None].expand(-1, -1, -1, hidden.shape[-1]))  # [L_T, B, K, d]
-        psi_squared = [(selection_mask(ft, q, weight) ** 2).sum(0)[:, None] for ft in teacher_features]
-    for w, ft, fs in zip(psi_squared, teacher_features, adapted):  # w [B, 1, H_j, W_j]
-        total = total + (w * (ft - fs.float()) ** 2).mean()
+        # sum_t psi_t^2 per level, divided by the level's element count (its mean), then all levels joined
+        w = _join([(psi ** 2).sum(0).flatten(1) / ft.numel()
+                       for psi, ft in zip(selection_masks(teacher_features, q, weight), teacher_features)], 1)
+    ft = _join([f.flatten(2) for f in teacher_features], 2)           # [B, d_T, P]
+    fs = _join([f.flatten(2) for f in adapted], 2).float()            # [B, d_T, P]
+    total = (w[:, None] * (ft - fs) ** 2).sum()
     return {"kd_feature": cfg.weight * total}
