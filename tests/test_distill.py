@@ -331,8 +331,8 @@ def test_teacher_run_ahead_gives_the_same_losses_and_gradients(monkeypatch):
                                    [p.grad.clone() for p in student.parameters() if p.grad is not None]))
         assert len(calls) == len(batches)
         assert [e for e in events if e != "M"] == ["T0", "T1", "T2"] and events.count("M") == len(batches)
-        if not background:  # the solve, then the teacher's next forward, in this thread
-            assert events == (["T0", "M", "T1", "M", "T2", "M"])
+        if not background:  # in this thread, solved where the step collects it (after the next teacher forward)
+            assert events == (["T0", "T1", "M", "T2", "M", "M"] if ahead else ["T0", "M", "T1", "M", "T2", "M"])
         assert solvers == ({"kd-solve_0"} if background else {threading.current_thread().name})
     plain = results[False, False]
     for run in list(results.values())[1:]:
@@ -347,6 +347,31 @@ def test_teacher_run_ahead_gives_the_same_losses_and_gradients(monkeypatch):
     calls.clear()
     objective._teacher_output(batches[1].clone(), None)  # equal values, other tensor: computed anew
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("split", ["all", "positive_negative"])
+def test_kd_solve_in_the_background_matches_and_reports_errors_as_in_line(monkeypatch, split):
+    """The helper thread's assignment is the in-line one (both splits), and a NaN prediction still ends the
+    step with the matching's NonFiniteCostError, raised where the caller collects the result."""
+    import detrdistill.trainers.distill.logits as logits_module
+    from detrdistill.trainers.matching import NonFiniteCostError
+    g = torch.Generator().manual_seed(0)
+    s = DecoderPredictions(torch.randn(2, 2, 7, 4, generator=g), torch.rand(2, 2, 7, 4, generator=g) * 0.5 + 0.2,
+                           torch.randn(2, 2, 7, 8, generator=g))
+    t = DecoderPredictions(torch.randn(2, 2, 5, 4, generator=g) * 3, torch.rand(2, 2, 5, 4, generator=g) * 0.5 + 0.2,
+                           torch.randn(2, 2, 5, 8, generator=g))
+    cfg = LogitsKDConfig(split=split, threshold=0.5)
+    results = {}
+    for background in (False, True):
+        monkeypatch.setattr(logits_module, "solve_in_background", lambda device: background)
+        results[background] = logits_module.logits_distillation(s, t, [0, 1], cfg)
+        bad = DecoderPredictions(s.logits.clone(), s.boxes.clone(), s.hidden)
+        bad.logits[1, 0, 3, 2] = float("nan")
+        finish = logits_module.start_logits_distillation(bad, t, [0, 1], cfg)
+        with pytest.raises(NonFiniteCostError, match="NaN or inf"):
+            finish()
+    assert results[False].keys() == results[True].keys()
+    assert all(torch.equal(results[False][k], results[True][k]) for k in results[False])
 
 
 def test_teacher_run_ahead_in_training_is_bitwise_the_plain_run(tiny_data_root, tmp_path_factory, monkeypatch):

@@ -48,13 +48,13 @@ def start_on_host(solve: Callable, *tensors: Optional[Tensor]) -> Callable[[], o
     On a GPU the copies are asynchronous and `solve` runs on a helper thread as soon as they land, so the
     caller goes on queueing GPU work (the teacher's next forward, the detection loss) while the CPU solves,
     instead of waiting for the GPU, then for the solve. The solvers release the GIL. On the CPU it is solved
-    here and now (the host has nothing else to do, and its cores are the solver's).
+    in `wait()` (the cores are the solver's and the other terms' alike). Either way an error of the solve
+    (a NaN cost) is raised by `wait()`.
     """
     device = next(t.device for t in tensors if t is not None)
     host = [t.to("cpu", non_blocking=True) if t is not None else None for t in tensors]
     if not solve_in_background(device):
-        result = solve(*host)
-        return lambda: result
+        return lambda: solve(*host)
     copied = None
     if device.type == "cuda":
         copied = torch.cuda.Event()
