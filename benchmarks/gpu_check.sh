@@ -11,13 +11,14 @@
 # distill   benchmarks/step.py --distill at paper scale: distillation step vs the floor (fp32 and bf16)
 # layout    our steps again with channels_last backbones (does bf16 then beat fp32 where it did not?)
 # matching  benchmarks/matching.py with the host's cores
-# compile   Conditional DETR and AdaMixer through torch.compile, fp32 and bf16 (fused casts and launches:
-#           does bf16 then beat fp32?); each configuration's first step, the compilation, is reported apart
+# compile   Conditional DETR and AdaMixer through torch.compile as the engine's schedule.compile does, fp32 and
+#           bf16 (fused casts and launches: does bf16 then beat fp32?); the first step, compiling, is reported apart
 # kd        experiments/synthetic_kd.yaml through benchmarks/run_local.py (teacher, then 10 students at once)
 # Each stage has its own time limit and writes its log under $OUT, so one that fails or runs long loses
 # nothing of the others. All stages together can take longer than one 10-minute device call; with a
-# 15-minute device budget run `tests bf16 distill` first (stage limits 590 s in all, ~6 min expected;
-# timeout_s 600), then `compile` (360 s) with what is left (bf16 covers layout's question). Needs no network: pydantic and pycocotools travel as wheels in .whl/ (see README).
+# 15-minute device budget (a machine's start takes ~45 s of it) run `tests compile` first (the open question
+# of 2026-11-27: does a compiled step, which waits less on its host, let bf16 beat fp32? stage limits 510 s;
+# timeout_s 540), then `bf16 distill profile` (~4.5 min on an H200) with what is left. Needs no network: pydantic and pycocotools travel as wheels in .whl/ (see README).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"

@@ -200,7 +200,8 @@ def _build_ours(family, scale, device, dtype, mode, channels_last=False, compile
     if compiled:  # the whole detector one graph (no graph breaks in any family); matching and losses stay eager.
         # bf16 runs plain autocast then: swapping weight copies in would break the graph's guards, and the
         # compiler fuses autocast's casts into its kernels anyway
-        model = torch.compile(model)
+        from detrdistill.trainers.engine import compile_model
+        model = compile_model(model)  # as the engine compiles with schedule.compile
     criterion = SetCriterion(scale["classes"])
     if mode == "student":
         params = [p for p in model.parameters() if p.requires_grad]

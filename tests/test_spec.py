@@ -690,6 +690,9 @@ def test_hashes_are_stable_and_ignore_the_name():
     config = a[5].config
     assert trial_hash(config) == trial_hash(config.model_copy(deep=True))
     assert trial_hash(config) == trial_hash(config.model_copy(update={"cpus": 3}))
+    compiled = config.model_copy(update={"schedule": config.schedule.model_copy(update={"compile": True})})
+    assert trial_hash(config) == trial_hash(compiled)  # a way to run it, not another trial
+    assert trial_hash(config) != trial_hash(config.model_copy(update={"seed": config.seed + 1}))
 
 
 def test_hashes_survive_upgrades():

@@ -142,9 +142,16 @@ def _to_device(images, mask, targets, device):
     return images.to(device, non_blocking=True), mask.to(device, non_blocking=True), targets
 
 
+def compile_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The model's forward through torch.compile (inductor), for ScheduleConfig.compile. Its parameters and
+    state_dict stay the model's; dynamo compiles again for a new input shape, then with dynamic sizes."""
+    return torch.compile(model)
+
+
 def train_one_epoch(model, loss_fn, loader, optimizer, scheduler, device, config: TrialConfig, epoch: int,
-                    log: Callable[[str], None]) -> dict:
-    """One pass over the training loader. Returns the mean of every logged loss term."""
+                    log: Callable[[str], None], compiled: Optional[torch.nn.Module] = None) -> dict:
+    """One pass over the training loader. Returns the mean of every logged loss term. `compiled`: the
+    model through compile_model, which the loss then calls instead."""
     model.train()
     schedule = config.schedule
     use_amp = amp_enabled(schedule, device)
@@ -152,8 +159,9 @@ def train_one_epoch(model, loss_fn, loader, optimizer, scheduler, device, config
     n = len(loader)
     log_every = max(1, n // 4)
     overlap = _overlap_teacher(loss_fn, config, device)
-    # under autocast the model runs on bf16 copies of its weights: autocast's values, fewer operators
-    forward_model = BF16Weights(model) if use_amp else model
+    # under autocast the eager model runs on bf16 copies of its weights: autocast's values, fewer operators
+    copies = use_amp and compiled is None
+    forward_model = compiled if compiled is not None else BF16Weights(model) if copies else model
     start = time.perf_counter()
     for step, (images, mask, targets, upcoming) in enumerate(_device_batches(loader, device, lookahead=overlap)):
         where = f"trial {config.name!r}: epoch {epoch + 1}, step {step + 1}"
@@ -171,7 +179,7 @@ def train_one_epoch(model, loss_fn, loader, optimizer, scheduler, device, config
                                      "rate or check the data")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if use_amp:
+        if copies:
             forward_model.grads_to_master()
         if schedule.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
@@ -255,11 +263,13 @@ def run_trial(config: TrialConfig, workdir: Path, report: Optional[Report] = Non
         log(f"[{config.name}] resuming after epoch {start_epoch} from {ckpt_path}")
 
     metrics = history[-1] if history else {}
+    compiled = compile_model(model) if config.schedule.compile and start_epoch < config.schedule.epochs else None
     for epoch in range(start_epoch, config.schedule.epochs):
         seed_everything(epoch_seed(config.seed, epoch))
         sampler_gen.manual_seed(epoch_seed(config.seed, epoch))
         t0 = time.perf_counter()
-        train_stats = train_one_epoch(model, loss_fn, train_loader, optimizer, scheduler, device, config, epoch, log)
+        train_stats = train_one_epoch(model, loss_fn, train_loader, optimizer, scheduler, device, config, epoch, log,
+                                      compiled)
         metrics = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
                    **{f"train/{k}": v for k, v in train_stats.items()}}
         last = epoch + 1 == config.schedule.epochs
