@@ -405,6 +405,37 @@ def test_teacher_run_ahead_in_training_is_bitwise_the_plain_run(tiny_data_root, 
     assert all(torch.equal(weights["on"][k], weights["off"][k]) for k in weights["off"])
 
 
+def test_compiled_distillation_compiles_student_and_teacher(tiny_data_root, tmp_path_factory, monkeypatch):
+    """schedule.compile in a distillation trial: the student and the teacher both run compiled (dynamo's
+    eager backend here: the same operators, so the trained weights are bitwise the eager run's)."""
+    from torch._dynamo.utils import counters
+    import detrdistill.trainers.engine as engine
+    teacher_dir = tmp_path_factory.getbasetemp() / "kd-teacher"
+    if not (teacher_dir / "checkpoint.pt").exists():
+        run_trial(tiny_trial(tiny_data_root, epochs=1), teacher_dir, log=lambda s: None)
+    config = tiny_trial(tiny_data_root, epochs=1, distill=DistillConfig(method="detrdistill"),
+                        teacher=TeacherConfig(model=tiny_trial(tiny_data_root).model,
+                                              checkpoint=teacher_dir / "checkpoint.pt"))
+    eager_dir = tmp_path_factory.mktemp("kd-eager")
+    run_trial(config, eager_dir, log=lambda s: None)
+    compiled_models = []
+
+    def compile_eager(model):
+        compiled_models.append(model)
+        return torch.compile(model, backend="eager")
+    monkeypatch.setattr(engine, "compile_model", compile_eager)
+    counters.clear()
+    compiled = config.model_copy(update={"schedule": config.schedule.model_copy(update={"compile": True})})
+    workdir = tmp_path_factory.mktemp("kd-compiled")
+    run_trial(compiled, workdir, log=lambda s: None)
+    teacher, student = compiled_models  # the objective (and its teacher) is built before training starts
+    assert not any(p.requires_grad for p in teacher.parameters()) and any(p.requires_grad for p in student.parameters())
+    assert counters["stats"]["unique_graphs"] >= 2 and not counters["graph_break"]
+    eager = torch.load(eager_dir / "checkpoint.pt", weights_only=False)["model"]
+    trained = torch.load(workdir / "checkpoint.pt", weights_only=False)["model"]
+    assert eager.keys() == trained.keys() and all(torch.equal(eager[k], trained[k]) for k in eager)
+
+
 @pytest.mark.parametrize("method", ["detrdistill", "fitnet", "fgd", "mgd"])
 def test_distillation_trial_end_to_end(tiny_data_root, tmp_path_factory, method):
     teacher_dir = tmp_path_factory.getbasetemp() / "kd-teacher"

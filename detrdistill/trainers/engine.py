@@ -143,8 +143,9 @@ def _to_device(images, mask, targets, device):
 
 
 def compile_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The model's forward through torch.compile (inductor), for ScheduleConfig.compile. Its parameters and
-    state_dict stay the model's; dynamo compiles again for a new input shape, then with dynamic sizes."""
+    """The model's forward through torch.compile (inductor), for ScheduleConfig.compile (the student, and a
+    distillation teacher). Its parameters and state_dict stay the model's; dynamo compiles again for a new
+    input shape, then with dynamic sizes."""
     return torch.compile(model)
 
 
@@ -213,7 +214,8 @@ def build_loss(config: TrialConfig, num_classes: int, device: torch.device):
         return DetectionLoss(criterion)
     from detrdistill.trainers.distill import build_distillation_loss
     return build_distillation_loss(config, criterion, num_classes, device,
-                                   bf16_teacher=amp_enabled(config.schedule, device))
+                                   bf16_teacher=amp_enabled(config.schedule, device),
+                                   compile_teacher=compile_model if config.schedule.compile else None)
 
 
 def run_trial(config: TrialConfig, workdir: Path, report: Optional[Report] = None,

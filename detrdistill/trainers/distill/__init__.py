@@ -1,9 +1,12 @@
 """Knowledge distillation for DETR-family detectors, written once against the detector contract."""
 
 
-def build_distillation_loss(config, criterion, num_classes: int, device, bf16_teacher: bool = False):
+def build_distillation_loss(config, criterion, num_classes: int, device, bf16_teacher: bool = False,
+                            compile_teacher=None):
     """The distillation objective of a trial: loads the frozen teacher named by config.teacher. bf16_teacher
-    (bf16 autocast on): the teacher runs on bf16 copies of its weights, made once (BF16Weights)."""
+    (bf16 autocast on): the teacher runs on bf16 copies of its weights, made once (BF16Weights).
+    compile_teacher (schedule.compile): a function that compiles a model (engine.compile_model); the teacher
+    then runs compiled, on autocast alone, whose casts the compiler fuses."""
     from detrdistill.trainers.checkpoint import load_detector
     from detrdistill.trainers.distill.objective import DistillationLoss
     if config.teacher is None or config.teacher.checkpoint is None:
@@ -15,7 +18,9 @@ def build_distillation_loss(config, criterion, num_classes: int, device, bf16_te
         raise ValueError(f"teacher {config.teacher.checkpoint} predicts {t_classes} classes, the data has "
                          f"{num_classes}")
     s_model, t_model = config.model, teacher.config
-    if bf16_teacher:
+    if compile_teacher is not None:
+        teacher = compile_teacher(teacher)
+    elif bf16_teacher:
         from detrdistill.trainers.bf16_weights import BF16Weights
         teacher = BF16Weights(teacher, frozen=True)
     return DistillationLoss(teacher, criterion, config.distill, s_model.hidden_dim, t_model.hidden_dim,
