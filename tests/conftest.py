@@ -4,7 +4,8 @@ import os
 import pytest
 import torch
 
-from detrdistill.trainers.config import AugmentConfig, DataConfig, ModelConfig, ScheduleConfig, TrialConfig
+from detrdistill.trainers.config import (AugmentConfig, DataConfig, DistillConfig, ModelConfig, ScheduleConfig,
+                                        TeacherConfig, TrialConfig)
 from detrdistill.trainers.data.synthetic import make_synthetic
 
 TINY_SIZE = 96
@@ -48,6 +49,17 @@ def tiny_trial(root, family="conditional_detr", epochs=2, **overrides) -> TrialC
                cpus=1)
     cfg.update(overrides)
     return TrialConfig(**cfg)
+
+
+def tiny_distill_trial(root, tmp_path_factory, method="detrdistill") -> TrialConfig:
+    """A one-epoch tiny distillation trial; its teacher (a one-epoch tiny trial) is trained once per test
+    session, in <basetemp>/kd-teacher."""
+    from detrdistill.trainers.engine import run_trial
+    teacher_dir = tmp_path_factory.getbasetemp() / "kd-teacher"
+    if not (teacher_dir / "checkpoint.pt").exists():
+        run_trial(tiny_trial(root, epochs=1), teacher_dir, log=lambda s: None)
+    return tiny_trial(root, epochs=1, distill=DistillConfig(method=method),
+                      teacher=TeacherConfig(model=tiny_trial(root).model, checkpoint=teacher_dir / "checkpoint.pt"))
 
 
 # ---- orchestration tests (test_plan, test_tables, test_scheduler, test_cli_run) ---------------------------

@@ -145,15 +145,9 @@ class PlainAutocast(torch.nn.Module):
 def test_amp_distillation_trial_is_bitwise_the_plain_autocast_trial(tiny_data_root, tmp_path_factory, monkeypatch):
     """The engine's bf16 path (student and teacher on weight copies), forced on the CPU's autocast, trains
     bitwise the weights plain autocast trains."""
-    from conftest import tiny_trial
+    from conftest import tiny_distill_trial
     from detrdistill.trainers import bf16_weights, engine
-    from detrdistill.trainers.config import TeacherConfig
-    teacher_dir = tmp_path_factory.getbasetemp() / "kd-teacher"
-    if not (teacher_dir / "checkpoint.pt").exists():
-        engine.run_trial(tiny_trial(tiny_data_root, epochs=1), teacher_dir, log=lambda s: None)
-    config = tiny_trial(tiny_data_root, epochs=1, distill=DistillConfig(method="detrdistill"),
-                        teacher=TeacherConfig(model=tiny_trial(tiny_data_root).model,
-                                              checkpoint=teacher_dir / "checkpoint.pt"))
+    config = tiny_distill_trial(tiny_data_root, tmp_path_factory)
     config = config.model_copy(update={"model": config.model.model_copy(update={"dropout": 0.0})})
     monkeypatch.setattr(engine, "amp_enabled", lambda schedule, device: schedule.amp)
     wrapped = []

@@ -6,8 +6,8 @@ import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from conftest import tiny_trial
-from detrdistill.trainers.config import DistillConfig, FeatureKDConfig, LogitsKDConfig, ModelConfig, TeacherConfig
+from conftest import tiny_distill_trial, tiny_trial
+from detrdistill.trainers.config import DistillConfig, FeatureKDConfig, LogitsKDConfig, ModelConfig
 from detrdistill.trainers.criterion import SetCriterion
 from detrdistill.trainers.distill.feature import feature_adapters, feature_distillation
 from detrdistill.trainers.distill.logits import kd_cost, logits_distillation, match_to_teacher
@@ -378,12 +378,7 @@ def test_teacher_run_ahead_in_training_is_bitwise_the_plain_run(tiny_data_root, 
     """The engine hands the objective the next batch when overlap_teacher is on; with no random draws in the
     model (dropout 0) the trained weights are bitwise those of a run without it. "auto" is off on the CPU."""
     from detrdistill.trainers.engine import _overlap_teacher
-    teacher_dir = tmp_path_factory.getbasetemp() / "kd-teacher"
-    if not (teacher_dir / "checkpoint.pt").exists():
-        run_trial(tiny_trial(tiny_data_root, epochs=1), teacher_dir, log=lambda s: None)
-    base = tiny_trial(tiny_data_root, epochs=1, distill=DistillConfig(method="detrdistill"),
-                      teacher=TeacherConfig(model=tiny_trial(tiny_data_root).model,
-                                            checkpoint=teacher_dir / "checkpoint.pt"))
+    base = tiny_distill_trial(tiny_data_root, tmp_path_factory)
     base = base.model_copy(update={"model": base.model.model_copy(update={"dropout": 0.0})})
     cpu = torch.device("cpu")
     objective = _objective(_tiny_model(), _tiny_model(seed=1))
@@ -410,12 +405,7 @@ def test_compiled_distillation_compiles_student_and_teacher(tiny_data_root, tmp_
     eager backend here: the same operators, so the trained weights are bitwise the eager run's)."""
     from torch._dynamo.utils import counters
     import detrdistill.trainers.engine as engine
-    teacher_dir = tmp_path_factory.getbasetemp() / "kd-teacher"
-    if not (teacher_dir / "checkpoint.pt").exists():
-        run_trial(tiny_trial(tiny_data_root, epochs=1), teacher_dir, log=lambda s: None)
-    config = tiny_trial(tiny_data_root, epochs=1, distill=DistillConfig(method="detrdistill"),
-                        teacher=TeacherConfig(model=tiny_trial(tiny_data_root).model,
-                                              checkpoint=teacher_dir / "checkpoint.pt"))
+    config = tiny_distill_trial(tiny_data_root, tmp_path_factory)
     eager_dir = tmp_path_factory.mktemp("kd-eager")
     run_trial(config, eager_dir, log=lambda s: None)
     compiled_models = []
@@ -438,12 +428,7 @@ def test_compiled_distillation_compiles_student_and_teacher(tiny_data_root, tmp_
 
 @pytest.mark.parametrize("method", ["detrdistill", "fitnet", "fgd", "mgd"])
 def test_distillation_trial_end_to_end(tiny_data_root, tmp_path_factory, method):
-    teacher_dir = tmp_path_factory.getbasetemp() / "kd-teacher"
-    if not (teacher_dir / "checkpoint.pt").exists():
-        run_trial(tiny_trial(tiny_data_root, epochs=1), teacher_dir, log=lambda s: None)
-    config = tiny_trial(tiny_data_root, epochs=1, distill=DistillConfig(method=method),
-                        teacher=TeacherConfig(model=tiny_trial(tiny_data_root).model,
-                                              checkpoint=teacher_dir / "checkpoint.pt"))
+    config = tiny_distill_trial(tiny_data_root, tmp_path_factory, method)
     reports = []
     run_trial(config, tmp_path_factory.mktemp(method), report=lambda m, c: reports.append(m), log=lambda s: None)
     metrics = reports[-1]
