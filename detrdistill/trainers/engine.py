@@ -145,8 +145,13 @@ def _to_device(images, mask, targets, device):
 def compile_model(model: torch.nn.Module) -> torch.nn.Module:
     """The model's forward through torch.compile (inductor), for ScheduleConfig.compile (the student, and a
     distillation teacher). Its parameters and state_dict stay the model's; dynamo compiles again for a new
-    input shape, then with dynamic sizes."""
-    return torch.compile(model)
+    input shape, then with dynamic sizes.
+
+    Without inductor's layout optimisation (convolutions made channels_last): with dynamic sizes it wrote
+    the first shape's strides of a saved input into the backward graph, and Deformable DETR's training
+    failed at the next shape (`assert_size_stride`, torch 2.14 on the CPU); without it all three families
+    train compiled with multi-scale batches."""
+    return torch.compile(model, options={"layout_optimization": False})
 
 
 def train_one_epoch(model, loss_fn, loader, optimizer, scheduler, device, config: TrialConfig, epoch: int,
