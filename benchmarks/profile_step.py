@@ -6,7 +6,8 @@ A step (built as benchmarks/step.py builds it) is timed, then profiled (torch.pr
 configuration: the wall time of a step, the time its kernels kept the GPU busy (the union of their intervals,
 so that concurrent kernels count once), busy / wall (a step well below 1 waits on its host: Python, kernel
 launches, the CPU matching), the kernels and the aten casts (`_to_copy`) a step launches, and the kernels that
-take most GPU time, and the operators that take most host time. Where bf16 is not faster than fp32, this says whether the GPU or the host holds it back.
+take most GPU time, and the operators that take most host time. Where bf16 is not faster than fp32, this says
+whether the GPU or the host holds it back.
 """
 import argparse
 import statistics

@@ -150,7 +150,7 @@ class _CachedTeacher:
 
 def _train_step(loss_fn, model, params, images, mask, targets, device, dtype, ahead=False, weight_copies=False):
     """ahead: hand the objective the next step's batch (the same tensors here), as the engine does on
-    CUDA, so the teacher's next forward is queued before the KD matching is solved. weight_copies and dtype
+    CUDA, so the teacher's next forward is queued while the KD assignment is solved. weight_copies and dtype
     bf16: the model runs on bf16 copies of its weights (BF16Weights), as the engine runs ours."""
     import torch
     from detrdistill.trainers.bf16_weights import BF16Weights
@@ -238,6 +238,7 @@ def _hf(family, scale, device, dtype):
     import torch
     from transformers import ConditionalDetrConfig, ConditionalDetrForObjectDetection, DeformableDetrConfig, \
         DeformableDetrForObjectDetection
+    from detrdistill.trainers.engine import select_attention_kernels
     from detrdistill.trainers.models.hf_backbone import hf_resnet_config
     levels = 1 if family == "conditional_detr" else 4
     out_features = ["stage4"] if levels == 1 else ["stage2", "stage3", "stage4"]
@@ -249,7 +250,6 @@ def _hf(family, scale, device, dtype):
     else:
         model = DeformableDetrForObjectDetection(DeformableDetrConfig(**common, num_feature_levels=levels))
     model = model.to(device).train()
-    from detrdistill.trainers.engine import select_attention_kernels
     images, _, targets = _inputs(scale, device)
     pixel_mask = torch.ones(scale["batch"], scale["height"], scale["width"], dtype=torch.long, device=device)
     labels = [{"class_labels": t["labels"], "boxes": t["boxes"]} for t in targets]

@@ -90,7 +90,7 @@ def test_kd_cost_equals_formula_and_assignment_equals_scipy_and_brute_force():
     s, t = random_predictions(2, 2, 4, 3, seed=1), random_predictions(2, 2, 4, 3, seed=2)
     cfg = LogitsKDConfig()
     cost = kd_cost(s.logits, s.boxes, t.logits.sigmoid(), t.boxes, cfg)
-    matches = match_to_teacher(cost)
+    matches = match_to_teacher(cost)()
     for l, b in itertools.product(range(2), range(2)):
         ref = ref_cost(s.logits[l, b].double().numpy(), s.boxes[l, b].double().numpy(),
                        t.logits[l, b].double().sigmoid().numpy(), t.boxes[l, b].double().numpy())
@@ -105,7 +105,7 @@ def test_kd_cost_equals_formula_and_assignment_equals_scipy_and_brute_force():
 def test_kd_assignment_is_rectangular_when_query_counts_differ():
     s, t = random_predictions(1, 1, 5, 3, seed=3), random_predictions(1, 1, 3, 3, seed=4)
     cost = kd_cost(s.logits, s.boxes, t.logits.sigmoid(), t.boxes, LogitsKDConfig())
-    rows, cols = match_to_teacher(cost)[0]
+    rows, cols = match_to_teacher(cost)()[0]
     assert len(rows) == 3 and sorted(cols.tolist()) == [0, 1, 2]
     ref = cost[0, 0].double().numpy()
     brute = min(sum(ref[r, c] for c, r in enumerate(perm)) for perm in itertools.permutations(range(5), 3))

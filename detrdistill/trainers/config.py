@@ -189,8 +189,9 @@ class ScheduleConfig(StrictModel):
     lr_drop_factor: float = Field(0.1, gt=0)
     amp: bool = True  # bf16 autocast when on CUDA; ignored on the CPU
     compile: bool = Field(False, description=(
-        "torch.compile the student's training forward (and a distillation teacher's): fused kernels, far fewer launches and host operations, "
-        "for GPU steps that wait on their host (README, 'Measured on a GPU'). The first step of a new input "
+        "torch.compile the student's training forward (and a distillation teacher's): fused kernels, far "
+        "fewer launches and host operations, for GPU steps that wait on their host (README, 'Measured on a "
+        "GPU'). The first step of a new input "
         "shape compiles (minutes); from the second shape on, sizes compile as dynamic. With amp the compiled "
         "student runs on autocast alone (the compiler fuses its casts), not on bf16 weight copies."))
     eval_every: int = Field(1, ge=1)  # evaluate every N epochs (and always after the last)

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from detrdistill.trainers.box_ops import batched_pairwise_iou
 from detrdistill.trainers.config import FeatureKDConfig
 from detrdistill.trainers.matching import pad_targets
+from detrdistill.trainers.models.multi_scale import join_levels
 from detrdistill.trainers.models.output import DecoderPredictions
 
 
@@ -45,11 +46,6 @@ def query_quality(probs: Tensor, boxes: Tensor, targets: list, top_k: int, use_q
     return query, torch.where(count > 0, scores * best, scores)
 
 
-def _join(maps: list[Tensor], dim: int) -> Tensor:
-    """torch.cat, but one tensor is returned as it is (a one-level model pays no copy)."""
-    return maps[0] if len(maps) == 1 else torch.cat(maps, dim)
-
-
 def selection_masks(features: list[Tensor], queries: Tensor, weights: Tensor) -> list[Tensor]:
     """per level feature [B, d, H_j, W_j], queries [L, B, K, d], weights [L, B, K] -> per level psi
     [L, B, H_j, W_j], every layer and level in one pass (on a GPU each operator is a launch).
@@ -58,7 +54,7 @@ def selection_masks(features: list[Tensor], queries: Tensor, weights: Tensor) ->
     level.
     """
     sizes = [f.shape[-2] * f.shape[-1] for f in features]
-    f = F.normalize(_join([f.flatten(2) for f in features], 2), dim=1)  # [B, d, P], P = sum_j H_j W_j
+    f = F.normalize(join_levels([f.flatten(2) for f in features], 2), dim=1)  # [B, d, P], P = sum_j H_j W_j
     q = F.normalize(queries, dim=-1)                                         # [L, B, K, d]
     psi = torch.einsum("lbk,lbkd,bdp->lbp", weights, q, f).clamp(min=0.01)  # [L, B, P]
     return [(p / p.amax(2, keepdim=True)).view(*p.shape[:2], *feat.shape[-2:])
@@ -85,9 +81,9 @@ def feature_distillation(student_features: list, teacher_features: list, teacher
         hidden = teacher.hidden.detach().float()
         q = torch.gather(hidden, 2, query[..., None].expand(-1, -1, -1, hidden.shape[-1]))  # [L_T, B, K, d]
         # sum_t psi_t^2 per level, divided by the level's element count (its mean), then all levels joined
-        w = _join([(psi ** 2).sum(0).flatten(1) / ft.numel()
+        w = join_levels([(psi ** 2).sum(0).flatten(1) / ft.numel()
                        for psi, ft in zip(selection_masks(teacher_features, q, weight), teacher_features)], 1)
-    ft = _join([f.flatten(2) for f in teacher_features], 2)           # [B, d_T, P]
-    fs = _join([f.flatten(2) for f in adapted], 2).float()            # [B, d_T, P]
+    ft = join_levels([f.flatten(2) for f in teacher_features], 2)           # [B, d_T, P]
+    fs = join_levels([f.flatten(2) for f in adapted], 2).float()            # [B, d_T, P]
     total = (w[:, None] * (ft - fs) ** 2).sum()
     return {"kd_feature": cfg.weight * total}

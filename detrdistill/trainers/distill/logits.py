@@ -33,13 +33,13 @@ def kd_cost(student_logits: Tensor, student_boxes: Tensor, teacher_probs: Tensor
     return cfg.cost_cls * cls + cfg.cost_l1 * l1 - cfg.cost_giou * giou
 
 
-def match_to_teacher(cost: Tensor, student_valid: Tensor = None, teacher_valid: Tensor = None) -> list:
-    """cost [P, B, N_S, N_T] -> per (pair, image) (student_idx, teacher_idx) int64 tensors on the CPU
-    (`flat_matches` moves a whole step's indices to the device in one copy).
+def match_to_teacher(cost: Tensor, student_valid: Tensor = None, teacher_valid: Tensor = None) -> Callable[[], list]:
+    """cost [P, B, N_S, N_T] -> `wait()` -> per (pair, image) (student_idx, teacher_idx) int64 tensors on the
+    CPU (`flat_matches` moves a whole step's indices to the device in one copy); see `start_on_host`.
 
     Optional masks [P, B, N_S] / [P, B, N_T] restrict which predictions take part (positive/negative split).
     """
-    return start_on_host(_solve, cost.detach(), student_valid, teacher_valid)()
+    return start_on_host(_solve, cost.detach(), student_valid, teacher_valid)
 
 
 def start_on_host(solve: Callable, *tensors: Optional[Tensor]) -> Callable[[], object]:
@@ -156,7 +156,7 @@ def start_logits_distillation(student: DecoderPredictions, teacher: DecoderPredi
     bt = clamp_cxcywh(teacher.boxes.detach().float()[t_idx])       # [P, B, N_T, 4]
     cost = kd_cost(x.detach(), bs.detach(), p, bt, cfg)
     if cfg.split == "all":
-        matching = start_on_host(_solve, cost, None, None)
+        matching = match_to_teacher(cost)
     else:
         matching = start_on_host(_solve_split, cost, p.max(-1).values >= cfg.threshold)  # [P, B, N_T]
 

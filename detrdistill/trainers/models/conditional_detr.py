@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from detrdistill.trainers.box_ops import inverse_sigmoid
 from detrdistill.trainers.config import ModelConfig
 from detrdistill.trainers.models.backbone import Backbone
-from detrdistill.trainers.models.multi_scale import LevelProjections
+from detrdistill.trainers.models.multi_scale import LevelProjections, join_levels
 from detrdistill.trainers.models.output import DecoderPredictions, DetectorOutput, QueryGroup, cross_group_mask
 from detrdistill.trainers.models.position_encoding import sine_box_encoding, sine_position_encoding
 from detrdistill.trainers.models.transformer_layers import MLP, EncoderLayer, linear_many, multi_head_attention
@@ -30,11 +30,6 @@ from detrdistill.trainers.models.transformer_layers import MLP, EncoderLayer, li
 # attention_init "local": the spatial projections' gain. 3 sharpens the first cross-attention (entropy 2.10 -> 1.41
 # of at most 2.20 on a 3x3 map); 5 learned less on the small config (AP 0.0005 against 0.0018, README)
 LOCAL_GAIN = 3.0
-
-
-def _join(levels: list[Tensor]) -> Tensor:
-    """Per-level sequences [B, S_j, ...] -> [B, S, ...]; one level is returned as it is (no copy)."""
-    return levels[0] if len(levels) == 1 else torch.cat(levels, 1)
 
 
 class ProjectedPositions(NamedTuple):
@@ -267,9 +262,9 @@ class ConditionalDETR(nn.Module):
         features, masks = self._features(images, padding_mask)  # [B, d, H_j, W_j], [B, H_j, W_j] per level
         pos = [sine_position_encoding(m, d).to(f.dtype).flatten(2).transpose(1, 2) for f, m in zip(features, masks)]
         encoder_pos = pos if self.level_embed is None else [p + self.level_embed[j] for j, p in enumerate(pos)]
-        pos, encoder_pos = _join(pos), _join(encoder_pos)  # [B, S, d], S = sum of H_j * W_j
-        memory = _join([f.flatten(2).transpose(1, 2) for f in features])  # [B, S, d]
-        memory_mask = _join([m.flatten(1) for m in masks])
+        pos, encoder_pos = join_levels(pos, 1), join_levels(encoder_pos, 1)  # [B, S, d], S = sum of H_j * W_j
+        memory = join_levels([f.flatten(2).transpose(1, 2) for f in features], 1)  # [B, S, d]
+        memory_mask = join_levels([m.flatten(1) for m in masks], 1)
         for layer in self.encoder:
             memory = layer(memory, encoder_pos, memory_mask)
 

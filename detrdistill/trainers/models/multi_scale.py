@@ -4,8 +4,15 @@ Each backbone level gets a 1x1 convolution and GroupNorm(32); levels beyond the 
 are stride-2 3x3 convolutions (+ GroupNorm), the first on the last backbone map, each next one on the previous
 level. Used by Deformable DETR and by Conditional DETR with more than one level.
 """
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+def join_levels(maps: list[Tensor], dim: int) -> Tensor:
+    """Per-level tensors concatenated along `dim`; one level is returned as it is (a one-level model pays no
+    copy)."""
+    return maps[0] if len(maps) == 1 else torch.cat(maps, dim)
 
 
 class LevelProjections(nn.ModuleList):
