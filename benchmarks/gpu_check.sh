@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The prepared GPU check, run on a lent GPU machine from the repo root:
-#   bash benchmarks/gpu_check.sh [tests] [bf16] [step] [distill] [profile] [layout] [matching] [compile] [kd]
+#   bash benchmarks/gpu_check.sh [tests] [bf16] [step] [distill] [profile] [layout] [matching] [compile] [distill-compile] [kd]
 #   (default: all but bf16 and profile, in this order)
-# tests     the CUDA tests (tests/test_gpu.py: CUDA == CPU forward and KD terms, bf16 steps, a whole amp trial)
+# tests     the CUDA tests (tests/test_gpu.py: CUDA == CPU forward and KD terms, bf16 steps, a whole amp trial;
+#           the compiled-step test (inductor) one family per pytest run, each with its own limit)
 # bf16      benchmarks/step.py at paper scale, ours only: fp32, bf16 (the engine's: bf16 weight copies, no cuDNN
 #           attention), bf16-cudnn-sdp (with it, PyTorch's default) and bf16-nhwc (channels_last backbone)
 #           timed interleaved, each / fp32
@@ -11,14 +12,19 @@
 # distill   benchmarks/step.py --distill at paper scale: distillation step vs the floor (fp32 and bf16)
 # layout    our steps again with channels_last backbones (does bf16 then beat fp32 where it did not?)
 # matching  benchmarks/matching.py with the host's cores
-# compile   Conditional DETR and AdaMixer through torch.compile as the engine's schedule.compile does, fp32 and
-#           bf16 (fused casts and launches: does bf16 then beat fp32?); the first step, compiling, is reported apart
+# compile   ours through torch.compile as the engine's schedule.compile does (COMPILE_FAMILIES, default Conditional
+#           DETR; COMPILE_DTYPES, default fp32 bf16 bf16-nhwc); the first step, compiling (~75 s a graph on an
+#           H200's host), is reported apart. 2026-11-27: compiled bf16 / fp32 = 1.11 for Conditional DETR; does
+#           a channels_last backbone (no cuDNN NCHW<->NHWC transposes around each bf16 convolution) change that?
+# distill-compile  the distillation table with --compile (student and teacher compiled, as schedule.compile),
+#           bf16 (the engine's dtype on CUDA): with the host no longer the bottleneck, does the KD overhead hide?
 # kd        experiments/synthetic_kd.yaml through benchmarks/run_local.py (teacher, then 10 students at once)
 # Each stage has its own time limit and writes its log under $OUT, so one that fails or runs long loses
-# nothing of the others. All stages together can take longer than one 10-minute device call; with a
-# 15-minute device budget (a machine's start takes ~45 s of it) run `tests compile` first (the open question
-# of 2026-11-27: does a compiled step, which waits less on its host, let bf16 beat fp32? stage limits 510 s;
-# timeout_s 540), then `bf16 distill profile` (~4.5 min on an H200) with what is left. Needs no network: pydantic and pycocotools travel as wheels in .whl/ (see README).
+# nothing of the others. All stages together take far longer than one 10-minute device call; with a
+# 15-minute device budget (a machine's start takes ~45 s of it) run `tests distill` first (~6 min: the
+# non-compiled CUDA tests, then the compiled-step test one family at a time, ~1-2 min each, then the
+# distillation table with the KD timing columns `landed` / `waited`), then `bf16` or `compile` with what is
+# left. Needs no network: pydantic and pycocotools travel as wheels in .whl/ (see README).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
@@ -38,8 +44,17 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 $PY -c "import torch, torchvision, transformers; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'transformers', transformers.__version__, 'cpus', __import__('os').cpu_count())" | tee -a "$OUT/gpu.txt"
 if has tests; then
     stamp tests
-    timeout 150 $PY -m pytest -q -p no:cacheprovider -m gpu -rf tests/test_gpu.py > "$OUT/tests.txt" 2>&1
+    timeout ${TESTS_TIMEOUT:-150} $PY -m pytest -q -p no:cacheprovider -m gpu -rf -k "not compiled" tests/test_gpu.py \
+        > "$OUT/tests.txt" 2>&1
     grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.txt" | cut -c1-600
+    # the compiled-step tests (inductor: ~1 min of compiling each) one family a run, each with its own limit, so
+    # that one running long cannot take the others' results (or the failure report) with it
+    for family in conditional_detr deformable_detr adamixer; do
+        timeout ${TESTS_COMPILE_TIMEOUT:-120} $PY -m pytest -q -p no:cacheprovider -m gpu -rf \
+            -k "compiled and $family" tests/test_gpu.py > "$OUT/tests-compiled-$family.txt" 2>&1 \
+            || echo "compiled $family: exit $?"
+        grep -E "^(FAILED|ERROR)|passed|failed|^E " "$OUT/tests-compiled-$family.txt" | cut -c1-400
+    done
 fi
 if has bf16; then
     stamp "bf16 vs fp32, paper scale, ours only (interleaved)"
@@ -72,8 +87,15 @@ if has matching; then
 fi
 if has compile; then
     stamp "step benchmark, paper scale, torch.compile (ours only)"
-    timeout 360 $PY benchmarks/step.py --scale paper --steps 10 --warmup 2 --compile --ours-only \
-        --families conditional_detr adamixer --json "$OUT/compile.json" 2>&1 | tee "$OUT/compile.txt"
+    timeout ${COMPILE_TIMEOUT:-360} $PY benchmarks/step.py --scale paper --steps 10 --warmup 2 --compile --ours-only \
+        --families ${COMPILE_FAMILIES:-conditional_detr} --dtypes ${COMPILE_DTYPES:-fp32 bf16 bf16-nhwc} \
+        --json "$OUT/compile.json" 2>&1 | tee "$OUT/compile.txt"
+fi
+if has distill-compile; then
+    stamp "distillation step vs floor, paper scale, torch.compile (student and teacher), bf16"
+    timeout ${DISTILL_COMPILE_TIMEOUT:-240} $PY benchmarks/step.py --scale paper --steps 10 --warmup 2 --compile \
+        --distill-only --dtypes bf16 --families ${DISTILL_COMPILE_FAMILIES:-conditional_detr adamixer deformable_detr} \
+        --json "$OUT/distill_compile.json" 2>&1 | tee "$OUT/distill_compile.txt"
 fi
 if has kd; then
     stamp "synthetic KD experiment"

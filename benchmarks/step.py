@@ -15,7 +15,8 @@ it; the CPU's own time does not, being dominated by the convolutions). With --co
 
 One step = forward, the set loss (ours: our criterion; transformers: its own loss), backward, fused AdamW step.
 dtypes: fp32; bf16 = autocast as the engine runs it (ours on bf16 copies of its Linear/Conv2d weights, the
-teacher too: trainers/bf16_weights.py; transformers' model, and ours with --compile, with autocast alone);
+teacher too: trainers/bf16_weights.py; transformers' model, and ours with --compile, with autocast alone; with
+--compile the distillation teacher is compiled too, as schedule.compile does);
 bf16-plain = autocast alone; -nhwc: channels_last backbone and images (as --channels-last, but per configuration,
 so that one interleaved comparison holds both layouts); bf16-cudnn-sdp = bf16 with cuDNN's attention kernels,
 PyTorch's default, which the engine turns off (trainers/engine.py: select_attention_kernels).
@@ -31,7 +32,9 @@ The distillation floor is what a distillation step cannot avoid, each part measu
 step, the teacher's forward (eval, no grad), and the extra cost of passing the teacher's queries through the
 student's decoder as an extra group (a query-prior-only step with the teacher's output cached, minus the
 student step). distill/floor - 1 is the overhead of the KD terms themselves (matching, feature masks, losses).
-"kd solve" is the CPU time of the logits-KD assignment solve within the distillation step (median).
+"kd solve" is the CPU time of the logits-KD assignment solve within the distillation step (median); of the
+"ahead" step, "landed" is the time from the KD term's start until its cost is on the host (how far the GPU
+lags this thread) and "waited" the time this thread then blocked for the assignment (what was not hidden).
 "ahead" is the same DETRDistill step with the teacher's forward on the next batch queued right after the KD
 assignment is started (the engine's default on CUDA): on a GPU the assignment is solved on a helper thread
 while this one queues the teacher and the other terms, and the GPU runs them meanwhile. On the CPU both run on
@@ -211,7 +214,11 @@ def _build_ours(family, scale, device, dtype, mode, channels_last=False, compile
                                                   scale["classes"]).to(device), images)
     if channels_last:
         teacher.backbone.to(memory_format=torch.channels_last)
-    if dtype in COPIES:  # as the engine: the frozen teacher on bf16 copies of its weights, made once
+    if compiled and mode != "student_group":  # as the engine with schedule.compile: the teacher compiled too,
+        # on autocast alone (the extra-group measurement caches one teacher output: nothing to compile there)
+        from detrdistill.trainers.engine import compile_model
+        teacher = compile_model(teacher)
+    elif dtype in COPIES and not compiled:  # as the engine: the frozen teacher on bf16 copies of its weights
         from detrdistill.trainers.bf16_weights import BF16Weights
         teacher = BF16Weights(teacher, frozen=True)
     if mode == "teacher_forward":
@@ -289,13 +296,15 @@ def measure_group(configs, scale_name, steps, warmup, channels_last=False, compi
     """Build every configuration of a comparison ([(family, mode, dtype)]), then time them interleaved: round r
     runs one step of each, in an order rotated by r, so that a drift of the machine (GPU clocks, the host's
     load, other tenants) weighs on all of them alike and their ratios stay fair. Returns one dict per
-    configuration: {median_s, peak_mib, device, ops, kd_solve_s, first_s}, or {error}; one that fails is
+    configuration: {median_s, peak_mib, device, ops, kd_solve_s, kd_landed_s, kd_waited_s, first_s}, or {error}; one that fails is
     dropped from the later rounds without losing the others' numbers."""
     import resource
     import torch
+    if compiled:  # every configuration of a group compiles its own models: none may fall back to eager
+        torch._dynamo.config.recompile_limit = 64
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     scale = SCALES[scale_name]
-    solving = _time_kd_solve()  # wall time inside the KD assignment solve, this step
+    kd_times = _time_kd_solve()  # the KD assignment's solve, landing and wait, this step
     results, steppers = [{} for _ in configs], {}
     for i, (family, mode, dtype) in enumerate(configs):
         torch.manual_seed(0)
@@ -325,14 +334,14 @@ def measure_group(configs, scale_name, steps, warmup, channels_last=False, compi
         results[i]["peak_mib"] = (torch.cuda.max_memory_allocated() - held) / 2**20 if device.type == "cuda" \
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         steppers[i] = step
-    times, solves = {i: [] for i in steppers}, {i: [] for i in steppers}
+    times, kd = {i: [] for i in steppers}, {i: [] for i in steppers}
     for r in range(steps):
         order = list(steppers)
         order = order[r % len(order):] + order[:r % len(order)] if order else order
         for i in order:
             try:
                 _sync(device)
-                solving[0] = 0.0
+                kd_times.update(dict.fromkeys(KD_TIMES, 0.0))
                 t0 = time.perf_counter()
                 steppers[i]()
                 _sync(device)
@@ -341,30 +350,53 @@ def measure_group(configs, scale_name, steps, warmup, channels_last=False, compi
                 del steppers[i]
                 continue
             times[i].append(time.perf_counter() - t0)
-            solves[i].append(solving[0])
+            kd[i].append(dict(kd_times))
     for i in steppers:
-        results[i].update(median_s=statistics.median(times[i]), kd_solve_s=statistics.median(solves[i]),
+        results[i].update(median_s=statistics.median(times[i]),
+                          **{f"kd_{k}_s": statistics.median(t[k] for t in kd[i]) for k in KD_TIMES},
                           device=str(device))
     steppers.clear()
     return results
 
 
-def _time_kd_solve() -> list:
-    """Wrap the logits-KD term's assignment solver with a timer: -> [seconds since last reset]. The KD solve
-    is the one CPU wait a GPU step cannot hide without run-ahead (the other matchings are 300 x a few)."""
-    from detrdistill.trainers.distill import logits
-    # the unwrapped solver, also when an earlier measurement in this process wrapped it already
-    solve, total = getattr(logits, "_untimed_solve_assignments", logits.solve_assignments), [0.0]
-    logits._untimed_solve_assignments = solve
+KD_TIMES = ("solve", "landed", "waited")
 
-    def timed(problems):
+
+def _time_kd_solve() -> dict:
+    """Wrap the logits-KD term's assignment: -> {name: seconds this step}, reset by the caller. "solve": in the
+    solver; "landed": from the term's start until its cost is on the host (the GPU's lag behind this thread);
+    "waited": this thread blocked in the term's finish() for the assignment (what run-ahead did not hide)."""
+    from detrdistill.trainers.distill import logits
+    # the unwrapped functions, also when an earlier measurement in this process wrapped them already
+    solve = getattr(logits, "_untimed_solve_assignments", logits.solve_assignments)
+    start = getattr(logits, "_untimed_start_on_host", logits.start_on_host)
+    logits._untimed_solve_assignments, logits._untimed_start_on_host = solve, start
+    times = dict.fromkeys(KD_TIMES, 0.0)
+
+    def timed_solve(problems):
         t0 = time.perf_counter()
         try:
             return solve(problems)
         finally:
-            total[0] += time.perf_counter() - t0
-    logits.solve_assignments = timed
-    return total
+            times["solve"] += time.perf_counter() - t0
+
+    def timed_start(job, *tensors):
+        t0 = time.perf_counter()
+
+        def landed(*host):  # runs once the host copies are complete (helper thread, or in line in wait())
+            times["landed"] += time.perf_counter() - t0
+            return job(*host)
+        wait = start(landed, *tensors)
+
+        def timed_wait():
+            w0 = time.perf_counter()
+            try:
+                return wait()
+            finally:
+                times["waited"] += time.perf_counter() - w0
+        return timed_wait
+    logits.solve_assignments, logits.start_on_host = timed_solve, timed_start
+    return times
 
 
 def run_group(configs, scale, steps, warmup, in_process, channels_last=False, compiled=False) -> list[dict]:
@@ -457,8 +489,9 @@ def step_table(args, dtypes, run):
             hf_s = f"{hf['median_s']:.4f}" if "median_s" in hf else ("failed" if "error" in hf else "-")
             hf_m = f"{hf['peak_mib']:.0f}" if "peak_mib" in hf else "-"
             hf_ops = str(hf["ops"]) if "ops" in hf else "-"
+            ours_ops = str(ours["ops"]) if ours["ops"] >= 0 else "-"  # compiled: no operator count
             print(f"{family:18} {dtype:10} {ours['median_s']:12.4f} {hf_s:>10} {ratio:>8} {ours['peak_mib']:9.0f} "
-                  f"{hf_m:>8} {ours['ops']:9d} {hf_ops:>8} {ours.get('first_s') or 0:10.1f}", flush=True)
+                  f"{hf_m:>8} {ours_ops:>9} {hf_ops:>8} {ours.get('first_s') or 0:10.1f}", flush=True)
             if "error" in hf:
                 print(f"  transformers failed: {hf['error']}", flush=True)
         fp32 = r.get(("student", "fp32"), {})
@@ -476,7 +509,7 @@ def distill_table(args, dtypes, run):
           "thread, as the engine does on CUDA)", flush=True)
     print(f"{'family':18} {'dtype':10} {'student':>8} {'t.fwd':>8} {'group':>8} {'floor':>8} {'distill':>8} "
           f"{'ahead':>8} {'distill/student':>15} {'distill/floor':>13} {'ahead/floor':>11} {'kd solve':>8} "
-          f"{'ops: distill':>12} {'floor':>6} {'d/floor':>7}", flush=True)
+          f"{'landed':>7} {'waited':>7} {'ops: distill':>12} {'floor':>6} {'d/floor':>7}", flush=True)
     parts = ("student", "teacher_forward", "student_group", "distill", "distill_ahead")
     for family in args.families:
         for dtype in args.distill_dtypes or dtypes:
@@ -488,10 +521,12 @@ def distill_table(args, dtypes, run):
             floor = g + t  # student step with the extra group (= student + group) + teacher forward
             ops = {m: r[m]["ops"] for m in r}
             ops_floor = ops["student_group"] + ops["teacher_forward"]
+            counted = (f"{ops['distill']:12d} {ops_floor:6d} {ops['distill'] / ops_floor:7.2f}" if ops_floor > 0
+                       else f"{'-':>12} {'-':>6} {'-':>7}")  # compiled: no operator count
             print(f"{family:18} {dtype:10} {s:8.4f} {t:8.4f} {g - s:8.4f} {floor:8.4f} {d:8.4f} {a:8.4f} "
                   f"{d / s:15.2f} {d / floor:13.2f} {a / floor:11.2f} {r['distill']['kd_solve_s']:8.4f} "
-                  f"{ops['distill']:12d} {ops_floor:6d} "
-                  f"{ops['distill'] / ops_floor:7.2f}", flush=True)
+                  f"{r['distill_ahead']['kd_landed_s']:7.4f} {r['distill_ahead']['kd_waited_s']:7.4f} "
+                  f"{counted}", flush=True)
 
 
 if __name__ == "__main__":

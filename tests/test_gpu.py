@@ -133,6 +133,40 @@ def test_bf16_weight_copies_on_cuda_give_autocast_values(family):
     assert spread(copies)[0] <= max(1e-2, 3 * spread(again)[0]), f"copies {spread(copies)}, plain again {spread(again)}"
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_compiled_training_forward_on_cuda_equals_eager(family):
+    """schedule.compile on CUDA (engine.compile_model: inductor, Triton kernels): a training forward and
+    backward give the eager model's predictions and gradients (fp32; fused kernels may sum in another order),
+    at the first input shape and at a second one, which compiles with dynamic sizes."""
+    from detrdistill.trainers.engine import compile_model
+    torch.manual_seed(0)
+    model = build_detector(small(family), 5).train()
+    with torch.no_grad():  # off the initial grid: sampling offsets start at zero weight, so every sampling
+        # point sits on a pixel-grid position where bilinear sampling's gradient jumps, and a last-bit
+        # difference picks another side of the jump
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    model = model.to(CUDA)
+    compiled = compile_model(model)
+
+    def run(forward, images, mask):
+        model.zero_grad(set_to_none=True)
+        pred = forward(images, mask).predictions
+        (pred.logits.square().mean() + pred.boxes.square().mean()).backward()
+        return pred.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    images, mask, _ = batch(CUDA)
+    for images, mask in ((images, mask), (images[:, :, :80, :112].contiguous(), mask[:, :80, :112].contiguous())):
+        (eager_logits, eager), (compiled_logits, grads) = run(model, images, mask), run(compiled, images, mask)
+        assert (compiled_logits - eager_logits).abs().max().item() < 1e-4, tuple(images.shape)
+        assert eager.keys() == grads.keys() and eager
+        # relative to each parameter's gradient, floored at 1e-3 of the largest one: some gradients are zero
+        # but for rounding (attention's key biases: a constant added to every logit of a softmax), and their
+        # noise differs between any two summation orders
+        floor = 1e-3 * max(g.abs().max().item() for g in eager.values())
+        worst = max((((eager[n] - grads[n]).abs().max() / (eager[n].abs().max() + floor)).item(), n) for n in eager)
+        assert worst[0] < 1e-3, (tuple(images.shape), worst)
+
+
 def _module_outputs(model, run) -> list:
     """[(module name, output tensors)] in call order during run(), then ('result', run()'s tensors)."""
     seen = []

@@ -150,10 +150,12 @@ def start_logits_distillation(student: DecoderPredictions, teacher: DecoderPredi
     """`logits_distillation` in two halves: this queues the KD cost and starts its assignment (see
     `start_on_host`), the returned `finish()` waits for it and computes the loss. Between the two the
     caller queues the rest of the step's GPU work."""
-    t_idx = torch.as_tensor(mapping, device=teacher.logits.device)
     x, bs = student.logits, student.boxes                          # [P, B, N_S, C], [P, B, N_S, 4]
-    p = teacher.logits.detach().float()[t_idx].sigmoid()           # [P, B, N_T, C]
-    bt = clamp_cxcywh(teacher.boxes.detach().float()[t_idx])       # [P, B, N_T, 4]
+    p, bt = teacher.logits.detach().float(), teacher.boxes.detach().float()
+    if list(mapping) != list(range(len(p))):  # the layer-wise mapping of equal depths pairs layers as they are
+        t_idx = torch.as_tensor(mapping, device=p.device)
+        p, bt = p[t_idx], bt[t_idx]
+    p, bt = p.sigmoid(), clamp_cxcywh(bt)                          # [P, B, N_T, C], [P, B, N_T, 4]
     cost = kd_cost(x.detach(), bs.detach(), p, bt, cfg)
     if cfg.split == "all":
         matching = match_to_teacher(cost)
