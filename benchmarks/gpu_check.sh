@@ -9,7 +9,8 @@
 #           timed interleaved, each / fp32
 # profile   benchmarks/profile_step.py: student steps' GPU busy time / wall time and top kernels, fp32 and bf16
 # step      benchmarks/step.py at paper scale: ours vs transformers, fp32 and bf16
-# distill   benchmarks/step.py --distill at paper scale: distillation step vs the floor (fp32 and bf16)
+# distill   benchmarks/step.py --distill at paper scale: distillation step vs the floor (fp32 and bf16), in line,
+#           run ahead (the engine's CUDA default) and with the teacher on a helper thread (overlap_teacher thread)
 # layout    our steps again with channels_last backbones (does bf16 then beat fp32 where it did not?)
 # matching  benchmarks/matching.py with the host's cores
 # compile   ours through torch.compile as the engine's schedule.compile does (COMPILE_FAMILIES, default Conditional
@@ -21,10 +22,10 @@
 # kd        experiments/synthetic_kd.yaml through benchmarks/run_local.py (teacher, then 10 students at once)
 # Each stage has its own time limit and writes its log under $OUT, so one that fails or runs long loses
 # nothing of the others. All stages together take far longer than one 10-minute device call; with a
-# 15-minute device budget (a machine's start takes ~45 s of it) run `tests distill` first (~6 min: the
-# non-compiled CUDA tests, then the compiled-step test one family at a time, ~1-2 min each, then the
-# distillation table with the KD timing columns `landed` / `waited`), then `bf16` or `compile` with what is
-# left. Needs no network: pydantic and pycocotools travel as wheels in .whl/ (see README).
+# 15-minute device budget (a machine's start takes ~45 s of it) run `tests distill` first (timeout_s 590: the
+# non-compiled CUDA tests ~40 s, the compiled-step test one family at a time, ~1-2 min each, then the
+# distillation table, ~3.5 min, with the columns `thread` (overlap_teacher "thread") and `landed` / `waited`
+# (the KD assignment's timing)), then `bf16` or `compile` with what is left, on the still warm machine. Needs no network: pydantic and pycocotools travel as wheels in .whl/ (see README).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"

@@ -38,7 +38,9 @@ lags this thread) and "waited" the time this thread then blocked for the assignm
 "ahead" is the same DETRDistill step with the teacher's forward on the next batch queued right after the KD
 assignment is started (the engine's default on CUDA): on a GPU the assignment is solved on a helper thread
 while this one queues the teacher and the other terms, and the GPU runs them meanwhile. On the CPU both run on
-the same cores (and the solve stays in line), so only a GPU shows the difference.
+the same cores (and the solve stays in line), so only a GPU shows the difference. "thread" is "ahead" with the
+teacher's forward issued by a helper thread on a CUDA stream of its own, from the start of the step
+(overlap_teacher "thread", distill/teacher_ahead.py): the two forwards' host work shares the host's time.
 Frozen batch norm statistics are set from each model's own input on the benchmark batch
 (`_calibrate_frozen_bn`), as a pretrained backbone's are about: under the identity statistics of random
 weights a ResNet-101 overflows and the teacher's predictions turn NaN.
@@ -68,7 +70,7 @@ SCALES = {
 DTYPES = ("fp32", "bf16", "bf16-plain", "bf16-nhwc", "fp32-nhwc", "bf16-cudnn-sdp")
 COPIES = ("bf16", "bf16-nhwc", "bf16-cudnn-sdp")  # the dtypes whose models run on bf16 weight copies (ours)
 # what one measurement builds: ours/transformers train steps, and the parts of a distillation step
-MODES = ("student", "transformers", "teacher_forward", "student_group", "distill", "distill_ahead")
+MODES = ("student", "transformers", "teacher_forward", "student_group", "distill", "distill_ahead", "distill_thread")
 
 
 def _sync(device):
@@ -235,10 +237,10 @@ def _build_ours(family, scale, device, dtype, mode, channels_last=False, compile
     else:  # the full DETRDistill step: all three terms, weights 1
         cfg = DistillConfig(method="detrdistill")
     loss_fn = DistillationLoss(teacher, criterion, cfg, scale["hidden"], scale["hidden"], scale["dec"],
-                               scale["dec"], model.config.levels).to(device)
+                               scale["dec"], model.config.levels, teacher_thread=mode == "distill_thread").to(device)
     params = [p for p in model.parameters() if p.requires_grad] + list(loss_fn.trainable.parameters())
-    return _train_step(loss_fn, model, params, images, mask, targets, device, dtype, ahead=mode == "distill_ahead",
-                       weight_copies=not compiled)
+    return _train_step(loss_fn, model, params, images, mask, targets, device, dtype,
+                       ahead=mode in ("distill_ahead", "distill_thread"), weight_copies=not compiled)
 
 
 def _hf(family, scale, device, dtype):
@@ -507,24 +509,28 @@ def distill_table(args, dtypes, run):
           f"floor = student step + teacher forward + extra query group", flush=True)
     print("(ahead: the teacher's forward on the next batch queued while the KD assignment is solved on a helper "
           "thread, as the engine does on CUDA)", flush=True)
+    print("(thread: as ahead, the teacher's forward issued by a helper thread on a stream of its own, beside the "
+          "step: overlap_teacher \"thread\")", flush=True)
     print(f"{'family':18} {'dtype':10} {'student':>8} {'t.fwd':>8} {'group':>8} {'floor':>8} {'distill':>8} "
-          f"{'ahead':>8} {'distill/student':>15} {'distill/floor':>13} {'ahead/floor':>11} {'kd solve':>8} "
-          f"{'landed':>7} {'waited':>7} {'ops: distill':>12} {'floor':>6} {'d/floor':>7}", flush=True)
-    parts = ("student", "teacher_forward", "student_group", "distill", "distill_ahead")
+          f"{'ahead':>8} {'thread':>8} {'distill/student':>15} {'distill/floor':>13} {'ahead/floor':>11} "
+          f"{'thread/floor':>12} {'kd solve':>8} {'landed':>7} {'waited':>7} {'ops: distill':>12} {'floor':>6} "
+          f"{'d/floor':>7}", flush=True)
+    parts = ("student", "teacher_forward", "student_group", "distill", "distill_ahead", "distill_thread")
     for family in args.families:
         for dtype in args.distill_dtypes or dtypes:
             r = {m: v for (m, _), v in run([(family, m, dtype) for m in parts]).items()}
             if any("error" in v for v in r.values()):
                 print(f"{family:18} {dtype:10} failed: {[v.get('error') for v in r.values()]}", flush=True)
                 continue
-            s, t, g, d, a = (r[m]["median_s"] for m in parts)
+            s, t, g, d, a, th = (r[m]["median_s"] for m in parts)
             floor = g + t  # student step with the extra group (= student + group) + teacher forward
             ops = {m: r[m]["ops"] for m in r}
             ops_floor = ops["student_group"] + ops["teacher_forward"]
             counted = (f"{ops['distill']:12d} {ops_floor:6d} {ops['distill'] / ops_floor:7.2f}" if ops_floor > 0
                        else f"{'-':>12} {'-':>6} {'-':>7}")  # compiled: no operator count
-            print(f"{family:18} {dtype:10} {s:8.4f} {t:8.4f} {g - s:8.4f} {floor:8.4f} {d:8.4f} {a:8.4f} "
-                  f"{d / s:15.2f} {d / floor:13.2f} {a / floor:11.2f} {r['distill']['kd_solve_s']:8.4f} "
+            print(f"{family:18} {dtype:10} {s:8.4f} {t:8.4f} {g - s:8.4f} {floor:8.4f} {d:8.4f} {a:8.4f} {th:8.4f} "
+                  f"{d / s:15.2f} {d / floor:13.2f} {a / floor:11.2f} {th / floor:12.2f} "
+                  f"{r['distill']['kd_solve_s']:8.4f} "
                   f"{r['distill_ahead']['kd_landed_s']:7.4f} {r['distill_ahead']['kd_waited_s']:7.4f} "
                   f"{counted}", flush=True)
 

@@ -292,17 +292,19 @@ def test_teacher_gets_no_gradient_and_stays_bitwise_unchanged():
 def test_teacher_run_ahead_gives_the_same_losses_and_gradients(monkeypatch):
     """With `upcoming`, the teacher's forward on the next batch is queued while this step's KD assignment is
     solved and is reused by the next call; in the background (the GPU's way, forced here on the CPU) the solve
-    runs on the helper thread while this one goes on. Either way the losses and gradients are bitwise those of
-    the plain order, and the teacher runs once per batch, not twice."""
+    runs on the helper thread while this one goes on; with teacher_thread the teacher's forward on the next
+    batch is issued by its own helper thread, beside the step. Every way the losses and gradients are bitwise
+    those of the plain order, and the teacher runs once per batch, not twice."""
     import threading
     import detrdistill.trainers.distill.logits as logits_module
     teacher = _tiny_model()
-    calls, events, solvers = [], [], set()
+    calls, events, solvers, teacher_threads = [], [], set(), []
     batches = [torch.randn(2, 3, 64, 80, generator=torch.Generator().manual_seed(i)) for i in range(3)]
 
-    def record(module, args, out):  # which batch the teacher ran on
+    def record(module, args, out):  # which batch the teacher ran on, and where
         calls.append(1)
         events.append(f"T{next((i for i, b in enumerate(batches) if b is args[0]), '?')}")
+        teacher_threads.append(threading.current_thread().name)
     teacher.register_forward_hook(record)
     solve = logits_module.solve_assignments
 
@@ -314,14 +316,17 @@ def test_teacher_run_ahead_gives_the_same_losses_and_gradients(monkeypatch):
     background = False
     monkeypatch.setattr(logits_module, "solve_in_background", lambda device: background)
     results = {}
-    for ahead, background in [(False, False), (True, False), (False, True), (True, True)]:
+    for ahead, background, thread in [(False, False, False), (True, False, False), (False, True, False),
+                                      (True, True, False), (True, False, True), (True, True, True)]:
         student = _tiny_model(seed=1).train()
         objective = _objective(teacher, student)
+        objective.teacher_thread = thread
         assert objective.overlaps_teacher
         calls.clear()
         events.clear()
         solvers.clear()
-        results[ahead, background] = run = []
+        teacher_threads.clear()
+        results[ahead, background, thread] = run = []
         for i, images in enumerate(batches):
             upcoming = (batches[i + 1], None) if ahead and i + 1 < len(batches) else None
             losses = objective(student, images, None, _targets(), upcoming=upcoming)
@@ -331,10 +336,12 @@ def test_teacher_run_ahead_gives_the_same_losses_and_gradients(monkeypatch):
                                    [p.grad.clone() for p in student.parameters() if p.grad is not None]))
         assert len(calls) == len(batches)
         assert [e for e in events if e != "M"] == ["T0", "T1", "T2"] and events.count("M") == len(batches)
-        if not background:  # in this thread, solved where the step collects it (after the next teacher forward)
+        if not background and not thread:  # solved where the step collects it (after the next teacher forward)
             assert events == (["T0", "T1", "M", "T2", "M", "M"] if ahead else ["T0", "M", "T1", "M", "T2", "M"])
         assert solvers == ({"kd-solve_0"} if background else {threading.current_thread().name})
-    plain = results[False, False]
+        main = threading.current_thread().name
+        assert teacher_threads == ([main, "teacher-ahead_0", "teacher-ahead_0"] if thread else [main] * 3)
+    plain = results[False, False, False]
     for run in list(results.values())[1:]:
         for (loss_a, grad_a), (loss_b, grad_b) in zip(plain, run):
             assert loss_a.keys() == loss_b.keys()
@@ -347,6 +354,25 @@ def test_teacher_run_ahead_gives_the_same_losses_and_gradients(monkeypatch):
     calls.clear()
     objective._teacher_output(batches[1].clone(), None)  # equal values, other tensor: computed anew
     assert len(calls) == 1
+
+
+def test_teacher_thread_reports_the_teachers_error_at_the_next_step():
+    """A teacher forward that fails on the helper thread fails the step that uses its output, with its own
+    error, and the objective runs the teacher in line again afterwards."""
+    teacher, student = _tiny_model(), _tiny_model(seed=1).train()
+    objective = _objective(teacher, student)
+    objective.teacher_thread = True
+    images = [torch.randn(2, 3, 64, 80, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+
+    def broken(module, args):
+        raise RuntimeError("teacher broke")
+    objective(student, images[0], None, _targets(), upcoming=(images[1], None))
+    handle = teacher.register_forward_pre_hook(broken)
+    objective._queue_teacher(images[0], None)  # started, fails on the helper thread
+    with pytest.raises(RuntimeError, match="teacher broke"):
+        objective(student, images[0], None, _targets())
+    handle.remove()
+    assert torch.isfinite(objective(student, images[1], None, _targets())["loss"])
 
 
 @pytest.mark.parametrize("split", ["all", "positive_negative"])
@@ -388,16 +414,17 @@ def test_teacher_run_ahead_in_training_is_bitwise_the_plain_run(tiny_data_root, 
     weights, queued = {}, []
     queue = DistillationLoss._queue_teacher
     monkeypatch.setattr(DistillationLoss, "_queue_teacher", lambda self, *a: (queued.append(1), queue(self, *a)))
-    for mode in ("off", "on"):
+    for mode in ("off", "on", "thread"):
         config = base.model_copy(update={"overlap_teacher": mode})
-        assert _overlap_teacher(objective, config, cpu) == (mode == "on")
+        assert _overlap_teacher(objective, config, cpu) == (mode != "off")
         workdir = tmp_path_factory.mktemp(f"overlap-{mode}")
         queued.clear()
         run_trial(config, workdir, log=lambda s: None)
-        assert len(queued) == (3 if mode == "on" else 0)  # 16 images in batches of 4: all but the last step
+        assert len(queued) == (3 if mode != "off" else 0)  # 16 images in batches of 4: all but the last step
         weights[mode] = torch.load(workdir / "checkpoint.pt", weights_only=False)["model"]
-    assert weights["on"].keys() == weights["off"].keys()
-    assert all(torch.equal(weights["on"][k], weights["off"][k]) for k in weights["off"])
+    for mode in ("on", "thread"):
+        assert weights[mode].keys() == weights["off"].keys()
+        assert all(torch.equal(weights[mode][k], weights["off"][k]) for k in weights["off"]), mode
 
 
 def test_compiled_distillation_compiles_student_and_teacher(tiny_data_root, tmp_path_factory, monkeypatch):

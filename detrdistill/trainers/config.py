@@ -259,8 +259,10 @@ class TrialConfig(StrictModel):
     # distillation: queue the teacher's forward on the next batch while the CPU solves this step's teacher-
     # student matching (the GPU would idle otherwise). "auto": on CUDA with data workers, where it changes
     # no value; "on" anywhere (with num_workers 0 the next batch's augmentation then draws its random numbers
-    # before this step's dropout, so a run differs from one without it); "off" never
-    overlap_teacher: Literal["auto", "on", "off"] = "auto"
+    # before this step's dropout, so a run differs from one without it); "thread": as "on", the teacher's
+    # forward issued by a helper thread on a CUDA stream of its own, beside the student's step
+    # (distill/teacher_ahead.py); "off" never
+    overlap_teacher: Literal["auto", "on", "thread", "off"] = "auto"
     init_checkpoint: Optional[Path] = None  # start the model from these weights (not a resume)
     distill: DistillConfig = Field(default_factory=DistillConfig)
     teacher: Optional[TeacherConfig] = None  # required when distill.method != "none"

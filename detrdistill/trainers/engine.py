@@ -120,7 +120,7 @@ def _overlap_teacher(loss_fn, config: TrialConfig, device: torch.device) -> bool
     overlap_teacher): "auto" only on CUDA with data workers, the case it speeds up and changes nothing in."""
     if not getattr(loss_fn, "overlaps_teacher", False) or config.overlap_teacher == "off":
         return False
-    return config.overlap_teacher == "on" or (device.type == "cuda" and config.data.num_workers > 0)
+    return config.overlap_teacher in ("on", "thread") or (device.type == "cuda" and config.data.num_workers > 0)
 
 
 def _device_batches(loader, device, lookahead: bool):

@@ -24,4 +24,5 @@ def build_distillation_loss(config, criterion, num_classes: int, device, bf16_te
         from detrdistill.trainers.bf16_weights import BF16Weights
         teacher = BF16Weights(teacher, frozen=True)
     return DistillationLoss(teacher, criterion, config.distill, s_model.hidden_dim, t_model.hidden_dim,
-                            s_model.decoder_layers, t_model.decoder_layers, s_model.levels).to(device)
+                            s_model.decoder_layers, t_model.decoder_layers, s_model.levels,
+                            teacher_thread=config.overlap_teacher == "thread").to(device)

@@ -5,8 +5,6 @@ the Hungarian algorithm (cost: soft BCE summed over classes + L1 - GIoU), then m
 All layer pairs and images of a step are matched in one call of `solve_assignments`; on a GPU that solve
 runs on a helper thread while the host queues the rest of the step (`start_logits_distillation`).
 """
-import os
-from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Optional
 
 import torch
@@ -16,6 +14,7 @@ from torch import Tensor
 from detrdistill.trainers.box_ops import batched_pairwise_giou, clamp_cxcywh, elementwise_giou
 from detrdistill.trainers.config import LogitsKDConfig
 from detrdistill.trainers.criterion import flat_matches
+from detrdistill.trainers.helper_thread import helper_thread
 from detrdistill.trainers.matching import solve_assignments
 from detrdistill.trainers.models.output import DecoderPredictions
 
@@ -64,23 +63,12 @@ def start_on_host(solve: Callable, *tensors: Optional[Tensor]) -> Callable[[], o
         if copied is not None:
             copied.synchronize()  # releases the GIL
         return solve(*host)
-    return _helper().submit(job).result
+    return helper_thread("kd-solve").submit(job).result
 
 
 def solve_in_background(device: torch.device) -> bool:
     """Where the KD assignment is solved on the helper thread: on a GPU (tests force it on the CPU)."""
     return device.type == "cuda"
-
-
-_pool, _pool_pid = None, None
-
-
-def _helper() -> ThreadPoolExecutor:
-    """The process's one KD-solve thread (made again after a fork: threads do not survive one)."""
-    global _pool, _pool_pid
-    if _pool_pid != os.getpid():
-        _pool, _pool_pid = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kd-solve"), os.getpid()
-    return _pool
 
 
 def _solve(cost: Tensor, student_valid: Optional[Tensor], teacher_valid: Optional[Tensor]) -> list:

@@ -15,6 +15,7 @@ from detrdistill.trainers.distill.feature import feature_adapters, feature_disti
 from detrdistill.trainers.distill.logits import start_logits_distillation
 from detrdistill.trainers.distill.mapping import layer_mapping
 from detrdistill.trainers.distill.query_prior import query_prior_loss
+from detrdistill.trainers.distill.teacher_ahead import TeacherAhead
 from detrdistill.trainers.models.output import DecoderPredictions
 
 
@@ -30,8 +31,11 @@ class DistillationLoss:
     """
 
     def __init__(self, teacher: nn.Module, criterion, cfg: DistillConfig, student_dim: int, teacher_dim: int,
-                 student_layers: int, teacher_layers: int, num_levels: int):
+                 student_layers: int, teacher_layers: int, num_levels: int, teacher_thread: bool = False):
         self.teacher = teacher.eval().requires_grad_(False)
+        # the teacher's forward on the next batch (see __call__'s `upcoming`) issued by a helper thread, beside
+        # this step (teacher_ahead.py; TrialConfig.overlap_teacher "thread")
+        self.teacher_thread = teacher_thread
         self.criterion = criterion
         self.cfg = cfg
         self.mapping = layer_mapping(cfg.layer_mapping, student_layers, teacher_layers)
@@ -57,22 +61,31 @@ class DistillationLoss:
         """The teacher's output on this batch: the one queued by the previous call if it was for these very
         tensors, else computed now."""
         queued, self._queued = self._queued, None
-        if queued is not None and queued[0] is images and queued[1] is mask:
-            return queued[2]
+        if queued is not None:
+            out = queued[2].result() if isinstance(queued[2], TeacherAhead) else queued[2]  # (done before the
+            # teacher runs again here: one call at a time)
+            if queued[0] is images and queued[1] is mask:
+                return out
         with torch.no_grad():
             return self.teacher(images, mask)
 
     def _queue_teacher(self, images, mask):
+        if self.teacher_thread:
+            self._queued = (images, mask, TeacherAhead(self.teacher, images, mask))
+            return
         with torch.no_grad():
             self._queued = (images, mask, self.teacher(images, mask))
 
     def __call__(self, student, images, mask, targets, upcoming=None) -> dict:
         """upcoming: (images, mask) of the next call, already on the device, or None. Given, the teacher's
-        forward on it is queued right after this step's logits-KD assignment is started, and the next call
-        uses it: the same values, but on a GPU the teacher runs while the CPU solves the assignment."""
+        forward on it is queued right after this step's logits-KD assignment is started (teacher_thread: at
+        the start of this call, by the helper thread), and the next call uses it: the same values, but on a GPU
+        the teacher runs while the CPU solves the assignment."""
         cfg = self.cfg
         use_qp = cfg.method == "detrdistill" and cfg.query_prior.weight > 0
         t_out = self._teacher_output(images, mask)
+        if upcoming is not None and self.teacher_thread:  # at once: it runs beside all of this step
+            self._queue_teacher(*upcoming)
         s_out = student(images, mask, queries=t_out.queries.detach() if use_qp else None)
         finish_logits = None
         if self.overlaps_teacher:  # the logits KD term is on
@@ -81,7 +94,7 @@ class DistillationLoss:
             # the other terms
             finish_logits = start_logits_distillation(s_out.predictions, t_out.predictions, self.mapping,
                                                       cfg.logits)
-        if upcoming is not None:
+        if upcoming is not None and not self.teacher_thread:
             self._queue_teacher(*upcoming)
         losses = self.criterion(_float(s_out.predictions), targets)
         kd = {}
