@@ -253,6 +253,34 @@ def _objective(teacher, student, **distill):
                             student.config.decoder_layers, teacher.config.decoder_layers, student.config.levels)
 
 
+@pytest.mark.parametrize("method", ["detrdistill", "mgd"])
+def test_losses_run_in_float32_under_bf16_autocast(method):
+    """bf16 autocast covers the detector forwards only: the detection loss and the KD terms (their matrix
+    products included: the KD cost's class term, the feature mask's cosines, the adapters) are the float32
+    computation on the same detector outputs - under autocast they would round through bf16."""
+    from detrdistill.trainers.distill.logits import start_logits_distillation
+    teacher, student = _tiny_model(), _tiny_model(seed=1).train()
+    objective = _objective(teacher, student) if method == "detrdistill" else DistillationLoss(
+        teacher, SetCriterion(4), DistillConfig(method=method), 64, 64, 2, 2, student.config.levels)
+    images = torch.randn(2, 3, 64, 80, generator=torch.Generator().manual_seed(0))
+    outputs = {}
+    student.register_forward_hook(lambda module, args, out: outputs.__setitem__("student", out))
+    teacher.register_forward_hook(lambda module, args, out: outputs.__setitem__("teacher", out))
+    torch.manual_seed(5)  # MGD draws its random masks in the loss
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = objective(student, images, None, _targets())
+    s_out, t_out = outputs["student"], outputs["teacher"]
+    assert s_out.predictions.logits.dtype == torch.bfloat16 and s_out.features[0].dtype == torch.bfloat16
+    assert not torch.is_autocast_enabled("cpu")
+    finish = start_logits_distillation(s_out.predictions, t_out.predictions, objective.mapping,
+                                       objective.cfg.logits) if objective.overlaps_teacher else None
+    torch.manual_seed(5)
+    want = objective._losses(s_out, t_out, images, _targets(), finish)
+    assert got.keys() == want.keys() and len(got) > 4
+    assert all(v.dtype == torch.float32 for v in got.values() if torch.is_tensor(v))
+    assert all(torch.equal(got[k], want[k]) for k in got), {k: (got[k], want[k]) for k in got}
+
+
 def test_all_weights_zero_equals_plain_student_exactly():
     teacher, student = _tiny_model(), _tiny_model().train()
     zero = _objective(teacher, student, logits={"weight": 0}, feature={"weight": 0}, query_prior={"weight": 0})

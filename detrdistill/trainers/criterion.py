@@ -20,6 +20,15 @@ from detrdistill.trainers.matching import HungarianMatcher, Indices
 from detrdistill.trainers.models.output import DecoderPredictions
 
 
+def float32_losses(device: torch.device):
+    """Context in which losses and matching costs run: bf16 autocast off. Under autocast a matrix product of
+    two float32 tensors still runs in bf16 (the KD cost's class term, the feature mask's cosines: sums of ~100
+    products, whose rounding decides close matches); off, every operator takes its inputs' dtype, and each
+    skips autocast's dispatch (host time, which a GPU step at batch 2 waits on). Detector outputs enter as
+    bf16 and are made float32 where a loss reads them."""
+    return torch.autocast(device.type, enabled=False)
+
+
 def sigmoid_focal_loss(logits: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
     """Elementwise focal loss (RetinaNet), [...] logits and {0, 1} (or soft) targets -> [...]."""
     p = logits.sigmoid()

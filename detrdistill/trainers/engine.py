@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 from detrdistill.trainers.bf16_weights import BF16Weights
 from detrdistill.trainers.checkpoint import load_checkpoint, rng_state, save_checkpoint
 from detrdistill.trainers.config import ScheduleConfig, TrialConfig
-from detrdistill.trainers.criterion import SetCriterion
+from detrdistill.trainers.criterion import SetCriterion, float32_losses
 from detrdistill.trainers.data.batching import collate
 from detrdistill.trainers.data.coco import build_dataset
 from detrdistill.trainers.evaluate import evaluate
@@ -92,7 +92,8 @@ class DetectionLoss:
 
     def __call__(self, model, images, mask, targets) -> dict:
         out = model(images, mask)
-        return self.criterion(_float_predictions(out.predictions), targets)
+        with float32_losses(images.device):
+            return self.criterion(_float_predictions(out.predictions), targets)
 
 
 def _float_predictions(pred):

@@ -73,7 +73,7 @@ def feature_distillation(student_features: list, teacher_features: list, teacher
     if len(student_features) != len(teacher_features):
         raise ValueError(f"feature distillation needs as many feature levels in the student "
                          f"({len(student_features)}) as in the teacher ({len(teacher_features)})")
-    adapted = [phi(fs) for phi, fs in zip(adapters, student_features)]
+    adapted = [phi(fs.float()) for phi, fs in zip(adapters, student_features)]  # float32: see float32_losses
     teacher_features = [ft.detach().float() for ft in teacher_features]
     with torch.no_grad():
         probs = teacher.logits.detach().float().sigmoid()         # [L_T, B, N, C]
@@ -84,6 +84,6 @@ def feature_distillation(student_features: list, teacher_features: list, teacher
         w = join_levels([(psi ** 2).sum(0).flatten(1) / ft.numel()
                        for psi, ft in zip(selection_masks(teacher_features, q, weight), teacher_features)], 1)
     ft = join_levels([f.flatten(2) for f in teacher_features], 2)           # [B, d_T, P]
-    fs = join_levels([f.flatten(2) for f in adapted], 2).float()            # [B, d_T, P]
+    fs = join_levels([f.flatten(2) for f in adapted], 2)                    # [B, d_T, P]
     total = (w[:, None] * (ft - fs) ** 2).sum()
     return {"kd_feature": cfg.weight * total}

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from detrdistill.trainers.config import DistillConfig
+from detrdistill.trainers.criterion import float32_losses
 from detrdistill.trainers.distill.feature import feature_adapters, feature_distillation
 from detrdistill.trainers.distill.logits import start_logits_distillation
 from detrdistill.trainers.distill.mapping import layer_mapping
@@ -92,23 +93,31 @@ class DistillationLoss:
             # first, so that its host copy is queued before anything else waits on the GPU; on a GPU its
             # assignment is solved on a helper thread while this one queues the teacher's next forward and
             # the other terms
-            finish_logits = start_logits_distillation(s_out.predictions, t_out.predictions, self.mapping,
-                                                      cfg.logits)
+            with float32_losses(images.device):
+                finish_logits = start_logits_distillation(s_out.predictions, t_out.predictions, self.mapping,
+                                                          cfg.logits)
         if upcoming is not None and not self.teacher_thread:
-            self._queue_teacher(*upcoming)
+            self._queue_teacher(*upcoming)  # under the caller's autocast, as every teacher forward
+        with float32_losses(images.device):
+            return self._losses(s_out, t_out, images, targets, finish_logits)
+
+    def _losses(self, s_out, t_out, images, targets, finish_logits) -> dict:
+        """Detection loss and the KD terms (float32), the logits term's assignment collected last."""
+        cfg = self.cfg
         losses = self.criterion(_float(s_out.predictions), targets)
         kd = {}
         if cfg.method == "detrdistill":
             if cfg.feature.weight > 0:
                 kd.update(feature_distillation(s_out.features, t_out.features, t_out.predictions, targets,
                                                self.trainable["feature_adapters"], cfg.feature))
-            if use_qp:
+            if cfg.query_prior.weight > 0:
                 teacher_indices = self.criterion.indices_for(_float(t_out.predictions), targets)
                 qp = query_prior_loss(s_out.extra, teacher_indices, targets, self.mapping, self.criterion)
                 kd["kd_query_prior"] = cfg.query_prior.weight * qp["kd_query_prior"]
         elif cfg.method in ("fitnet", "fgd", "mgd"):
-            kd[f"kd_{cfg.method}"] = self.trainable["baseline"](s_out.features, [f.detach() for f in t_out.features],
-                                                                s_out.masks, targets, tuple(images.shape[-2:]))
+            kd[f"kd_{cfg.method}"] = self.trainable["baseline"](
+                [f.float() for f in s_out.features], [f.detach().float() for f in t_out.features], s_out.masks,
+                targets, tuple(images.shape[-2:]))
         if finish_logits is not None:  # the assignment solved meanwhile
             kd = {**finish_logits(), **kd}
         weighted = [v for k, v in kd.items() if k in ("kd_logits", "kd_feature", "kd_query_prior")
