@@ -66,6 +66,7 @@ def profile(family, dtype, scale, steps, warmup, top):
     return {"wall_s": wall, "busy_s": busy, "kernels": len(kernels) / steps, "casts": casts / steps,
             "top": [(name[:90], t / 1e3 / steps, n / steps) for name, (t, n) in ranked],
             "host": [(a.key[:90], a.self_cpu_time_total / 1e3 / steps, a.count / steps) for a in host[:top]],
+            "host_all": {a.key[:90]: (a.self_cpu_time_total / 1e3 / steps, a.count / steps) for a in host},
             "host_total_ms": sum(a.self_cpu_time_total for a in host) / 1e3 / steps}
 
 
@@ -98,6 +99,23 @@ def main():
               f"all operators: {r['host_total_ms']:.1f} ms, under the profiler)")
         for name, ms, n in r["host"]:
             print(f"  {ms:8.3f} {n:5.0f}  {name}")
+    _host_differences(details, args.top)
+
+
+def _host_differences(details, top):
+    """Per family and dtype other than fp32: the operators whose host time grew most against fp32's (where a
+    bf16 step that waits on its host loses its time)."""
+    fp32 = {family: r for family, dtype, r in details if dtype == "fp32"}
+    for family, dtype, r in details:
+        if dtype == "fp32" or family not in fp32:
+            continue
+        base = fp32[family]["host_all"]
+        grown = sorted(((ms - base.get(name, (0.0, 0))[0], n - base.get(name, (0.0, 0))[1], name)
+                        for name, (ms, n) in r["host_all"].items()), reverse=True)[:top]
+        print(f"\n{family} {dtype} - fp32: host operators whose own CPU time grew most (ms per step, calls per "
+              f"step; all operators: {r['host_total_ms'] - fp32[family]['host_total_ms']:+.1f} ms)")
+        for ms, n, name in grown:
+            print(f"  {ms:+8.3f} {n:+6.0f}  {name}")
 
 
 if __name__ == "__main__":
