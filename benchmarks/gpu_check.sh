@@ -1,12 +1,19 @@
 #!/usr/bin/env bash
 # The prepared GPU check, run on a lent GPU machine from the repo root:
-#   bash benchmarks/gpu_check.sh [tests] [bf16] [step] [distill] [profile] [layout] [matching] [compile] [distill-compile] [kd]
-#   (default: all but bf16 and profile, in this order)
-# tests     the CUDA tests (tests/test_gpu.py: CUDA == CPU forward and KD terms, bf16 steps, a whole amp trial;
-#           the compiled-step test (inductor) one family per pytest run, each with its own limit)
+#   bash benchmarks/gpu_check.sh [tests] [tests-compiled] [bf16] [nolt] [step] [distill] [profile] [layout]
+#                                [matching] [compile] [distill-compile] [kd]
+#   (stages run in this order; default: tests step distill layout matching compile kd)
+# tests     the CUDA tests (tests/test_gpu.py: CUDA == CPU forward and KD terms, bf16 steps, teacher run-ahead
+#           and thread, a whole amp trial), all but the compiled-step test (~40 s)
+# tests-compiled  the compiled-step test (inductor), one family per pytest run, each with its own limit (~1.5-3
+#           min each: two input shapes compile)
 # bf16      benchmarks/step.py at paper scale, ours only: fp32, bf16 (the engine's: bf16 weight copies, no cuDNN
 #           attention), bf16-cudnn-sdp (with it, PyTorch's default) and bf16-nhwc (channels_last backbone)
 #           timed interleaved, each / fp32
+# nolt      as bf16 (fp32 and bf16, Conditional DETR and AdaMixer) with DISABLE_ADDMM_CUDA_LT=1: PyTorch's
+#           addmm (every Linear with a bias) then uses cuBLAS without cuBLASLt's epilogue, whose per-call
+#           set-up may be host time a host-bound bf16 step pays (2026-11-27's profile: aten::addmm's own host
+#           time 38 us a call fp32, 53 us bf16) - a question for the host, answered by the ratio
 # profile   benchmarks/profile_step.py: student steps' GPU busy time / wall time and top kernels, fp32 and bf16
 # step      benchmarks/step.py at paper scale: ours vs transformers, fp32 and bf16
 # distill   benchmarks/step.py --distill at paper scale: distillation step vs the floor (fp32 and bf16), in line,
@@ -22,10 +29,11 @@
 # kd        experiments/synthetic_kd.yaml through benchmarks/run_local.py (teacher, then 10 students at once)
 # Each stage has its own time limit and writes its log under $OUT, so one that fails or runs long loses
 # nothing of the others. All stages together take far longer than one 10-minute device call; with a
-# 15-minute device budget (a machine's start takes ~45 s of it) run `tests distill` first (timeout_s 590: the
-# non-compiled CUDA tests ~40 s, the compiled-step test one family at a time, ~1-2 min each, then the
-# distillation table, ~3.5 min, with the columns `thread` (overlap_teacher "thread") and `landed` / `waited`
-# (the KD assignment's timing)), then `bf16` or `compile` with what is left, on the still warm machine. Needs no network: pydantic and pycocotools travel as wheels in .whl/ (see README).
+# 15-minute device budget (a machine's start takes ~45 s of it) run `tests distill profile` first (timeout_s
+# 540: the CUDA tests ~40 s, the distillation table ~4 min with the columns `thread` (overlap_teacher
+# "thread") and `landed` / `waited` (the KD assignment's timing), the profile ~1.5 min with the host operators
+# whose time bf16 grows), then `bf16 nolt` (~3 min) or `tests-compiled` with what is left, on the still warm
+# machine. Needs no network: pydantic and pycocotools travel as wheels in .whl/ (see README).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
@@ -48,10 +56,13 @@ if has tests; then
     timeout ${TESTS_TIMEOUT:-150} $PY -m pytest -q -p no:cacheprovider -m gpu -rf -k "not compiled" tests/test_gpu.py \
         > "$OUT/tests.txt" 2>&1
     grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.txt" | cut -c1-600
+fi
+if has tests-compiled; then
+    stamp "compiled-step CUDA tests"
     # the compiled-step tests (inductor: ~1 min of compiling each) one family a run, each with its own limit, so
     # that one running long cannot take the others' results (or the failure report) with it
     for family in conditional_detr deformable_detr adamixer; do
-        timeout ${TESTS_COMPILE_TIMEOUT:-120} $PY -m pytest -q -p no:cacheprovider -m gpu -rf \
+        timeout ${TESTS_COMPILE_TIMEOUT:-180} $PY -m pytest -q -p no:cacheprovider -m gpu -rf \
             -k "compiled and $family" tests/test_gpu.py > "$OUT/tests-compiled-$family.txt" 2>&1 \
             || echo "compiled $family: exit $?"
         grep -E "^(FAILED|ERROR)|passed|failed|^E " "$OUT/tests-compiled-$family.txt" | cut -c1-400
@@ -62,6 +73,11 @@ if has bf16; then
     timeout 140 $PY benchmarks/step.py --scale paper --steps 10 --warmup 3 --ours-only \
         --dtypes fp32 bf16 bf16-cudnn-sdp bf16-nhwc \
         --json "$OUT/bf16.json" 2>&1 | tee "$OUT/bf16.txt"
+fi
+if has nolt; then
+    stamp "bf16 vs fp32 as the bf16 stage, with addmm's cuBLASLt path off (DISABLE_ADDMM_CUDA_LT=1)"
+    DISABLE_ADDMM_CUDA_LT=1 timeout 120 $PY benchmarks/step.py --scale paper --steps 10 --warmup 3 --ours-only \
+        --families conditional_detr adamixer --dtypes fp32 bf16 --json "$OUT/nolt.json" 2>&1 | tee "$OUT/nolt.txt"
 fi
 if has step; then
     stamp "step benchmark, paper scale"

@@ -62,9 +62,9 @@ class DistillationLoss:
         """The teacher's output on this batch: the one queued by the previous call if it was for these very
         tensors, else computed now."""
         queued, self._queued = self._queued, None
-        if queued is not None:
-            out = queued[2].result() if isinstance(queued[2], TeacherAhead) else queued[2]  # (done before the
-            # teacher runs again here: one call at a time)
+        if queued is not None:  # a forward on the helper thread finishes first, used or not: the teacher
+            # (its modules, its bf16 weight slots) serves one call at a time
+            out = queued[2].result() if isinstance(queued[2], TeacherAhead) else queued[2]
             if queued[0] is images and queued[1] is mask:
                 return out
         with torch.no_grad():
