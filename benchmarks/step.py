@@ -34,7 +34,8 @@ student's decoder as an extra group (a query-prior-only step with the teacher's 
 student step). distill/floor - 1 is the overhead of the KD terms themselves (matching, feature masks, losses).
 "kd solve" is the CPU time of the logits-KD assignment solve within the distillation step (median); of the
 "ahead" step, "landed" is the time from the KD term's start until its cost is on the host (how far the GPU
-lags this thread) and "waited" the time this thread then blocked for the assignment (what was not hidden).
+lags this thread) and "waited" the time this thread then blocked for the assignment (what was not hidden);
+"t.wait" is "waited" of the "thread" step.
 "ahead" is the same DETRDistill step with the teacher's forward on the next batch queued right after the KD
 assignment is started (the engine's default on CUDA): on a GPU the assignment is solved on a helper thread
 while this one queues the teacher and the other terms, and the GPU runs them meanwhile. On the CPU both run on
@@ -513,7 +514,7 @@ def distill_table(args, dtypes, run):
           "step: overlap_teacher \"thread\")", flush=True)
     print(f"{'family':18} {'dtype':10} {'student':>8} {'t.fwd':>8} {'group':>8} {'floor':>8} {'distill':>8} "
           f"{'ahead':>8} {'thread':>8} {'distill/student':>15} {'distill/floor':>13} {'ahead/floor':>11} "
-          f"{'thread/floor':>12} {'kd solve':>8} {'landed':>7} {'waited':>7} {'ops: distill':>12} {'floor':>6} "
+          f"{'thread/floor':>12} {'kd solve':>8} {'landed':>7} {'waited':>7} {'t.wait':>7} {'ops: distill':>12} {'floor':>6} "
           f"{'d/floor':>7}", flush=True)
     parts = ("student", "teacher_forward", "student_group", "distill", "distill_ahead", "distill_thread")
     for family in args.families:
@@ -532,6 +533,7 @@ def distill_table(args, dtypes, run):
                   f"{d / s:15.2f} {d / floor:13.2f} {a / floor:11.2f} {th / floor:12.2f} "
                   f"{r['distill']['kd_solve_s']:8.4f} "
                   f"{r['distill_ahead']['kd_landed_s']:7.4f} {r['distill_ahead']['kd_waited_s']:7.4f} "
+                  f"{r['distill_thread']['kd_waited_s']:7.4f} "
                   f"{counted}", flush=True)
 
 
