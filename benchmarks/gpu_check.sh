@@ -84,6 +84,8 @@ if has step; then
     timeout 240 $PY benchmarks/step.py --scale paper --steps 10 --warmup 3 --json "$OUT/step.json" 2>&1 | tee "$OUT/step.txt"
 fi
 if has distill; then
+    stamp "two threads issuing CUDA operators vs one (the question behind overlap_teacher thread)"
+    timeout 60 $PY benchmarks/gil_threads.py --device cuda --sizes 4 65536 2>&1 | tee "$OUT/gil.txt"
     stamp "distillation step vs floor, paper scale"
     timeout 300 $PY benchmarks/step.py --scale paper --steps 10 --warmup 3 --distill-only \
         --dtypes fp32 bf16 --json "$OUT/distill.json" 2>&1 | tee "$OUT/distill.txt"
