@@ -8,8 +8,9 @@
 # tests-compiled  the compiled-step test (inductor), one family per pytest run, each with its own limit (~1.5-3
 #           min each: two input shapes compile)
 # bf16      benchmarks/step.py at paper scale, ours only: fp32, bf16 (the engine's: bf16 weight copies, no cuDNN
-#           attention), bf16-cudnn-sdp (with it, PyTorch's default) and bf16-nhwc (channels_last backbone)
-#           timed interleaved, each / fp32
+#           attention) and bf16-ln (an experiment: LayerNorm returning bf16, a bf16 residual stream, no cast of
+#           its outputs before each bf16 matrix product) timed interleaved, each / fp32 (bf16-cudnn-sdp and
+#           bf16-nhwc, measured on 2026-11-27, did not help: step.py --dtypes takes them)
 # nolt      as bf16 (fp32 and bf16, Conditional DETR and AdaMixer) with DISABLE_ADDMM_CUDA_LT=1: PyTorch's
 #           addmm (every Linear with a bias) then uses cuBLAS without cuBLASLt's epilogue, whose per-call
 #           set-up may be host time a host-bound bf16 step pays (2026-11-27's profile: aten::addmm's own host
@@ -71,7 +72,7 @@ fi
 if has bf16; then
     stamp "bf16 vs fp32, paper scale, ours only (interleaved)"
     timeout 140 $PY benchmarks/step.py --scale paper --steps 10 --warmup 3 --ours-only \
-        --dtypes fp32 bf16 bf16-cudnn-sdp bf16-nhwc \
+        --dtypes fp32 bf16 bf16-ln \
         --json "$OUT/bf16.json" 2>&1 | tee "$OUT/bf16.txt"
 fi
 if has nolt; then
@@ -93,7 +94,7 @@ fi
 if has profile; then
     stamp "where a student step's time goes, paper scale (GPU busy / wall, top kernels)"
     timeout 120 $PY benchmarks/profile_step.py --scale paper --families conditional_detr adamixer \
-        --dtypes fp32 bf16 bf16-cudnn-sdp 2>&1 | grep -v "^USDT\|^ERROR:.*gpuGetDeviceCount" | tee "$OUT/profile.txt"
+        --dtypes fp32 bf16 bf16-ln 2>&1 | grep -v "^USDT\|^ERROR:.*gpuGetDeviceCount" | tee "$OUT/profile.txt"
 fi
 if has layout; then
     stamp "step benchmark, paper scale, channels_last backbones (ours only)"

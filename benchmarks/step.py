@@ -19,7 +19,8 @@ teacher too: trainers/bf16_weights.py; transformers' model, and ours with --comp
 --compile the distillation teacher is compiled too, as schedule.compile does);
 bf16-plain = autocast alone; -nhwc: channels_last backbone and images (as --channels-last, but per configuration,
 so that one interleaved comparison holds both layouts); bf16-cudnn-sdp = bf16 with cuDNN's attention kernels,
-PyTorch's default, which the engine turns off (trainers/engine.py: select_attention_kernels).
+PyTorch's default, which the engine turns off (trainers/engine.py: select_attention_kernels); bf16-ln = bf16
+with LayerNorm returning bf16 (a bf16 residual stream; an experiment, not the engine's).
 Reported: the median over --steps timed steps after --warmup steps. The configurations compared in one
 table row (a family's ours and transformers' in fp32 and bf16; the parts of a distillation step) are built
 together and timed interleaved, one step of each per round, so that the machine's drift between them (GPU
@@ -53,6 +54,7 @@ import statistics
 import subprocess
 import sys
 import time
+from contextlib import contextmanager, nullcontext
 
 FAMILIES = ["conditional_detr", "deformable_detr", "adamixer"]
 HF_FAMILIES = {"conditional_detr", "deformable_detr"}
@@ -68,8 +70,11 @@ SCALES = {
 # bf16: autocast with the weights as bf16 copies (BF16Weights, as the engine runs it); bf16-plain: autocast only
 # -nhwc: channels_last backbone and images; -cudnn-sdp: the engine's bf16 but with cuDNN's attention kernels
 # (PyTorch's default, which the engine turns off: trainers/engine.py select_attention_kernels)
-DTYPES = ("fp32", "bf16", "bf16-plain", "bf16-nhwc", "fp32-nhwc", "bf16-cudnn-sdp")
-COPIES = ("bf16", "bf16-nhwc", "bf16-cudnn-sdp")  # the dtypes whose models run on bf16 weight copies (ours)
+# -ln (an experiment, not the engine's): LayerNorm takes and returns bf16 under autocast (computing in float32
+# inside), so the residual stream is bf16, as Megatron-LM keeps it by default, and the fp32 LayerNorm outputs
+# are not cast again before each bf16 matrix product (~2 casts and their backward a LayerNorm)
+DTYPES = ("fp32", "bf16", "bf16-plain", "bf16-nhwc", "fp32-nhwc", "bf16-cudnn-sdp", "bf16-ln")
+COPIES = ("bf16", "bf16-nhwc", "bf16-cudnn-sdp", "bf16-ln")  # the dtypes whose models run on bf16 weight copies
 # what one measurement builds: ours/transformers train steps, and the parts of a distillation step
 MODES = ("student", "transformers", "teacher_forward", "student_group", "distill", "distill_ahead", "distill_thread")
 
@@ -184,8 +189,29 @@ def _ours(family, scale, device, dtype, mode, channels_last=False, compiled=Fals
 
     def step():
         select_attention_kernels(device, cudnn=dtype.endswith("-cudnn-sdp"))
-        run()
+        with _bf16_layer_norm() if dtype.endswith("-ln") else nullcontext():
+            run()
     return step
+
+
+@contextmanager
+def _bf16_layer_norm():
+    """F.layer_norm, while in this context, under autocast: the input made bf16 (if it is not), autocast off,
+    so that the (mixed-dtype) kernel returns bf16 where autocast's policy returns float32."""
+    import torch
+    import torch.nn.functional as F
+    original = F.layer_norm
+
+    def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
+        if not torch.is_autocast_enabled(x.device.type):
+            return original(x, normalized_shape, weight, bias, eps)
+        with torch.autocast(x.device.type, enabled=False):
+            return original(x.to(torch.bfloat16), normalized_shape, weight, bias, eps)
+    F.layer_norm = layer_norm
+    try:
+        yield
+    finally:
+        F.layer_norm = original
 
 
 def _build_ours(family, scale, device, dtype, mode, channels_last=False, compiled=False):
