@@ -14,6 +14,7 @@ from detrdistill.trainers.criterion import SetCriterion
 from detrdistill.trainers.distill.objective import DistillationLoss
 from detrdistill.trainers.engine import DetectionLoss, run_trial
 from detrdistill.trainers.models import build_detector
+from detrdistill.trainers.models.output import tensors_in
 from test_ms_deform_attn import SHAPES, random_inputs, reference_core
 from detrdistill.trainers.models.ms_deform_attn import ms_deform_attn_core
 
@@ -197,13 +198,7 @@ def _module_outputs(model, run) -> list:
 
 
 def _tensors(out) -> list:
-    if torch.is_tensor(out):
-        return [out.detach().clone()]
-    if isinstance(out, (list, tuple)):
-        return [t for o in out for t in _tensors(o)]
-    if hasattr(out, "__dict__"):
-        return [t for o in vars(out).values() for t in _tensors(o)]
-    return []
+    return [t.detach().clone() for t in tensors_in(out)]
 
 
 def _first_difference(a: list, b: list):

@@ -93,13 +93,7 @@ class DetectionLoss:
     def __call__(self, model, images, mask, targets) -> dict:
         out = model(images, mask)
         with float32_losses(images.device):
-            return self.criterion(_float_predictions(out.predictions), targets)
-
-
-def _float_predictions(pred):
-    """Losses and matching run in float32 even under bf16 autocast."""
-    from detrdistill.trainers.models.output import DecoderPredictions
-    return DecoderPredictions(pred.logits.float(), pred.boxes.float(), pred.hidden)
+            return self.criterion(out.predictions.float(), targets)
 
 
 def amp_enabled(schedule: ScheduleConfig, device: torch.device) -> bool:

@@ -17,11 +17,6 @@ from detrdistill.trainers.distill.logits import start_logits_distillation
 from detrdistill.trainers.distill.mapping import layer_mapping
 from detrdistill.trainers.distill.query_prior import query_prior_loss
 from detrdistill.trainers.distill.teacher_ahead import TeacherAhead
-from detrdistill.trainers.models.output import DecoderPredictions
-
-
-def _float(pred: DecoderPredictions) -> DecoderPredictions:
-    return DecoderPredictions(pred.logits.float(), pred.boxes.float(), pred.hidden)
 
 
 class DistillationLoss:
@@ -104,14 +99,14 @@ class DistillationLoss:
     def _losses(self, s_out, t_out, images, targets, finish_logits) -> dict:
         """Detection loss and the KD terms (float32), the logits term's assignment collected last."""
         cfg = self.cfg
-        losses = self.criterion(_float(s_out.predictions), targets)
+        losses = self.criterion(s_out.predictions.float(), targets)
         kd = {}
         if cfg.method == "detrdistill":
             if cfg.feature.weight > 0:
                 kd.update(feature_distillation(s_out.features, t_out.features, t_out.predictions, targets,
                                                self.trainable["feature_adapters"], cfg.feature))
             if cfg.query_prior.weight > 0:
-                teacher_indices = self.criterion.indices_for(_float(t_out.predictions), targets)
+                teacher_indices = self.criterion.indices_for(t_out.predictions.float(), targets)
                 qp = query_prior_loss(s_out.extra, teacher_indices, targets, self.mapping, self.criterion)
                 kd["kd_query_prior"] = cfg.query_prior.weight * qp["kd_query_prior"]
         elif cfg.method in ("fitnet", "fgd", "mgd"):

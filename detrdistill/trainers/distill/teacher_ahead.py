@@ -9,11 +9,11 @@ operator), and their kernels may run side by side. The values are those of the t
 same operators on the same inputs.
 """
 from contextlib import nullcontext
-from dataclasses import fields, is_dataclass
 
 import torch
 
 from detrdistill.trainers.helper_thread import helper_thread
+from detrdistill.trainers.models.output import tensors_in
 
 
 class TeacherAhead:
@@ -50,7 +50,7 @@ class TeacherAhead:
         if done is not None:
             current = torch.cuda.current_stream(self.device)
             current.wait_event(done)
-            for t in _tensors(out):  # allocated on the teacher's stream, read on this one from now on
+            for t in tensors_in(out):  # allocated on the teacher's stream, read on this one from now on
                 t.record_stream(current)
         return out
 
@@ -64,18 +64,3 @@ def _side_stream(device: torch.device):
     if index not in _streams:
         _streams[index] = torch.cuda.Stream(index)
     return _streams[index]
-
-
-def _tensors(obj):
-    """Every tensor in a (nested) output: dataclasses, lists, tuples, dicts."""
-    if torch.is_tensor(obj):
-        yield obj
-    elif is_dataclass(obj):
-        for f in fields(obj):
-            yield from _tensors(getattr(obj, f.name))
-    elif isinstance(obj, (list, tuple)):
-        for item in obj:
-            yield from _tensors(item)
-    elif isinstance(obj, dict):
-        for item in obj.values():
-            yield from _tensors(item)

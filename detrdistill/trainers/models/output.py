@@ -7,7 +7,7 @@ S = sum_j H_j * W_j flattened positions over the feature levels.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Optional
 
 import torch
@@ -57,6 +57,11 @@ class DecoderPredictions:
     def num_layers(self) -> int:
         return self.logits.shape[0]
 
+    def float(self) -> "DecoderPredictions":
+        """Logits and boxes as float32 (hidden as it is): what losses and matching read, even under bf16
+        autocast; made once here, so that the matcher and the loss do not each cast the same tensors."""
+        return DecoderPredictions(self.logits.float(), self.boxes.float(), self.hidden)
+
     def split(self, sizes: list[int]) -> list["DecoderPredictions"]:
         """Query groups run together (queries concatenated in this order) -> one DecoderPredictions each."""
         parts = (t.split(sizes, 2) for t in (self.logits, self.boxes, self.hidden))
@@ -98,3 +103,18 @@ class DetectorOutput:
     @property
     def hidden(self) -> Tensor:
         return self.predictions.hidden
+
+
+def tensors_in(obj):
+    """Every tensor in a (nested) output - DetectorOutput, DecoderPredictions, lists, tuples, dicts - in order."""
+    if torch.is_tensor(obj):
+        yield obj
+    elif is_dataclass(obj):
+        for f in fields(obj):
+            yield from tensors_in(getattr(obj, f.name))
+    elif isinstance(obj, (list, tuple)):
+        for item in obj:
+            yield from tensors_in(item)
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            yield from tensors_in(item)
