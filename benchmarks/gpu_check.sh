@@ -8,9 +8,10 @@
 # tests-compiled  the compiled-step test (inductor), one family per pytest run, each with its own limit (~1.5-3
 #           min each: two input shapes compile)
 # bf16      benchmarks/step.py at paper scale, ours only: fp32, bf16 (the engine's: bf16 weight copies, no cuDNN
-#           attention) and bf16-ln (an experiment: LayerNorm returning bf16, a bf16 residual stream, no cast of
-#           its outputs before each bf16 matrix product) timed interleaved, each / fp32 (bf16-cudnn-sdp and
-#           bf16-nhwc, measured on 2026-11-27, did not help: step.py --dtypes takes them)
+#           attention) and bf16-ln (the engine's bf16 with schedule.amp_layer_norm bfloat16: LayerNorm returning
+#           bf16, a bf16 residual stream, no cast of its outputs before each bf16 matrix product) timed
+#           interleaved, each / fp32 (bf16-cudnn-sdp and bf16-nhwc, measured on 2026-11-27, did not help:
+#           step.py --dtypes takes them)
 # nolt      as bf16 (fp32 and bf16, Conditional DETR and AdaMixer) with DISABLE_ADDMM_CUDA_LT=1: PyTorch's
 #           addmm (every Linear with a bias) then uses cuBLAS without cuBLASLt's epilogue, whose per-call
 #           set-up may be host time a host-bound bf16 step pays (2026-11-27's profile: aten::addmm's own host
@@ -30,11 +31,12 @@
 # kd        experiments/synthetic_kd.yaml through benchmarks/run_local.py (teacher, then 10 students at once)
 # Each stage has its own time limit and writes its log under $OUT, so one that fails or runs long loses
 # nothing of the others. All stages together take far longer than one 10-minute device call; with a
-# 15-minute device budget (a machine's start takes ~45 s of it) run `tests distill profile` first (timeout_s
-# 540: the CUDA tests ~40 s, the distillation table ~4 min with the columns `thread` (overlap_teacher
-# "thread") and `landed` / `waited` (the KD assignment's timing), the profile ~1.5 min with the host operators
-# whose time bf16 grows), then `bf16 nolt` (~3 min) or `tests-compiled` with what is left, on the still warm
-# machine. Needs no network: pydantic and pycocotools travel as wheels in .whl/ (see README).
+# 15-minute device budget (a machine's start takes ~45 s of it) run `tests bf16 distill` first (timeout_s
+# 560: the CUDA tests ~50 s; bf16 vs fp32 ~2 min, bf16-ln being the engine's amp_layer_norm bfloat16 (#2); the
+# distillation table ~4 min with the columns `thread` (overlap_teacher "thread"), `landed` / `waited` (the KD
+# assignment's timing) and `alone` / `serial` (the step's KD problems solved again with nothing else running:
+# is the in-step solve slowed by the step's other threads?)), then `profile nolt` (~3 min) or
+# `tests-compiled` with what is left, on the still warm machine. Needs no network: pydantic and pycocotools travel as wheels in .whl/ (see README).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
@@ -51,7 +53,7 @@ has() { [[ " $stages " == *" $1 "* ]]; }
 t0=$(date +%s)
 stamp() { echo "== $1 ($(( $(date +%s) - t0 )) s since start) =="; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-$PY -c "import torch, torchvision, transformers; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'transformers', transformers.__version__, 'cpus', __import__('os').cpu_count())" | tee -a "$OUT/gpu.txt"
+$PY -c "import os, torch, torchvision, transformers; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'transformers', transformers.__version__, 'cpus', os.cpu_count(), 'torch threads', torch.get_num_threads(), 'OMP_NUM_THREADS', os.environ.get('OMP_NUM_THREADS'))" | tee -a "$OUT/gpu.txt"
 if has tests; then
     stamp tests
     timeout ${TESTS_TIMEOUT:-150} $PY -m pytest -q -p no:cacheprovider -m gpu -rf -k "not compiled" tests/test_gpu.py \
@@ -88,7 +90,9 @@ if has distill; then
     stamp "two threads issuing CUDA operators vs one (the question behind overlap_teacher thread)"
     timeout 60 $PY benchmarks/gil_threads.py --device cuda --sizes 4 65536 2>&1 | tee "$OUT/gil.txt"
     stamp "distillation step vs floor, paper scale"
-    timeout 300 $PY benchmarks/step.py --scale paper --steps 10 --warmup 3 --distill-only \
+    # torch threads (and so the KD solve's) = the host's CPUs, as a trial given the whole 1-GPU machine
+    # (resources.cpus_per_trial) runs; "serial" in the table is the solve on one thread
+    timeout 300 $PY benchmarks/step.py --scale paper --steps 10 --warmup 3 --distill-only --threads "$(nproc)" \
         --dtypes fp32 bf16 --json "$OUT/distill.json" 2>&1 | tee "$OUT/distill.txt"
 fi
 if has profile; then

@@ -20,7 +20,7 @@ teacher too: trainers/bf16_weights.py; transformers' model, and ours with --comp
 bf16-plain = autocast alone; -nhwc: channels_last backbone and images (as --channels-last, but per configuration,
 so that one interleaved comparison holds both layouts); bf16-cudnn-sdp = bf16 with cuDNN's attention kernels,
 PyTorch's default, which the engine turns off (trainers/engine.py: select_attention_kernels); bf16-ln = bf16
-with LayerNorm returning bf16 (a bf16 residual stream; an experiment, not the engine's).
+with LayerNorm returning bf16 (a bf16 residual stream: the engine's schedule.amp_layer_norm bfloat16).
 Reported: the median over --steps timed steps after --warmup steps. The configurations compared in one
 table row (a family's ours and transformers' in fp32 and bf16; the parts of a distillation step) are built
 together and timed interleaved, one step of each per round, so that the machine's drift between them (GPU
@@ -33,7 +33,8 @@ The distillation floor is what a distillation step cannot avoid, each part measu
 step, the teacher's forward (eval, no grad), and the extra cost of passing the teacher's queries through the
 student's decoder as an extra group (a query-prior-only step with the teacher's output cached, minus the
 student step). distill/floor - 1 is the overhead of the KD terms themselves (matching, feature masks, losses).
-"kd solve" is the CPU time of the logits-KD assignment solve within the distillation step (median); of the
+"kd solve" is the CPU time of the logits-KD assignment solve within the distillation step (median); "alone" the
+same step's problems solved again with nothing else running, "serial" so on one thread; of the
 "ahead" step, "landed" is the time from the KD term's start until its cost is on the host (how far the GPU
 lags this thread) and "waited" the time this thread then blocked for the assignment (what was not hidden);
 "t.wait" is "waited" of the "thread" step.
@@ -50,11 +51,11 @@ weights a ResNet-101 overflows and the teacher's predictions turn NaN.
 import argparse
 import gc
 import json
+import os
 import statistics
 import subprocess
 import sys
 import time
-from contextlib import contextmanager, nullcontext
 
 FAMILIES = ["conditional_detr", "deformable_detr", "adamixer"]
 HF_FAMILIES = {"conditional_detr", "deformable_detr"}
@@ -70,7 +71,7 @@ SCALES = {
 # bf16: autocast with the weights as bf16 copies (BF16Weights, as the engine runs it); bf16-plain: autocast only
 # -nhwc: channels_last backbone and images; -cudnn-sdp: the engine's bf16 but with cuDNN's attention kernels
 # (PyTorch's default, which the engine turns off: trainers/engine.py select_attention_kernels)
-# -ln (an experiment, not the engine's): LayerNorm takes and returns bf16 under autocast (computing in float32
+# -ln (the engine's schedule.amp_layer_norm bfloat16): LayerNorm returns bf16 under autocast (computing in float32
 # inside), so the residual stream is bf16, as Megatron-LM keeps it by default, and the fp32 LayerNorm outputs
 # are not cast again before each bf16 matrix product (~2 casts and their backward a LayerNorm)
 DTYPES = ("fp32", "bf16", "bf16-plain", "bf16-nhwc", "fp32-nhwc", "bf16-cudnn-sdp", "bf16-ln")
@@ -189,29 +190,8 @@ def _ours(family, scale, device, dtype, mode, channels_last=False, compiled=Fals
 
     def step():
         select_attention_kernels(device, cudnn=dtype.endswith("-cudnn-sdp"))
-        with _bf16_layer_norm() if dtype.endswith("-ln") else nullcontext():
-            run()
+        run()
     return step
-
-
-@contextmanager
-def _bf16_layer_norm():
-    """F.layer_norm, while in this context, under autocast: the input made bf16 (if it is not), autocast off,
-    so that the (mixed-dtype) kernel returns bf16 where autocast's policy returns float32."""
-    import torch
-    import torch.nn.functional as F
-    original = F.layer_norm
-
-    def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
-        if not torch.is_autocast_enabled(x.device.type):
-            return original(x, normalized_shape, weight, bias, eps)
-        with torch.autocast(x.device.type, enabled=False):
-            return original(x.to(torch.bfloat16), normalized_shape, weight, bias, eps)
-    F.layer_norm = layer_norm
-    try:
-        yield
-    finally:
-        F.layer_norm = original
 
 
 def _build_ours(family, scale, device, dtype, mode, channels_last=False, compiled=False):
@@ -221,10 +201,12 @@ def _build_ours(family, scale, device, dtype, mode, channels_last=False, compile
     from detrdistill.trainers.distill.objective import DistillationLoss
     from detrdistill.trainers.engine import DetectionLoss
     from detrdistill.trainers.models import build_detector
+    from detrdistill.trainers.models.transformer_layers import set_bf16_layer_norm
     images, mask, targets = _inputs(scale, device)
     amp = dtype.startswith("bf16")
     model = build_detector(_model_config(family, scale, scale["backbone"]), scale["classes"]).to(device).train()
     _calibrate_frozen_bn(model, images)
+    set_bf16_layer_norm(model, dtype.endswith("-ln"))  # as the engine with amp_layer_norm bfloat16
     channels_last = channels_last or dtype.endswith("-nhwc")
     if channels_last:  # NHWC images and backbone weights: cuDNN's tensor-core convolutions want this in bf16
         images = images.contiguous(memory_format=torch.channels_last)
@@ -241,6 +223,7 @@ def _build_ours(family, scale, device, dtype, mode, channels_last=False, compile
                            weight_copies=not compiled)
     teacher = _calibrate_frozen_bn(build_detector(_model_config(family, scale, scale["teacher_backbone"]),
                                                   scale["classes"]).to(device), images)
+    set_bf16_layer_norm(teacher, dtype.endswith("-ln"))
     if channels_last:
         teacher.backbone.to(memory_format=torch.channels_last)
     if compiled and mode != "student_group":  # as the engine with schedule.compile: the teacher compiled too,
@@ -325,7 +308,7 @@ def measure_group(configs, scale_name, steps, warmup, channels_last=False, compi
     """Build every configuration of a comparison ([(family, mode, dtype)]), then time them interleaved: round r
     runs one step of each, in an order rotated by r, so that a drift of the machine (GPU clocks, the host's
     load, other tenants) weighs on all of them alike and their ratios stay fair. Returns one dict per
-    configuration: {median_s, peak_mib, device, ops, kd_solve_s, kd_landed_s, kd_waited_s, first_s}, or {error}; one that fails is
+    configuration: {median_s, peak_mib, device, ops, kd_{solve,landed,waited,alone,serial}_s, first_s}, or {error}; one that fails is
     dropped from the later rounds without losing the others' numbers."""
     import resource
     import torch
@@ -363,7 +346,7 @@ def measure_group(configs, scale_name, steps, warmup, channels_last=False, compi
         results[i]["peak_mib"] = (torch.cuda.max_memory_allocated() - held) / 2**20 if device.type == "cuda" \
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         steppers[i] = step
-    times, kd = {i: [] for i in steppers}, {i: [] for i in steppers}
+    times, kd, problems = {i: [] for i in steppers}, {i: [] for i in steppers}, {}
     for r in range(steps):
         order = list(steppers)
         order = order[r % len(order):] + order[:r % len(order)] if order else order
@@ -380,15 +363,36 @@ def measure_group(configs, scale_name, steps, warmup, channels_last=False, compi
                 continue
             times[i].append(time.perf_counter() - t0)
             kd[i].append(dict(kd_times))
+            if "problems" in SOLVED:  # this step's KD problems, for `_solve_alone` (outside the timed rounds)
+                problems[i] = SOLVED.pop("problems")
     for i in steppers:
         results[i].update(median_s=statistics.median(times[i]),
                           **{f"kd_{k}_s": statistics.median(t[k] for t in kd[i]) for k in KD_TIMES},
                           device=str(device))
+        if i in problems:
+            results[i].update({f"kd_{k}_s": v for k, v in _solve_alone(problems[i]).items()})
     steppers.clear()
     return results
 
 
 KD_TIMES = ("solve", "landed", "waited")
+SOLVED = {}  # "problems": the cost matrices of the last KD solve (to solve them again, alone)
+
+
+def _solve_alone(problems) -> dict:
+    """The step's KD problems solved again with nothing else running: {"alone": with the step's threads,
+    "serial": on one thread} (medians of 3). "kd solve" well above "alone" means the step's other work
+    (its host threads, the GIL) slowed the solve; "alone" near "serial", that it found no parallelism."""
+    from detrdistill.trainers.matching import solve_assignments
+
+    def timed(**kw):
+        runs = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            solve_assignments(problems, **kw)
+            runs.append(time.perf_counter() - t0)
+        return statistics.median(runs)
+    return {"alone": timed(), "serial": timed(num_threads=1)}
 
 
 def _time_kd_solve() -> dict:
@@ -408,6 +412,7 @@ def _time_kd_solve() -> dict:
             return solve(problems)
         finally:
             times["solve"] += time.perf_counter() - t0
+            SOLVED["problems"] = problems
 
     def timed_start(job, *tensors):
         t0 = time.perf_counter()
@@ -428,7 +433,8 @@ def _time_kd_solve() -> dict:
     return times
 
 
-def run_group(configs, scale, steps, warmup, in_process, channels_last=False, compiled=False) -> list[dict]:
+def run_group(configs, scale, steps, warmup, in_process, channels_last=False, compiled=False,
+              threads=None) -> list[dict]:
     """A comparison's configurations timed interleaved in this process (CUDA, or --in-process), or on the
     CPU each in a subprocess of its own (peak RSS is per process; CPU times are not compared anyway)."""
     if in_process:
@@ -442,7 +448,7 @@ def run_group(configs, scale, steps, warmup, in_process, channels_last=False, co
     for family, mode, dtype in configs:
         cmd = [sys.executable, __file__, "--child", family, mode, "--scale", scale, "--dtypes", dtype,
                "--steps", str(steps), "--warmup", str(warmup)] + (["--channels-last"] if channels_last else []) + \
-            (["--compile"] if compiled else [])
+            (["--compile"] if compiled else []) + (["--threads", str(threads)] if threads else [])
         proc = subprocess.run(cmd, capture_output=True, text=True)
         lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
         if proc.returncode != 0 or not lines:
@@ -471,8 +477,14 @@ def main(argv=None):
     ap.add_argument("--ours-only", action="store_true", help="step table without transformers' models")
     ap.add_argument("--compile", action="store_true",
                     help="our models through torch.compile (the first step, compiling, is reported apart)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (torch.set_num_threads), which the KD solve also uses, as a trial's "
+                         "cpus_per_trial sets them; default: torch's (OMP_NUM_THREADS, else the cores)")
     ap.add_argument("--child", nargs=2, metavar=("FAMILY", "MODE"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
     if args.child:
         family, mode = args.child
         print(json.dumps(measure_group([(family, mode, args.dtypes[0])], args.scale, args.steps, args.warmup,
@@ -486,7 +498,7 @@ def main(argv=None):
     def run(configs):
         """Measure [(family, mode, dtype)] together -> {(mode, dtype): result}."""
         rs = run_group(configs, args.scale, args.steps, args.warmup, in_process=cuda or args.in_process,
-                       channels_last=args.channels_last, compiled=args.compile)
+                       channels_last=args.channels_last, compiled=args.compile, threads=args.threads)
         results.extend({"family": f, "mode": m, "dtype": d, **r} for (f, m, d), r in zip(configs, rs))
         if args.json:
             with open(args.json, "w") as f:
@@ -495,7 +507,10 @@ def main(argv=None):
 
     device = torch.cuda.get_device_name() if cuda else "cpu"
     layout = (" memory_format=channels_last" if args.channels_last else "") + (" torch.compile" if args.compile else "")
-    print(f"scale={args.scale} {SCALES[args.scale]} device={device} torch={torch.__version__}{layout}", flush=True)
+    threads = f"threads={torch.get_num_threads()} (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, " \
+              f"{len(os.sched_getaffinity(0))} CPUs)"
+    print(f"scale={args.scale} {SCALES[args.scale]} device={device} torch={torch.__version__}{layout} {threads}",
+          flush=True)
     if not args.distill_only:
         step_table(args, dtypes, run)
     if args.distill or args.distill_only:
@@ -540,7 +555,7 @@ def distill_table(args, dtypes, run):
           "step: overlap_teacher \"thread\")", flush=True)
     print(f"{'family':18} {'dtype':10} {'student':>8} {'t.fwd':>8} {'group':>8} {'floor':>8} {'distill':>8} "
           f"{'ahead':>8} {'thread':>8} {'distill/student':>15} {'distill/floor':>13} {'ahead/floor':>11} "
-          f"{'thread/floor':>12} {'kd solve':>8} {'landed':>7} {'waited':>7} {'t.wait':>7} {'ops: distill':>12} {'floor':>6} "
+          f"{'thread/floor':>12} {'kd solve':>8} {'alone':>7} {'serial':>7} {'landed':>7} {'waited':>7} {'t.wait':>7} {'ops: distill':>12} {'floor':>6} "
           f"{'d/floor':>7}", flush=True)
     parts = ("student", "teacher_forward", "student_group", "distill", "distill_ahead", "distill_thread")
     for family in args.families:
@@ -557,7 +572,8 @@ def distill_table(args, dtypes, run):
                        else f"{'-':>12} {'-':>6} {'-':>7}")  # compiled: no operator count
             print(f"{family:18} {dtype:10} {s:8.4f} {t:8.4f} {g - s:8.4f} {floor:8.4f} {d:8.4f} {a:8.4f} {th:8.4f} "
                   f"{d / s:15.2f} {d / floor:13.2f} {a / floor:11.2f} {th / floor:12.2f} "
-                  f"{r['distill']['kd_solve_s']:8.4f} "
+                  f"{r['distill']['kd_solve_s']:8.4f} {r['distill'].get('kd_alone_s', 0):7.4f} "
+                  f"{r['distill'].get('kd_serial_s', 0):7.4f} "
                   f"{r['distill_ahead']['kd_landed_s']:7.4f} {r['distill_ahead']['kd_waited_s']:7.4f} "
                   f"{r['distill_thread']['kd_waited_s']:7.4f} "
                   f"{counted}", flush=True)

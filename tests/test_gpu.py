@@ -15,6 +15,7 @@ from detrdistill.trainers.distill.objective import DistillationLoss
 from detrdistill.trainers.engine import DetectionLoss, run_trial
 from detrdistill.trainers.models import build_detector
 from detrdistill.trainers.models.output import tensors_in
+from detrdistill.trainers.models.transformer_layers import set_bf16_layer_norm
 from test_ms_deform_attn import SHAPES, random_inputs, reference_core
 from detrdistill.trainers.models.ms_deform_attn import ms_deform_attn_core
 
@@ -72,10 +73,13 @@ def test_forward_on_cuda_equals_cpu(family):
     assert (gpu.boxes.cpu() - cpu.boxes).abs().max().item() < 1e-4
 
 
+@pytest.mark.parametrize("bf16_norms", [False, True], ids=["norms-fp32", "norms-bf16"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_bf16_train_steps_are_finite_and_close_to_fp32(family):
+def test_bf16_train_steps_are_finite_and_close_to_fp32(family, bf16_norms):
+    """Also with schedule.amp_layer_norm bfloat16 (LayerNorm outputs bf16: a bf16 residual stream)."""
     torch.manual_seed(0)
     model = build_detector(small(family), 5).to(CUDA).train()
+    set_bf16_layer_norm(model, bf16_norms)
     loss_fn = DetectionLoss(SetCriterion(5))
     images, mask, targets = batch(CUDA)
     fp32 = loss_fn(model, images, mask, targets)["loss"]

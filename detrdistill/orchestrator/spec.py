@@ -42,6 +42,7 @@ NON_SEMANTIC_FIELDS = {"name": True, "cpus": True, "overlap_teacher": True, "dat
 # of the hash at that default, so upgrading detrdistill never retrains (or orphans) a finished trial.
 ADDED_MODEL_FIELDS = {"backbone_dilation": False, "finest_stride": None, "mixing_groups": 4, "mixing_in_points": 32,
                       "mixing_out_points": 128, "attention_init": "xavier"}
+ADDED_SCHEDULE_FIELDS = {"amp_layer_norm": "float32"}  # the same for schedule fields
 
 
 # ---------------------------------------------------------------------------------------------- the schema
@@ -1116,6 +1117,9 @@ def trial_hash(config: TrialConfig, teacher_ref: Optional[str] = None) -> str:
         for key, default in ADDED_MODEL_FIELDS.items():
             if key in model and model[key] == default:
                 del model[key]
+    for key, default in ADDED_SCHEDULE_FIELDS.items():
+        if key in payload["schedule"] and payload["schedule"][key] == default:
+            del payload["schedule"][key]
     if teacher_ref is not None and payload.get("teacher") is not None:
         payload["teacher"]["checkpoint"] = teacher_ref
     text = json.dumps(payload, sort_keys=True, separators=(",", ":"))

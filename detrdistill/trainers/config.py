@@ -188,6 +188,12 @@ class ScheduleConfig(StrictModel):
     lr_drop_epochs: list[int] = Field(default_factory=lambda: [40])
     lr_drop_factor: float = Field(0.1, gt=0)
     amp: bool = True  # bf16 autocast when on CUDA; ignored on the CPU
+    amp_layer_norm: Literal["float32", "bfloat16"] = Field("float32", description=(
+        "The dtype of LayerNorm outputs under amp. float32 is autocast's policy; bfloat16 (statistics and affine "
+        "still computed in float32) keeps the transformer's residual stream in bf16, as Megatron-LM does, so "
+        "that no LayerNorm output is cast again before the next bf16 matrix product: fewer operators for a GPU "
+        "step bound by its launches, one more rounding of each residual sum (models/transformer_layers.py: "
+        "layer_norm). Student and teacher alike."))
     compile: bool = Field(False, description=(
         "torch.compile the student's training forward (and a distillation teacher's): fused kernels, far "
         "fewer launches and host operations, for GPU steps that wait on their host (README, 'Measured on a "

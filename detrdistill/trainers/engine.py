@@ -28,6 +28,7 @@ from detrdistill.trainers.data.coco import build_dataset
 from detrdistill.trainers.evaluate import evaluate
 from detrdistill.trainers.matching import NonFiniteCostError
 from detrdistill.trainers.models import build_detector
+from detrdistill.trainers.models.transformer_layers import set_bf16_layer_norm
 
 Report = Callable[[dict, Optional[Path]], None]
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -240,6 +241,10 @@ def run_trial(config: TrialConfig, workdir: Path, report: Optional[Report] = Non
         model.load_state_dict(load_checkpoint(config.init_checkpoint)["model"])
     model.to(device)
     loss_fn = build_loss(config, num_classes, device)
+    bf16_norms = amp_enabled(config.schedule, device) and config.schedule.amp_layer_norm == "bfloat16"
+    for net in (model, getattr(loss_fn, "teacher", None)):
+        if net is not None:
+            set_bf16_layer_norm(net, bf16_norms)
     # the objective's own learnable parts (distillation adapters) train with the student at the base lr
     extra = getattr(loss_fn, "trainable", None)
     groups = param_groups(model, config.schedule)

@@ -28,6 +28,7 @@ from detrdistill.trainers.config import ModelConfig
 from detrdistill.trainers.models.adamixer_ops import AdaptiveSamplingMixing, box_size
 from detrdistill.trainers.models.backbone import Backbone
 from detrdistill.trainers.models.output import DecoderPredictions, DetectorOutput, QueryGroup, cross_group_mask
+from detrdistill.trainers.models.transformer_layers import LayerNorm
 
 
 def image_sizes(mask: Tensor) -> Tensor:
@@ -87,7 +88,7 @@ class BiasedSelfAttention(nn.Module):
 
 
 def _branch(dim: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(dim, dim), nn.LayerNorm(dim), nn.ReLU(inplace=True))
+    return nn.Sequential(nn.Linear(dim, dim), LayerNorm(dim), nn.ReLU(inplace=True))
 
 
 class AdaMixerStage(nn.Module):
@@ -98,11 +99,11 @@ class AdaMixerStage(nn.Module):
         super().__init__()
         self.self_attn = BiasedSelfAttention(dim, num_heads, dropout)
         self.iof_tau = nn.Parameter(torch.empty(num_heads))
-        self.attn_norm = nn.LayerNorm(dim)
+        self.attn_norm = LayerNorm(dim)
         self.sampling_mixing = AdaptiveSamplingMixing(dim, groups, in_points, out_points)
         self.linear1 = nn.Linear(dim, ffn_dim)
         self.linear2 = nn.Linear(ffn_dim, dim)
-        self.ffn_norm = nn.LayerNorm(dim)
+        self.ffn_norm = LayerNorm(dim)
         self.dropout = nn.Dropout(dropout)
         self.class_branch, self.class_head = _branch(dim), nn.Linear(dim, num_classes)
         self.box_branch, self.box_head = _branch(dim), nn.Linear(dim, 4)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from detrdistill.trainers.models.constants import device_constant
-from detrdistill.trainers.models.transformer_layers import linear_many
+from detrdistill.trainers.models.transformer_layers import LayerNorm, layer_norm, linear_many
 
 
 def box_size(xyzr: Tensor) -> Tensor:
@@ -68,17 +68,18 @@ def sample_3d(features: list[Tensor], strides: list[int], points: Tensor, groups
     return out.reshape(B, groups, -1, N, P).permute(0, 3, 1, 4, 2)  # [B, N, G, P, C_g]
 
 
-def channel_mixing(x: Tensor, weight: Tensor) -> Tensor:
+def channel_mixing(x: Tensor, weight: Tensor, bf16_norm: bool = False) -> Tensor:
     """x [..., P, C_in], weight [..., C_in, C_out] -> ReLU(LayerNorm(x @ weight)) [..., P, C_out], the norm
-    over each query-group's whole (P, C_out) block, without affine parameters (as the official)."""
+    over each query-group's whole (P, C_out) block, without affine parameters (as the official); bf16_norm:
+    see transformer_layers.layer_norm."""
     out = torch.matmul(x, weight)
-    return F.relu(F.layer_norm(out, out.shape[-2:]))
+    return F.relu(layer_norm(out, out.shape[-2:], bf16_output=bf16_norm))
 
 
-def spatial_mixing(x: Tensor, weight: Tensor) -> Tensor:
+def spatial_mixing(x: Tensor, weight: Tensor, bf16_norm: bool = False) -> Tensor:
     """x [..., P_in, C], weight [..., P_out, P_in] -> ReLU(LayerNorm(weight @ x)) [..., P_out, C]."""
     out = torch.matmul(weight, x)
-    return F.relu(F.layer_norm(out, out.shape[-2:]))
+    return F.relu(layer_norm(out, out.shape[-2:], bf16_output=bf16_norm))
 
 
 class AdaptiveSamplingMixing(nn.Module):
@@ -95,7 +96,7 @@ class AdaptiveSamplingMixing(nn.Module):
         self.offset_generator = nn.Linear(dim, groups * in_points * 3)
         self.mixing_generator = nn.Linear(dim, groups * (c * c + out_points * in_points))
         self.out_proj = nn.Linear(groups * out_points * c, dim)
-        self.norm = nn.LayerNorm(dim)
+        self.norm = LayerNorm(dim)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -124,6 +125,7 @@ class AdaptiveSamplingMixing(nn.Module):
         sampled = sample_3d(features, strides, sampling_points(offsets, xyzr), G)  # [B, N, G, P, c]
         params = params.reshape(B, N, G, c * c + Q * P)
         channel_w, spatial_w = params.split([c * c, Q * P], -1)
-        x = channel_mixing(sampled.to(channel_w.dtype), channel_w.reshape(B, N, G, c, c))
-        x = spatial_mixing(x, spatial_w.reshape(B, N, G, Q, P))  # [B, N, G, Q, c]
+        bf16_norm = self.norm.bf16_output  # the mixers' norms follow the module's own
+        x = channel_mixing(sampled.to(channel_w.dtype), channel_w.reshape(B, N, G, c, c), bf16_norm)
+        x = spatial_mixing(x, spatial_w.reshape(B, N, G, Q, P), bf16_norm)  # [B, N, G, Q, c]
         return self.norm(content + self.out_proj(x.flatten(2)))

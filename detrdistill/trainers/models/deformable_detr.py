@@ -22,7 +22,7 @@ from detrdistill.trainers.models.ms_deform_attn import MSDeformAttn
 from detrdistill.trainers.models.multi_scale import LevelProjections
 from detrdistill.trainers.models.output import DecoderPredictions, DetectorOutput, QueryGroup, cross_group_mask
 from detrdistill.trainers.models.position_encoding import sine_position_encoding
-from detrdistill.trainers.models.transformer_layers import MLP
+from detrdistill.trainers.models.transformer_layers import MLP, LayerNorm
 
 LINEAR_PROJ_NAMES = ("sampling_offsets", "reference_points")
 
@@ -33,10 +33,10 @@ class DeformableEncoderLayer(nn.Module):
     def __init__(self, d: int, heads: int, levels: int, points: int, ffn: int, dropout: float):
         super().__init__()
         self.self_attn = MSDeformAttn(d, levels, heads, points)
-        self.norm1 = nn.LayerNorm(d)
+        self.norm1 = LayerNorm(d)
         self.linear1 = nn.Linear(d, ffn)
         self.linear2 = nn.Linear(ffn, d)
-        self.norm2 = nn.LayerNorm(d)
+        self.norm2 = LayerNorm(d)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, src: Tensor, pos: Tensor, reference_points: Tensor, spatial_shapes: list[tuple[int, int]],
@@ -54,12 +54,12 @@ class DeformableDecoderLayer(nn.Module):
     def __init__(self, d: int, heads: int, levels: int, points: int, ffn: int, dropout: float):
         super().__init__()
         self.self_attn = nn.MultiheadAttention(d, heads, dropout=dropout, batch_first=True)
-        self.norm1 = nn.LayerNorm(d)
+        self.norm1 = LayerNorm(d)
         self.cross_attn = MSDeformAttn(d, levels, heads, points)
-        self.norm2 = nn.LayerNorm(d)
+        self.norm2 = LayerNorm(d)
         self.linear1 = nn.Linear(d, ffn)
         self.linear2 = nn.Linear(ffn, d)
-        self.norm3 = nn.LayerNorm(d)
+        self.norm3 = LayerNorm(d)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, tgt: Tensor, query_pos: Tensor, reference_points: Tensor, memory: Tensor,

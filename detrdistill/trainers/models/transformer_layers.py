@@ -1,5 +1,6 @@
 """Plain transformer pieces shared by the detector families: an MLP, multi-head attention on already-projected
-inputs, a multi-head attention module with separate q/k/v projections, and DETR's post-norm encoder layer.
+inputs, a multi-head attention module with separate q/k/v projections, DETR's post-norm encoder layer, and the
+LayerNorm every family uses (with an optional bf16 output under autocast).
 
 Shapes: B batch, N queries, S keys, d model width, h heads.
 """
@@ -8,6 +9,40 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+def layer_norm(x: Tensor, shape, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+               eps: float = 1e-5, bf16_output: bool = False) -> Tensor:
+    """F.layer_norm; with bf16_output, under bf16 autocast, the result is bf16 where autocast's policy makes it
+    float32 (the statistics and the affine are computed in float32 either way; only the output is rounded).
+
+    Why: in a post-norm transformer every LayerNorm output feeds the next matrix products, which autocast runs
+    in bf16, and the residual add. A float32 output is cast to bf16 again at each product (an operator forward
+    and one backward), and on a GPU a batch-2 detection step is bound by its operator launches. A bf16 output
+    makes the residual stream bf16, as Megatron-LM keeps it: fewer operators, one more rounding of each
+    residual sum (ScheduleConfig.amp_layer_norm)."""
+    if bf16_output and torch.is_autocast_enabled(x.device.type) and \
+            torch.get_autocast_dtype(x.device.type) == torch.bfloat16:
+        with torch.autocast(x.device.type, enabled=False):  # bf16 input, float32 weights: a bf16 result
+            return F.layer_norm(x.to(torch.bfloat16), shape, weight, bias, eps)
+    return F.layer_norm(x, shape, weight, bias, eps)
+
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm (the same parameters and state_dict) computed by `layer_norm`; `bf16_output` is set for a
+    whole model by `set_bf16_layer_norm`."""
+    bf16_output = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        return layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps, self.bf16_output)
+
+
+def set_bf16_layer_norm(model: nn.Module, on: bool) -> None:
+    """Make every `LayerNorm` of `model` return bf16 under bf16 autocast (on) or float32 (off, autocast's own
+    policy)."""
+    for module in model.modules():
+        if isinstance(module, LayerNorm):
+            module.bf16_output = on
 
 
 class MLP(nn.Module):
@@ -88,10 +123,10 @@ class EncoderLayer(nn.Module):
     def __init__(self, dim: int, num_heads: int, ffn_dim: int, dropout: float = 0.1):
         super().__init__()
         self.self_attn = Attention(dim, num_heads)
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = LayerNorm(dim)
         self.linear1 = nn.Linear(dim, ffn_dim)
         self.linear2 = nn.Linear(ffn_dim, dim)
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm2 = LayerNorm(dim)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, src: Tensor, pos: Tensor, padding_mask: Optional[Tensor] = None) -> Tensor:
