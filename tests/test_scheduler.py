@@ -193,3 +193,49 @@ def test_ctrl_c_in_the_trial_loop_raises_a_flag_not_an_exception():
         except KeyboardInterrupt:
             pass
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_a_gpu_trial_gets_its_share_of_the_node_cpus_and_a_cpu_trial_one():
+    from detrdistill.orchestrator.scheduler import trial_cpus
+    one_gpu_host = [{"CPU": 16.0, "GPU": 1.0}]
+    assert trial_cpus(one_gpu_host, 1.0) == 16
+    assert trial_cpus(one_gpu_host, 0.5) == 8  # two trials share the GPU and its CPUs
+    assert trial_cpus([{"CPU": 64.0, "GPU": 8.0}, {"CPU": 96.0}], 1.0) == 8  # CPU-only nodes run no GPU trial
+    assert trial_cpus([{"CPU": 64.0, "GPU": 8.0}, {"CPU": 24.0, "GPU": 2.0}], 2.0) == 24  # the best-provisioned
+    assert trial_cpus(one_gpu_host, 0.0) == 1 and trial_cpus([{"CPU": 2.0}], 0.0) == 1
+    assert trial_cpus([{"CPU": 2.0, "GPU": 4.0}], 1.0) == 1  # at least one
+
+
+RESOLVE = """
+import json, sys, ray
+from detrdistill.orchestrator.scheduler import resolve_resources
+from detrdistill.orchestrator.spec import parse_spec
+ray.init(num_cpus=12, num_gpus=2, include_dashboard=False)  # logical GPUs: Ray schedules by the numbers
+out = {}
+for name, extra in [("default", ""), ("half", "resources: {gpus_per_trial: 0.5}\\n"),
+                    ("given", "resources: {cpus_per_trial: 3}\\n")]:
+    res = resolve_resources(parse_spec(sys.argv[1] + extra)).resources
+    out[name] = [res.gpus_per_trial, res.cpus_per_trial]
+print(json.dumps(out))
+"""
+
+
+def test_default_resources_resolve_on_a_cluster_with_gpus(tiny_data_root, tmp_path):
+    """On a real Ray (its own process) declaring 12 CPUs and 2 GPUs: a trial that asks for nothing gets one
+    GPU and 6 CPUs, half a GPU 3 CPUs; CPUs given in the spec are kept."""
+    import json
+    import subprocess
+    import sys
+    spec = tiny_spec(tiny_data_root, "res", teacher=False)
+    proc = subprocess.run([sys.executable, "-c", RESOLVE, spec], capture_output=True, text=True, timeout=180,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out == {"default": [1.0, 6], "half": [0.5, 3], "given": [1.0, 3]}
+
+
+def test_default_resources_on_this_cpu_cluster_are_one_cpu_no_gpu(ray_cluster, tiny_data_root):
+    from detrdistill.orchestrator.scheduler import resolve_resources
+    from detrdistill.orchestrator.spec import parse_spec
+    resolved = resolve_resources(parse_spec(tiny_spec(tiny_data_root, "res", teacher=False))).resources
+    assert (resolved.gpus_per_trial, resolved.cpus_per_trial) == (0.0, 1)

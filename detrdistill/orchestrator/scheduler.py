@@ -110,12 +110,28 @@ def experiment_and_tracking(spec: Spec, options: "RunOptions") -> tuple[str, str
                                              or default_tracking_uri())
 
 
-def resolve_gpus(spec: Spec) -> float:
-    """GPUs per trial: the spec's, else 1 when the cluster has GPUs and 0 when it has none."""
-    gpus = spec.resources.gpus_per_trial
+def resolve_resources(spec: Spec) -> Spec:
+    """The spec with its per-trial resources made concrete for the connected cluster: GPUs, the spec's, else 1
+    when the cluster has GPUs and 0 when it has none; CPUs, the spec's, else `trial_cpus` of the live nodes."""
+    res = spec.resources
+    gpus = res.gpus_per_trial
     if gpus is None:
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-    return gpus
+    cpus = res.cpus_per_trial
+    if cpus is None:
+        cpus = trial_cpus([n["Resources"] for n in ray.nodes() if n.get("Alive")], gpus)
+    return spec.model_copy(update={"resources": res.model_copy(update={"gpus_per_trial": gpus,
+                                                                         "cpus_per_trial": cpus})})
+
+
+def trial_cpus(nodes: list[dict], gpus: float) -> int:
+    """CPUs for a trial that asks for none, given the nodes' resources ({"CPU": n, "GPU": m}): a CPU trial 1;
+    a GPU trial its share of a GPU node's CPUs, CPUs per GPU x its GPUs (the best-provisioned node's, at least
+    1), so that one trial per GPU uses the whole machine's cores: the KD assignment solve runs on them."""
+    if gpus <= 0:
+        return 1
+    shares = [r.get("CPU", 0) / r["GPU"] for r in nodes if r.get("GPU", 0) > 0]
+    return max(1, int(max(shares, default=1) * gpus))
 
 
 def check_resources(spec: Spec, gpus: float) -> Optional[str]:
@@ -334,7 +350,10 @@ def run_experiment(spec: Spec, options: Optional[RunOptions] = None, parent_run_
         outcome.exit_code, outcome.message = EXIT_INVALID, str(e)
         return outcome
     try:
-        gpus = resolve_gpus(spec)
+        spec = resolve_resources(spec)
+        gpus = spec.resources.gpus_per_trial
+        for node in plan.nodes.values():  # torch threads = the CPUs Ray gives the trial
+            node.config.cpus = spec.resources.cpus_per_trial
         problem = check_resources(spec, gpus)
         if problem:
             outcome.exit_code, outcome.message = EXIT_INVALID, problem

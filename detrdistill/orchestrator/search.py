@@ -62,7 +62,7 @@ from detrdistill.orchestrator.cluster import tracking_uri_problem
 from detrdistill.orchestrator.plan import LOG, TRIAL, build_plan, spec_text, teacher_plan
 from detrdistill.orchestrator.scheduler import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_INVALID, EXIT_OK, HEARTBEAT_S,
                                                Display, RunOptions, check_resources, experiment_and_tracking,
-                                               quiet_logging, resolve_gpus, run_nodes, start_ray, ui_command)
+                                               quiet_logging, resolve_resources, run_nodes, start_ray, ui_command)
 from detrdistill.orchestrator.spec import (SearchCell, SearchParam, Spec, point_spec, search_cells, teacher_trial,
                                           trial_hash)
 from detrdistill.orchestrator.tracking import TAG, Tracker
@@ -396,7 +396,8 @@ def run_search(spec: Spec, options: Optional[RunOptions] = None, parent_run_id: 
         outcome.exit_code, outcome.message = EXIT_INVALID, str(e)
         return outcome
     try:
-        gpus = resolve_gpus(spec)
+        spec = resolve_resources(spec)  # the points' plans take their CPUs (torch threads) from it
+        gpus = spec.resources.gpus_per_trial
         problem = check_resources(spec, gpus)
         if problem:
             outcome.exit_code, outcome.message = EXIT_INVALID, problem

@@ -73,7 +73,9 @@ class TableSpec(StrictModel):
 
 class ResourcesSpec(StrictModel):
     gpus_per_trial: Optional[float] = Field(None, ge=0)  # fractions share a GPU; None = 1 if there are GPUs, else 0
-    cpus_per_trial: int = Field(1, ge=1)
+    # None = a GPU trial's share of its node's CPUs (CPUs per GPU x gpus_per_trial), a CPU trial 1; also the trial's
+    # torch threads, which the KD assignment solve and the host side of a GPU step use
+    cpus_per_trial: Optional[int] = Field(None, ge=1)
     max_concurrent: Optional[int] = Field(None, ge=1)  # None = as many as the resources allow
     max_retries: int = Field(1, ge=0)  # re-runs of a failed trial (resuming from its last checkpoint)
 
