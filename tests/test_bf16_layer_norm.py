@@ -11,13 +11,10 @@ from detrdistill.trainers.criterion import SetCriterion
 from detrdistill.trainers.engine import DetectionLoss
 from detrdistill.trainers.models import build_detector
 from detrdistill.trainers.models.transformer_layers import LayerNorm, layer_norm, set_bf16_layer_norm
+from test_bf16_weights import autocast
 from test_gpu import FAMILIES, batch, small
 
 CPU = torch.device("cpu")
-
-
-def autocast():
-    return torch.autocast("cpu", dtype=torch.bfloat16)
 
 
 @pytest.mark.parametrize("input_dtype", [torch.float32, torch.bfloat16])
