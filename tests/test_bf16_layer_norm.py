@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from detrdistill.trainers.bf16_weights import BF16Weights
 from detrdistill.trainers.config import ScheduleConfig
 from detrdistill.trainers.criterion import SetCriterion
 from detrdistill.trainers.engine import DetectionLoss
@@ -18,18 +19,26 @@ CPU = torch.device("cpu")
 
 
 @pytest.mark.parametrize("input_dtype", [torch.float32, torch.bfloat16])
-def test_bf16_output_is_the_float64_norm_of_the_bf16_input_rounded_once(input_dtype):
+def test_bf16_output_is_the_float64_norm_of_bf16_input_and_weights_rounded_once(input_dtype):
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(4, 7, 64, generator=g) * 3 + 1).to(input_dtype)
     weight, bias = torch.randn(64, generator=g), torch.randn(64, generator=g)
     with autocast():
         out = layer_norm(x, (64,), weight, bias, 1e-5, bf16_output=True)
     assert out.dtype == torch.bfloat16
-    plain = F.layer_norm(x.to(torch.bfloat16).float(), (64,), weight, bias, 1e-5)  # float32, as CUDA autocast
-    exact = F.layer_norm(x.to(torch.bfloat16).double(), (64,), weight.double(), bias.double(), 1e-5)
-    # rounded once from a float32 computation: within one bf16 rounding (2^-8 relative) and float32 noise
+    # the weights as autocast rounds a Linear's (CUDA's kernel takes no float32 weights with a bf16 input)
+    w16, b16 = weight.to(torch.bfloat16).double(), bias.to(torch.bfloat16).double()
+    x16 = x.to(torch.bfloat16).double()
+    exact = F.layer_norm(x16, (64,), w16, b16, 1e-5)
+    # a float32 computation rounded once: within one bf16 rounding (2^-8 relative) and float32 noise
     assert ((out.double() - exact).abs() <= exact.abs() * 2 ** -8 + 1e-5).all()
-    # and it is the float32 norm of the same bf16 input, rounded (not a bf16 computation)
+    # against float32 weights, the two roundings of the affine's weights add at most their own 2^-8 each
+    normalized = F.layer_norm(x16, (64,), None, None, 1e-5)
+    full = normalized * weight.double() + bias.double()
+    bound = (full.abs() + (normalized * weight.double()).abs() + bias.double().abs()) * 2 ** -8 + 1e-5
+    assert ((out.double() - full).abs() <= bound).all()
+    # not a bf16 computation: the rounding of the float32 norm with those weights, and only that
+    plain = F.layer_norm(x16.float(), (64,), w16.float(), b16.float(), 1e-5)
     assert ((out.double() - plain.double()).abs() <= plain.double().abs() * 2 ** -8 + 1e-6).all()
 
 
@@ -58,10 +67,14 @@ def test_every_layer_norm_of_a_detector_is_switched(family):
 
 
 def _step(model, bf16_norms, amp=True):
-    """One forward + backward (dropout 0) -> last-layer logits, boxes, loss, cast operators dispatched."""
+    """One forward + backward (dropout 0) as the engine runs them (under amp on bf16 weight copies) ->
+    last-layer logits, boxes, loss, cast operators dispatched."""
     set_bf16_layer_norm(model, bf16_norms)
     model.zero_grad(set_to_none=True)
     images, mask, targets = batch(CPU)
+    forward = BF16Weights(model) if amp else model
+    if amp:
+        forward.refresh()  # the copies made (casts), as before a trial's first step
     casts = []
 
     class Casts(TorchDispatchMode):
@@ -71,9 +84,11 @@ def _step(model, bf16_norms, amp=True):
             return func(*args, **(kwargs or {}))
     with Casts():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-            out = model(images, mask)
+            out = forward(images, mask)
         loss = DetectionLoss(SetCriterion(5))(lambda *a, **k: out, images, mask, targets)["loss"]
         loss.backward()
+    if amp:
+        forward.grads_to_master()
     p = out.predictions
     return p.logits[-1].float().detach(), p.boxes[-1].float().detach(), loss.detach(), len(casts)
 

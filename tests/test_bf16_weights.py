@@ -13,6 +13,7 @@ from detrdistill.trainers.criterion import SetCriterion
 from detrdistill.trainers.distill.objective import DistillationLoss
 from detrdistill.trainers.engine import DetectionLoss
 from detrdistill.trainers.models import build_detector
+from detrdistill.trainers.models.transformer_layers import LayerNorm, set_bf16_layer_norm
 from test_gpu import FAMILIES, batch, small
 
 CPU = torch.device("cpu")
@@ -51,10 +52,14 @@ def assert_bitwise(a, b):
         assert x is None or (x.dtype == y.dtype == torch.float32 and torch.equal(x, y)), f"parameter {i}"
 
 
+@pytest.mark.parametrize("bf16_norms", [False, True], ids=["norms-fp32", "norms-bf16"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_student_step_equals_plain_autocast_bitwise(family):
+def test_student_step_equals_plain_autocast_bitwise(family, bf16_norms):
+    """bf16_norms (schedule.amp_layer_norm bfloat16): the LayerNorms take bf16 copies of their weights too,
+    which plain autocast casts at every call (transformer_layers.layer_norm)."""
     torch.manual_seed(0)
     model = build_detector(small(family).model_copy(update={"dropout": 0.1}), 5).train()
+    set_bf16_layer_norm(model, bf16_norms)
     params = [p for p in model.parameters() if p.requires_grad]
     loss_fn = DetectionLoss(SetCriterion(5))
     wrapper = BF16Weights(model)
@@ -67,6 +72,8 @@ def test_student_step_equals_plain_autocast_bitwise(family):
             for p in params:
                 p.add_(torch.randn_like(p) * 1e-2)
     assert all(c.dtype == torch.bfloat16 for c in wrapper.copies)
+    norm_weights = {id(p) for m in model.modules() if isinstance(m, LayerNorm) for p in m.parameters()}
+    assert norm_weights and (len(wrapper.norm_slots) == len(norm_weights))  # each norm's weight and bias
     assert set(wrapper.state_dict()) == {f"model.{k}" for k in model.state_dict()}  # the copies are not registered
     assert set(model.state_dict()) == set(build_detector(small(family), 5).state_dict())
 

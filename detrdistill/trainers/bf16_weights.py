@@ -12,17 +12,22 @@ are in no state_dict.
 
 The values are autocast's own: the copies are the same round-to-nearest bf16 casts of the same weights,
 and a bf16 gradient upcast to float32 is exact, so losses and gradients are bitwise those of plain autocast
-(tests/test_bf16_weights.py). Only Linear and Conv2d parameters get copies: norms, embeddings and other
-parameters stay float32 as autocast treats them.
+(tests/test_bf16_weights.py). Only Linear and Conv2d parameters get copies, and those of the LayerNorms that
+return bf16 (ScheduleConfig.amp_layer_norm; they take bf16 weights, see transformer_layers.layer_norm), which
+stand in only while a norm is so set; other norms, embeddings and other parameters stay float32 as autocast
+treats them.
 """
 from typing import Optional
 
 import torch
 from torch import nn
 
+from detrdistill.trainers.models.transformer_layers import LayerNorm
+
 
 class BF16Weights(nn.Module):
-    """Calls `model` with bf16 copies of its Linear/Conv2d weights and biases; use it under bf16 autocast.
+    """Calls `model` with bf16 copies of its Linear/Conv2d weights and biases (and of its bf16-output
+    LayerNorms'); use it under bf16 autocast.
 
     frozen=True (a teacher): the copies are made once, and again only after `refresh()` (e.g. after loading
     other weights); otherwise every call refreshes them from the current float32 parameters.
@@ -34,15 +39,20 @@ class BF16Weights(nn.Module):
         self.frozen = frozen
         self.master: list[nn.Parameter] = []  # each parameter once, even when two modules share it
         self.slots: list[tuple[nn.Module, str, int]] = []  # (module, parameter name, index in master)
+        # the LayerNorms': used by a norm only while its bf16_output is set, which may change after wrapping
+        self.norm_slots: list[tuple[nn.Module, str, int]] = []
         index: dict[int, int] = {}
         for module in model.modules():
-            if isinstance(module, (nn.Linear, nn.Conv2d)):
-                for name, param in module.named_parameters(recurse=False):
-                    if param.dtype == torch.float32:
-                        if id(param) not in index:
-                            index[id(param)] = len(self.master)
-                            self.master.append(param)
-                        self.slots.append((module, name, index[id(param)]))
+            slots = self.slots if isinstance(module, (nn.Linear, nn.Conv2d)) else \
+                self.norm_slots if isinstance(module, LayerNorm) else None
+            if slots is None:
+                continue
+            for name, param in module.named_parameters(recurse=False):
+                if param.dtype == torch.float32:
+                    if id(param) not in index:
+                        index[id(param)] = len(self.master)
+                        self.master.append(param)
+                    slots.append((module, name, index[id(param)]))
         self.copies: list[torch.Tensor] = []
         # float32 gradient storage reused step after step (4 bytes per copied parameter held between steps)
         self._grad_buffers: dict[int, torch.Tensor] = {}
@@ -72,12 +82,13 @@ class BF16Weights(nn.Module):
         # which does the same through its general reparametrisation at ~10x the host time (1.3 ms against
         # 0.13 ms per call for a ResNet-50 Conditional DETR's 313 tensors): host time is what a GPU step
         # bound by its launches pays.
-        for module, name, i in self.slots:
+        slots = self.slots + [slot for slot in self.norm_slots if slot[0].bf16_output]
+        for module, name, i in slots:
             module._parameters[name] = self.copies[i]
         try:
             return self.model(*args, **kwargs)
         finally:
-            for module, name, i in self.slots:
+            for module, name, i in slots:
                 module._parameters[name] = self.master[i]
 
     def grads_to_master(self) -> None:

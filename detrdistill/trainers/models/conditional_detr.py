@@ -25,7 +25,7 @@ from detrdistill.trainers.models.multi_scale import LevelProjections, join_level
 from detrdistill.trainers.models.output import DecoderPredictions, DetectorOutput, QueryGroup, cross_group_mask
 from detrdistill.trainers.models.position_encoding import sine_box_encoding, sine_position_encoding
 from detrdistill.trainers.models.transformer_layers import MLP, EncoderLayer, LayerNorm, linear_many, \
-    multi_head_attention
+    matmul_dtype, multi_head_attention
 
 
 # attention_init "local": the spatial projections' gain. 3 sharpens the first cross-attention (entropy 2.10 -> 1.41
@@ -139,14 +139,17 @@ class ConditionalDecoder(nn.Module):
         -> hidden [L, B, N, d], reference points [B, N, 2] (normalized x, y)."""
         query_pos = query_pos[None].expand(memory.shape[0], -1, -1)
         reference = self.ref_point_head(query_pos).sigmoid()
-        sine = sine_box_encoding(reference, query_pos.shape[-1] // 2).to(query_pos.dtype)  # [B, N, d]
+        # made in the products' dtype once (under autocast bf16: each layer's scaled copy then needs no cast)
+        sine = sine_box_encoding(reference, query_pos.shape[-1] // 2).to(matmul_dtype(query_pos))  # [B, N, d]
         tgt = torch.zeros_like(query_pos)
         hidden = []
         for i, (layer, pos) in enumerate(zip(self.layers, self._project_positions(query_pos, memory_pos))):
             query_sine = sine if i == 0 else sine * self.query_scale(tgt)  # first layer: identity scale
             tgt = layer(tgt, pos, query_sine, memory, memory_mask, self_attn_blocked)
-            hidden.append(self.norm(tgt))
-        return torch.stack(hidden), reference
+            hidden.append(tgt)
+        # one norm over all layers' outputs: per row, the same values as a norm per layer, in one operator
+        # (and, its weight used once, one gradient: bf16 weight copies need no accumulation in bf16)
+        return self.norm(torch.stack(hidden)), reference
 
     def _project_positions(self, query_pos: Tensor, memory_pos: Tensor) -> list[ProjectedPositions]:
         """Every layer's positional projections, two matrix multiplies in all (query_pos [B, N, d], memory_pos

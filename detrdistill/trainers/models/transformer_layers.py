@@ -14,18 +14,32 @@ from torch import Tensor, nn
 def layer_norm(x: Tensor, shape, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
                eps: float = 1e-5, bf16_output: bool = False) -> Tensor:
     """F.layer_norm; with bf16_output, under bf16 autocast, the result is bf16 where autocast's policy makes it
-    float32 (the statistics and the affine are computed in float32 either way; only the output is rounded).
+    float32: the bf16 input normalised with bf16 weight and bias (the statistics and the affine are computed in
+    float32 inside the kernel; the weight and bias are rounded as autocast rounds a Linear's, and the output).
 
     Why: in a post-norm transformer every LayerNorm output feeds the next matrix products, which autocast runs
     in bf16, and the residual add. A float32 output is cast to bf16 again at each product (an operator forward
     and one backward), and on a GPU a batch-2 detection step is bound by its operator launches. A bf16 output
     makes the residual stream bf16, as Megatron-LM keeps it: fewer operators, one more rounding of each
-    residual sum (ScheduleConfig.amp_layer_norm)."""
+    residual sum (ScheduleConfig.amp_layer_norm). The weight and bias must be bf16 because CUDA's kernel takes
+    only its input's dtype for them (the CPU's also mixes bf16 input and float32 weights); BF16Weights holds
+    bf16 copies of them, so a training step casts none here."""
     if bf16_output and torch.is_autocast_enabled(x.device.type) and \
             torch.get_autocast_dtype(x.device.type) == torch.bfloat16:
-        with torch.autocast(x.device.type, enabled=False):  # bf16 input, float32 weights: a bf16 result
-            return F.layer_norm(x.to(torch.bfloat16), shape, weight, bias, eps)
+        with torch.autocast(x.device.type, enabled=False):
+            return F.layer_norm(_bf16(x), shape, _bf16(weight), _bf16(bias), eps)
     return F.layer_norm(x, shape, weight, bias, eps)
+
+
+def matmul_dtype(x: Tensor) -> torch.dtype:
+    """The dtype a matrix product of `x` runs in: autocast's on x's device when it is on, else x's own. A
+    constant input (a positional encoding) made in it once is not cast again by every layer that uses it."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+def _bf16(t: Optional[Tensor]) -> Optional[Tensor]:
+    return t if t is None or t.dtype == torch.bfloat16 else t.to(torch.bfloat16)
 
 
 class LayerNorm(nn.LayerNorm):
