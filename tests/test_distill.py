@@ -272,10 +272,11 @@ def test_losses_run_in_float32_under_bf16_autocast(method):
     s_out, t_out = outputs["student"], outputs["teacher"]
     assert s_out.predictions.logits.dtype == torch.bfloat16 and s_out.features[0].dtype == torch.bfloat16
     assert not torch.is_autocast_enabled("cpu")
-    finish = start_logits_distillation(s_out.predictions, t_out.predictions, objective.mapping,
+    s_pred, t_pred = s_out.predictions.float(), t_out.predictions.float()
+    finish = start_logits_distillation(s_pred, t_pred, objective.mapping,
                                        objective.cfg.logits) if objective.overlaps_teacher else None
     torch.manual_seed(5)
-    want = objective._losses(s_out, t_out, images, _targets(), finish)
+    want = objective._losses(s_out, t_out, s_pred, t_pred, images, _targets(), finish)
     assert got.keys() == want.keys() and len(got) > 4
     assert all(v.dtype == torch.float32 for v in got.values() if torch.is_tensor(v))
     assert all(torch.equal(got[k], want[k]) for k in got), {k: (got[k], want[k]) for k in got}

@@ -83,30 +83,33 @@ class DistillationLoss:
         if upcoming is not None and self.teacher_thread:  # at once: it runs beside all of this step
             self._queue_teacher(*upcoming)
         s_out = student(images, mask, queries=t_out.queries.detach() if use_qp else None)
+        with float32_losses(images.device):  # logits and boxes as every term reads them, cast once (under amp)
+            s_pred = s_out.predictions.float()
+            t_pred = t_out.predictions.float() if cfg.method == "detrdistill" else None  # baselines: features
         finish_logits = None
         if self.overlaps_teacher:  # the logits KD term is on
             # first, so that its host copy is queued before anything else waits on the GPU; on a GPU its
             # assignment is solved on a helper thread while this one queues the teacher's next forward and
             # the other terms
             with float32_losses(images.device):
-                finish_logits = start_logits_distillation(s_out.predictions, t_out.predictions, self.mapping,
-                                                          cfg.logits)
+                finish_logits = start_logits_distillation(s_pred, t_pred, self.mapping, cfg.logits)
         if upcoming is not None and not self.teacher_thread:
             self._queue_teacher(*upcoming)  # under the caller's autocast, as every teacher forward
         with float32_losses(images.device):
-            return self._losses(s_out, t_out, images, targets, finish_logits)
+            return self._losses(s_out, t_out, s_pred, t_pred, images, targets, finish_logits)
 
-    def _losses(self, s_out, t_out, images, targets, finish_logits) -> dict:
-        """Detection loss and the KD terms (float32), the logits term's assignment collected last."""
+    def _losses(self, s_out, t_out, s_pred, t_pred, images, targets, finish_logits) -> dict:
+        """Detection loss and the KD terms (float32), the logits term's assignment collected last. s_pred /
+        t_pred: the student's / teacher's predictions with float32 logits and boxes."""
         cfg = self.cfg
-        losses = self.criterion(s_out.predictions.float(), targets)
+        losses = self.criterion(s_pred, targets)
         kd = {}
         if cfg.method == "detrdistill":
             if cfg.feature.weight > 0:
-                kd.update(feature_distillation(s_out.features, t_out.features, t_out.predictions, targets,
+                kd.update(feature_distillation(s_out.features, t_out.features, t_pred, targets,
                                                self.trainable["feature_adapters"], cfg.feature))
             if cfg.query_prior.weight > 0:
-                teacher_indices = self.criterion.indices_for(t_out.predictions.float(), targets)
+                teacher_indices = self.criterion.indices_for(t_pred, targets)
                 qp = query_prior_loss(s_out.extra, teacher_indices, targets, self.mapping, self.criterion)
                 kd["kd_query_prior"] = cfg.query_prior.weight * qp["kd_query_prior"]
         elif cfg.method in ("fitnet", "fgd", "mgd"):
