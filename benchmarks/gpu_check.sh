@@ -18,8 +18,9 @@
 #           time 38 us a call fp32, 53 us bf16) - a question for the host, answered by the ratio
 # profile   benchmarks/profile_step.py: student steps' GPU busy time / wall time and top kernels, fp32 and bf16
 # step      benchmarks/step.py at paper scale: ours vs transformers, fp32 and bf16
-# distill   benchmarks/step.py --distill at paper scale: distillation step vs the floor (fp32 and bf16), in line,
-#           run ahead (the engine's CUDA default) and with the teacher on a helper thread (overlap_teacher thread)
+# distill   benchmarks/step.py --distill at paper scale: distillation step vs the floor (DISTILL_DTYPES, default
+#           fp32 bf16; with amp_layer_norm bfloat16 as the amp default, "fp32 bf16-ln"), in line, run ahead (the
+#           engine's CUDA default) and with the teacher on a helper thread (overlap_teacher thread)
 # layout    our steps again with channels_last backbones (does bf16 then beat fp32 where it did not?)
 # matching  benchmarks/matching.py with the host's cores
 # compile   ours through torch.compile as the engine's schedule.compile does (COMPILE_FAMILIES, default Conditional
@@ -36,7 +37,9 @@
 # distillation table ~4 min with the columns `thread` (overlap_teacher "thread"), `landed` / `waited` (the KD
 # assignment's timing) and `alone` / `serial` (the step's KD problems solved again with nothing else running:
 # is the in-step solve slowed by the step's other threads?)), then `profile nolt` (~3 min) or
-# `tests-compiled` with what is left, on the still warm machine. Needs no network: pydantic and pycocotools travel as wheels in .whl/ (see README).
+# `tests-compiled` with what is left, on the still warm machine. (Or `tests bf16` alone first, ~3.5 min: if
+# bf16-ln beats fp32 and bf16, make it the amp default and run `DISTILL_DTYPES="fp32 bf16-ln" ... distill` next,
+# so that the distillation rows are the engine's new default.) Needs no network: pydantic and pycocotools travel as wheels in .whl/ (see README).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
@@ -93,7 +96,7 @@ if has distill; then
     # torch threads (and so the KD solve's) = the host's CPUs, as a trial given the whole 1-GPU machine
     # (resources.cpus_per_trial) runs; "serial" in the table is the solve on one thread
     timeout 300 $PY benchmarks/step.py --scale paper --steps 10 --warmup 3 --distill-only --threads "$(nproc)" \
-        --dtypes fp32 bf16 --json "$OUT/distill.json" 2>&1 | tee "$OUT/distill.txt"
+        --dtypes ${DISTILL_DTYPES:-fp32 bf16} --json "$OUT/distill.json" 2>&1 | tee "$OUT/distill.txt"
 fi
 if has profile; then
     stamp "where a student step's time goes, paper scale (GPU busy / wall, top kernels)"
