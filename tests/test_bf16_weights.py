@@ -74,6 +74,9 @@ def test_student_step_equals_plain_autocast_bitwise(family, bf16_norms):
     assert all(c.dtype == torch.bfloat16 for c in wrapper.copies)
     norm_weights = {id(p) for m in model.modules() if isinstance(m, LayerNorm) for p in m.parameters()}
     assert norm_weights and (len(wrapper.norm_slots) == len(norm_weights))  # each norm's weight and bias
+    in_projections = [m.in_proj_weight for m in model.modules() if isinstance(m, torch.nn.MultiheadAttention)]
+    assert (family == "deformable_detr") == bool(in_projections)  # its decoder's self-attention
+    assert all(any(p is q for q in wrapper.master) for p in in_projections)
     assert set(wrapper.state_dict()) == {f"model.{k}" for k in model.state_dict()}  # the copies are not registered
     assert set(model.state_dict()) == set(build_detector(small(family), 5).state_dict())
 

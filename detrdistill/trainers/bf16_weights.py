@@ -12,7 +12,8 @@ are in no state_dict.
 
 The values are autocast's own: the copies are the same round-to-nearest bf16 casts of the same weights,
 and a bf16 gradient upcast to float32 is exact, so losses and gradients are bitwise those of plain autocast
-(tests/test_bf16_weights.py). Only Linear and Conv2d parameters get copies, and those of the LayerNorms that
+(tests/test_bf16_weights.py). Only Linear and Conv2d parameters get copies (and nn.MultiheadAttention's packed
+in-projection, Deformable DETR's decoder self-attention), and those of the LayerNorms that
 return bf16 (ScheduleConfig.amp_layer_norm; they take bf16 weights, see transformer_layers.layer_norm), which
 stand in only while a norm is so set; other norms, embeddings and other parameters stay float32 as autocast
 treats them.
@@ -26,8 +27,8 @@ from detrdistill.trainers.models.transformer_layers import LayerNorm
 
 
 class BF16Weights(nn.Module):
-    """Calls `model` with bf16 copies of its Linear/Conv2d weights and biases (and of its bf16-output
-    LayerNorms'); use it under bf16 autocast.
+    """Calls `model` with bf16 copies of its Linear/Conv2d (and MultiheadAttention in-projection) weights and
+    biases, and of its bf16-output LayerNorms'; use it under bf16 autocast.
 
     frozen=True (a teacher): the copies are made once, and again only after `refresh()` (e.g. after loading
     other weights); otherwise every call refreshes them from the current float32 parameters.
@@ -43,12 +44,13 @@ class BF16Weights(nn.Module):
         self.norm_slots: list[tuple[nn.Module, str, int]] = []
         index: dict[int, int] = {}
         for module in model.modules():
-            slots = self.slots if isinstance(module, (nn.Linear, nn.Conv2d)) else \
+            slots = self.slots if isinstance(module, (nn.Linear, nn.Conv2d, nn.MultiheadAttention)) else \
                 self.norm_slots if isinstance(module, LayerNorm) else None
             if slots is None:
                 continue
             for name, param in module.named_parameters(recurse=False):
-                if param.dtype == torch.float32:
+                if param.dtype == torch.float32:  # (an attention's in-projection: its q/k/v chunks are views,
+                    # which autocast's cache skips: cast at every use, three weights and three biases a call)
                     if id(param) not in index:
                         index[id(param)] = len(self.master)
                         self.master.append(param)
