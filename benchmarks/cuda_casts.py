@@ -37,10 +37,16 @@ DTYPES = ("fp32", "bf16", "bf16-plain", "bf16-ln")
 
 @contextlib.contextmanager
 def fake_cuda():
-    """Tensors made inside are fake CUDA tensors (no data, no device needed)."""
+    """Tensors made inside are fake CUDA tensors (no data, no device needed). Pinning host memory (a host
+    matter, which fake tensors do not implement) returns the tensor as it is."""
     from torch._subclasses.fake_tensor import FakeTensorMode
-    with FakeTensorMode(), torch.device("cuda"):
-        yield
+    pin_memory = torch.Tensor.pin_memory
+    torch.Tensor.pin_memory = lambda self, *args, **kwargs: self
+    try:
+        with FakeTensorMode(), torch.device("cuda"):
+            yield
+    finally:
+        torch.Tensor.pin_memory = pin_memory
 
 
 @contextlib.contextmanager

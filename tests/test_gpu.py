@@ -61,6 +61,19 @@ def test_ms_deform_attn_core_on_cuda_equals_float64_loop():
     assert (out - reference_core(value, SHAPES, locations, weights)).abs().max().item() < 1e-12
 
 
+def test_host_to_device_does_not_wait_for_queued_kernels():
+    """The step's small host -> GPU copies (constants, matched indices, a pinned batch) go through pinned
+    memory: the host returns while earlier kernels still run, and the values arrive."""
+    from detrdistill.trainers.models.constants import device_constant, host_to_device
+    torch.cuda.synchronize()
+    torch.cuda._sleep(int(5e8))  # a kernel that spins ~0.2-0.3 s
+    copied = host_to_device(torch.arange(6).view(2, 3), CUDA)
+    constant = device_constant([[1.5, 2.5]], copied.float())
+    assert not torch.cuda.current_stream().query(), "the host waited for the queued kernel"
+    assert torch.equal(copied.cpu(), torch.arange(6).view(2, 3))
+    assert torch.equal(constant.cpu(), torch.tensor([[1.5, 2.5]]))
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_forward_on_cuda_equals_cpu(family):
     torch.manual_seed(0)

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from detrdistill.trainers.box_ops import elementwise_giou
 from detrdistill.trainers.config import LossConfig
 from detrdistill.trainers.matching import HungarianMatcher, Indices
+from detrdistill.trainers.models.constants import host_to_device
 from detrdistill.trainers.models.output import DecoderPredictions
 
 
@@ -54,7 +55,7 @@ def flat_matches(indices: list[Indices], num_images: int, device,
     cols = torch.cat([c.long() for _, c in pairs]) if pairs else torch.zeros(0, dtype=torch.long)
     if target_offsets is not None:
         cols = cols + target_offsets[image]
-    flat = torch.stack([group_image // num_images, image, rows, cols]).to(device, non_blocking=True)
+    flat = host_to_device(torch.stack([group_image // num_images, image, rows, cols]), device)
     return flat[0], flat[1], flat[2], flat[3]
 
 

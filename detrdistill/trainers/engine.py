@@ -134,7 +134,10 @@ def _device_batches(loader, device, lookahead: bool):
 
 
 def _to_device(images, mask, targets, device):
-    targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
+    """A batch on the device, copied without blocking the host: on CUDA the loader pins its batches
+    (build_loaders), so the copies do not wait for the previous step's kernels."""
+    targets = [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()}
+               for t in targets]
     return images.to(device, non_blocking=True), mask.to(device, non_blocking=True), targets
 
 
@@ -197,14 +200,16 @@ def train_one_epoch(model, loss_fn, loader, optimizer, scheduler, device, config
     return {k: v / max(n, 1) for k, v in sums.items()}
 
 
-def build_loaders(config: TrialConfig):
+def build_loaders(config: TrialConfig, pin_memory: bool = False):
+    """pin_memory (training on CUDA): batches in page-locked memory, whose copies to the GPU are asynchronous
+    (from pageable memory CUDA may first wait for the stream's queued kernels)."""
     train_set, val_set = build_dataset(config.data, "train"), build_dataset(config.data, "val")
     sampler_gen = torch.Generator()
     train_loader = DataLoader(train_set, batch_size=config.schedule.batch_size,
                               sampler=RandomSampler(train_set, generator=sampler_gen), collate_fn=collate,
-                              num_workers=config.data.num_workers, drop_last=False)
+                              num_workers=config.data.num_workers, drop_last=False, pin_memory=pin_memory)
     val_loader = DataLoader(val_set, batch_size=config.schedule.batch_size, sampler=SequentialSampler(val_set),
-                            collate_fn=collate, num_workers=config.data.num_workers)
+                            collate_fn=collate, num_workers=config.data.num_workers, pin_memory=pin_memory)
     return train_set, val_set, train_loader, val_loader, sampler_gen
 
 
@@ -234,7 +239,7 @@ def run_trial(config: TrialConfig, workdir: Path, report: Optional[Report] = Non
     select_attention_kernels(device)
     seed_everything(config.seed)
 
-    train_set, val_set, train_loader, val_loader, sampler_gen = build_loaders(config)
+    train_set, val_set, train_loader, val_loader, sampler_gen = build_loaders(config, device.type == "cuda")
     num_classes = train_set.num_classes
     model = build_detector(config.model, num_classes)
     if config.init_checkpoint is not None:

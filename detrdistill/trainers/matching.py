@@ -17,6 +17,7 @@ from torch import Tensor
 
 from detrdistill.trainers import lsap
 from detrdistill.trainers.box_ops import batched_pairwise_giou
+from detrdistill.trainers.models.constants import host_to_device
 from detrdistill.trainers.models.output import DecoderPredictions
 
 Indices = list[tuple[Tensor, Tensor]]  # per image: (pred_idx int64 [K], tgt_idx int64 [K]), K = min(N, M)
@@ -87,7 +88,7 @@ def pad_targets(targets: list[dict], device) -> tuple[Tensor, Tensor, list[int]]
     sizes = [len(t["labels"]) for t in targets]
     m = max(sizes, default=0)
     labels = torch.zeros(len(targets), m, dtype=torch.int64, device=device)
-    boxes = torch.tensor([0.5, 0.5, 1.0, 1.0], device=device).repeat(len(targets), m, 1)
+    boxes = host_to_device(torch.tensor([0.5, 0.5, 1.0, 1.0]), device).repeat(len(targets), m, 1)
     for b, t in enumerate(targets):
         labels[b, :sizes[b]] = t["labels"].to(device)
         boxes[b, :sizes[b]] = t["boxes"].to(device, torch.float32)
