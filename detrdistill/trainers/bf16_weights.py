@@ -44,13 +44,14 @@ class BF16Weights(nn.Module):
         self.norm_slots: list[tuple[nn.Module, str, int]] = []
         index: dict[int, int] = {}
         for module in model.modules():
+            # an attention's packed in-projection too: autocast casts its q/k/v chunks (views, which its weight
+            # cache skips) at every call, three weights and three biases
             slots = self.slots if isinstance(module, (nn.Linear, nn.Conv2d, nn.MultiheadAttention)) else \
                 self.norm_slots if isinstance(module, LayerNorm) else None
             if slots is None:
                 continue
             for name, param in module.named_parameters(recurse=False):
-                if param.dtype == torch.float32:  # (an attention's in-projection: its q/k/v chunks are views,
-                    # which autocast's cache skips: cast at every use, three weights and three biases a call)
+                if param.dtype == torch.float32:
                     if id(param) not in index:
                         index[id(param)] = len(self.master)
                         self.master.append(param)
