@@ -120,3 +120,21 @@ def test_lr_schedule_warmup_then_step_decay():
     assert [f(s) for s in range(4)] == pytest.approx([0.25, 0.5, 0.75, 1.0])
     assert f(19) == 1.0 and f(20) == pytest.approx(0.1) and f(30) == pytest.approx(0.01)
     assert math.isclose(lr_factor(ScheduleConfig(lr_drop_epochs=[]), 5)(1000), 1.0)
+
+
+def test_loss_sums_on_the_device_equal_python_float_sums():
+    """The epoch's loss sums stay on the device (no sync per step) and are the same numbers as summing each
+    term's float() in Python: float32 values convert exactly and both add in float64 in the same order."""
+    from detrdistill.trainers.engine import LossSums
+    g = torch.Generator().manual_seed(0)
+    sums, reference = LossSums(), {}
+    for step in range(200):
+        losses = {"loss": torch.rand((), generator=g) * 10 ** torch.randint(-3, 3, ()).item(),
+                  "loss_cls": torch.rand(1, generator=g)[0], "count": step % 3}  # a plain number too
+        if step >= 150:  # a term appears: the sums so far are kept
+            losses["kd_logits"] = torch.rand((), generator=g)
+        sums.add(losses)
+        for k, v in losses.items():
+            reference[k] = reference.get(k, 0.0) + float(v)
+    assert sums.totals() == reference
+    assert sums.sum.dtype == torch.float64 and sums.names == ["loss", "loss_cls", "kd_logits"]

@@ -160,7 +160,7 @@ def train_one_epoch(model, loss_fn, loader, optimizer, scheduler, device, config
     model.train()
     schedule = config.schedule
     use_amp = amp_enabled(schedule, device)
-    sums: dict[str, float] = {}
+    sums = LossSums()
     n = len(loader)
     log_every = max(1, n // 4)
     overlap = _overlap_teacher(loss_fn, config, device)
@@ -191,13 +191,45 @@ def train_one_epoch(model, loss_fn, loader, optimizer, scheduler, device, config
                                            schedule.grad_clip)
         optimizer.step()
         scheduler.step()
-        for k, v in losses.items():
-            sums[k] = sums.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
+        sums.add(losses)
         if (step + 1) % log_every == 0 or step + 1 == n:
             rate = (step + 1) / (time.perf_counter() - start)
             log(f"[{config.name}] epoch {epoch + 1}/{schedule.epochs} step {step + 1}/{n} "
-                f"loss {sums['loss'] / (step + 1):.4f} ({rate:.2f} it/s)")
-    return {k: v / max(n, 1) for k, v in sums.items()}
+                f"loss {sums.totals()['loss'] / (step + 1):.4f} ({rate:.2f} it/s)")
+    return {k: v / max(n, 1) for k, v in sums.totals().items()}
+
+
+class LossSums:
+    """Running sums of a step's logged loss terms, kept on their device until read.
+
+    Reading a GPU value makes the host wait for every kernel queued before it: a float() per term per step
+    would hold the host at the end of each step until the GPU has finished the backward and the optimizer,
+    instead of letting it queue the next step meanwhile. The terms are summed in float64, step after step,
+    as Python floats would be (float32 values convert exactly), so the totals are the same numbers."""
+
+    def __init__(self):
+        self.names: list[str] = []
+        self.sum = None  # float64 [len(names)] on the terms' device
+        self.numbers: dict[str, float] = {}  # terms given as Python numbers, and sums read back
+
+    def add(self, losses: dict) -> None:
+        names = [k for k, v in losses.items() if torch.is_tensor(v)]
+        if self.sum is not None and names != self.names:  # another set of terms: read the sums so far back
+            self.numbers, self.sum = self.totals(), None
+        for k, v in losses.items():
+            if not torch.is_tensor(v):
+                self.numbers[k] = self.numbers.get(k, 0.0) + float(v)
+        if names:
+            values = torch.stack([losses[k].detach().reshape(()).float() for k in names]).double()
+            self.names, self.sum = names, values if self.sum is None else self.sum + values
+
+    def totals(self) -> dict[str, float]:
+        """The sums as Python floats (one host-device sync)."""
+        out = dict(self.numbers)
+        if self.sum is not None:
+            for k, v in zip(self.names, self.sum.tolist()):
+                out[k] = out.get(k, 0.0) + v
+        return out
 
 
 def build_loaders(config: TrialConfig, pin_memory: bool = False):

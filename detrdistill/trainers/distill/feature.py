@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from detrdistill.trainers.box_ops import batched_pairwise_iou
 from detrdistill.trainers.config import FeatureKDConfig
 from detrdistill.trainers.matching import pad_targets
+from detrdistill.trainers.models.constants import host_to_device
 from detrdistill.trainers.models.multi_scale import join_levels
 from detrdistill.trainers.models.output import DecoderPredictions
 
@@ -40,7 +41,7 @@ def query_quality(probs: Tensor, boxes: Tensor, targets: list, top_k: int, use_q
         return query, scores
     selected = torch.gather(boxes, 2, query[..., None].expand(-1, -1, -1, 4))  # [L, B, K, 4]
     iou = batched_pairwise_iou(selected, gt.to(boxes.dtype))      # [L, B, K, M]
-    count = torch.tensor(sizes, device=gt.device)[:, None]       # [B, 1]
+    count = host_to_device(torch.tensor(sizes), gt.device)[:, None]  # [B, 1]
     real = torch.arange(gt.shape[1], device=gt.device) < count    # [B, M]
     best = iou.masked_fill(~real[:, None, :], 0).max(-1).values  # [L, B, K]
     return query, torch.where(count > 0, scores * best, scores)

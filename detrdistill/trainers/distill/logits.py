@@ -16,6 +16,7 @@ from detrdistill.trainers.config import LogitsKDConfig
 from detrdistill.trainers.criterion import flat_matches
 from detrdistill.trainers.helper_thread import helper_thread
 from detrdistill.trainers.matching import solve_assignments
+from detrdistill.trainers.models.constants import host_to_device
 from detrdistill.trainers.models.output import DecoderPredictions
 
 
@@ -141,7 +142,7 @@ def start_logits_distillation(student: DecoderPredictions, teacher: DecoderPredi
     x, bs = student.logits, student.boxes                          # [P, B, N_S, C], [P, B, N_S, 4]
     p, bt = teacher.logits.detach().float(), teacher.boxes.detach().float()
     if list(mapping) != list(range(len(p))):  # the layer-wise mapping of equal depths pairs layers as they are
-        t_idx = torch.as_tensor(mapping, device=p.device)
+        t_idx = host_to_device(torch.as_tensor(mapping), p.device)
         p, bt = p[t_idx], bt[t_idx]
     p, bt = p.sigmoid(), clamp_cxcywh(bt)                          # [P, B, N_T, C], [P, B, N_T, 4]
     cost = kd_cost(x.detach(), bs.detach(), p, bt, cfg)
