@@ -65,6 +65,8 @@ def test_host_to_device_does_not_wait_for_queued_kernels():
     """The step's small host -> GPU copies (constants, matched indices, a pinned batch) go through pinned
     memory: the host returns while earlier kernels still run, and the values arrive."""
     from detrdistill.trainers.models.constants import device_constant, host_to_device
+    host_to_device(torch.arange(6), CUDA)  # the pinned-memory cache's first blocks (allocating them may sync)
+    device_constant([[0.0, 0.0]], torch.zeros(1, device=CUDA))
     torch.cuda.synchronize()
     torch.cuda._sleep(int(5e8))  # a kernel that spins ~0.2-0.3 s
     copied = host_to_device(torch.arange(6).view(2, 3), CUDA)
