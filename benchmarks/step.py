@@ -284,7 +284,8 @@ def _hf(family, scale, device, dtype):
     return step
 
 
-_NOT_LAUNCHES = {"_unsafe_view", "lift_fresh", "lift_fresh_copy"}  # metadata or host-side, not a kernel
+_NOT_LAUNCHES = {"_unsafe_view", "lift_fresh", "lift_fresh_copy",  # metadata or host-side, not a kernel
+                 "is_pinned", "_pin_memory"}
 
 
 def count_ops(step) -> int:
