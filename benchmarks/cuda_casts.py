@@ -10,7 +10,8 @@ the CPU's (on CUDA LayerNorm, softmax and sums run in float32, on the CPU in the
 errors that only CUDA raises (a bf16 LayerNorm input with float32 weights: CUDA refuses, the CPU mixes them;
 tests/test_fake_cuda.py). Counted: the aten operators of one forward, views excluded (as benchmarks/step.py's
 "ops"; about one kernel launch each), and among them the casts (`_to_copy`), which autocast adds and which a
-GPU step bound by its launches pays. Forward only: the autograd engine needs a real device for fake CUDA
+GPU step bound by its launches pays; and "syncs", the copies at which the host would wait for the GPU (a
+blocking copy from host memory, a copy to it, an .item()), each listed with its line. Forward only: the autograd engine needs a real device for fake CUDA
 tensors (each cast of a tensor that requires grad has one more in the backward).
 
 Attention: without a device, PyTorch's choice of kernel falls back to its math path, which decomposes into
@@ -67,20 +68,39 @@ def cuda_autocast(enabled: bool = True):
 
 
 class OperatorCount(TorchDispatchMode):
-    """Counts the aten operators dispatched (views excluded), and the casts by where they come from."""
+    """Counts the aten operators dispatched (views excluded), and the casts by where they come from; lists the
+    copies that make the host wait for the GPU (`syncs`: a blocking copy from host memory, any copy to it, a
+    value read with .item()), which a forward should not have: on a GPU each holds the host to the GPU's pace."""
 
     def __init__(self, where: bool = False):
         super().__init__()
         self.ops, self.casts, self.where = collections.Counter(), collections.Counter(), where
+        self.syncs: list[str] = []
         self.paused = False
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
+        kwargs = kwargs or {}
         if not self.paused and not func.is_view and name not in _NOT_LAUNCHES and func.namespace == "aten":
             self.ops[name] += 1
             if name == "_to_copy":
                 self.casts[_caller() if self.where else "-"] += 1
-        return func(*args, **(kwargs or {}))
+        if name in ("_to_copy", "copy_", "_local_scalar_dense") and self._waits(name, args, kwargs):
+            self.syncs.append(f"{name} at {_caller()}")
+        return func(*args, **kwargs)
+
+    @staticmethod
+    def _waits(name, args, kwargs) -> bool:
+        if name == "_local_scalar_dense":
+            return args[0].device.type == "cuda"
+        if name == "_to_copy":
+            source, target = args[0].device, torch.device(kwargs.get("device") or args[0].device)
+            non_blocking = kwargs.get("non_blocking", False)
+        else:  # copy_(target, source, non_blocking)
+            target, source = args[0].device, args[1].device
+            non_blocking = args[2] if len(args) > 2 else kwargs.get("non_blocking", False)
+        return (source.type == "cpu" and target.type == "cuda" and not non_blocking) or \
+            (source.type == "cuda" and target.type == "cpu")
 
 
 def _caller() -> str:
@@ -122,7 +142,9 @@ def count_forward(model_fn, amp: bool, where: bool = False) -> OperatorCount:
     """Operators and casts of one call of `model_fn()` (made of fake CUDA tensors), under CUDA's bf16 autocast
     when `amp`."""
     counter = OperatorCount(where)
-    with counter, fused_attention(counter), cuda_autocast(amp):
+    # the default device as in a real run (fake_cuda makes it CUDA for building): host tensors made without a
+    # device are host tensors
+    with torch.device("cpu"), counter, fused_attention(counter), cuda_autocast(amp):
         model_fn()
     return counter
 
@@ -152,14 +174,16 @@ def main(argv=None):
     scale = SCALES[args.scale]
     print(f"scale={args.scale} {scale}: one forward on fake CUDA tensors, CUDA's autocast policy; torch "
           f"{torch.__version__}")
-    print(f"{'family':18s} {'dtype':10s} {'ops':>6s} {'casts':>6s}")
+    print(f"{'family':18s} {'dtype':10s} {'ops':>6s} {'casts':>6s} {'syncs':>6s}")
     for family in args.families:
         for dtype in args.dtypes:
             with fake_cuda():
                 call = build(family, scale, dtype)
                 counter = count_forward(call, dtype.startswith("bf16"), args.where)
-            print(f"{family:18s} {dtype:10s} {sum(counter.ops.values()):6d} {counter.ops['_to_copy']:6d}",
-                  flush=True)
+            print(f"{family:18s} {dtype:10s} {sum(counter.ops.values()):6d} {counter.ops['_to_copy']:6d} "
+                  f"{len(counter.syncs):6d}", flush=True)
+            for sync in counter.syncs:
+                print(f"    host waits: {sync}")
             if args.where:
                 for place, n in counter.casts.most_common():
                     print(f"    {n:4d}  {place}")

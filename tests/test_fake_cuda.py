@@ -39,15 +39,17 @@ def test_the_fake_device_applies_cudas_rules_not_the_cpus():
         assert not torch.is_autocast_enabled("cuda")
 
 
-def _student_and_teacher_forward(family, dtype, decoder_layers=2, encoder_layers=2):
+def _student_and_teacher_forward(family, dtype, decoder_layers=2, encoder_layers=2, teacher_count=None):
     """On fake CUDA: a frozen teacher's forward, then the student's with the teacher's queries as an extra
-    group, both as the engine runs them in `dtype` -> (student output, operator count of the student's)."""
+    group, both as the engine runs them in `dtype` (fp32: amp off) -> (student output, operator count of the
+    student's). teacher_count: a list that receives the teacher forward's count."""
     from detrdistill.trainers.bf16_weights import BF16Weights
     from detrdistill.trainers.models import build_detector
     from detrdistill.trainers.models.transformer_layers import set_bf16_layer_norm
     update = {"decoder_layers": decoder_layers} | ({} if family == "adamixer" else {"encoder_layers": encoder_layers})
     config = small(family).model_copy(update=update)
-    norms, copies = "-ln" in dtype, not dtype.endswith("-plain")
+    amp = dtype != "fp32"
+    norms, copies = "-ln" in dtype, amp and not dtype.endswith("-plain")
     teacher = build_detector(config, 5).eval()
     set_bf16_layer_norm(teacher, norms)
     teacher = BF16Weights(teacher, frozen=True) if copies else teacher
@@ -58,10 +60,13 @@ def _student_and_teacher_forward(family, dtype, decoder_layers=2, encoder_layers
         forward.refresh()
     images, mask = torch.randn(2, 3, 96, 128), torch.zeros(2, 96, 128, dtype=torch.bool)
     mask[1, :, 100:] = True
-    with torch.no_grad(), cuda_autocast():
-        queries = teacher(images, mask).queries.detach()
     out = {}
-    count = count_forward(lambda: out.setdefault("s", forward(images, mask, queries=queries)), amp=True)
+    with torch.no_grad():
+        counted = count_forward(lambda: out.setdefault("t", teacher(images, mask)), amp=amp)
+    if teacher_count is not None:
+        teacher_count.append(counted)
+    queries = out["t"].queries.detach()
+    count = count_forward(lambda: out.setdefault("s", forward(images, mask, queries=queries)), amp=amp)
     return out["s"], count
 
 
@@ -95,3 +100,15 @@ def test_conditional_detr_with_bf16_norms_casts_no_more_for_more_layers():
         counts = [_student_and_teacher_forward("conditional_detr", "bf16-ln", n, n)[1].ops["_to_copy"]
                   for n in (2, 4)]
     assert counts[0] == counts[1], counts
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "bf16-ln"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_forwards_never_make_the_host_wait_for_the_gpu(family, dtype):
+    """No copy from host memory that blocks (a pageable one may wait for the queued kernels: AdaMixer's
+    `new_tensor` of its coordinate scales did, 6 a forward), none to the host, no .item(), in the teacher's
+    forward or the student's: on a GPU the host keeps queueing ahead of the kernels."""
+    with fake_cuda():
+        teacher = []
+        _, student = _student_and_teacher_forward(family, dtype, teacher_count=teacher)
+    assert sum(student.ops.values()) > 100 and student.syncs == [] and teacher[0].syncs == []
