@@ -22,7 +22,7 @@ from detrdistill.trainers.models.ms_deform_attn import MSDeformAttn
 from detrdistill.trainers.models.multi_scale import LevelProjections
 from detrdistill.trainers.models.output import DecoderPredictions, DetectorOutput, QueryGroup, cross_group_mask
 from detrdistill.trainers.models.position_encoding import sine_position_encoding
-from detrdistill.trainers.models.transformer_layers import MLP, LayerNorm
+from detrdistill.trainers.models.transformer_layers import MLP, LayerNorm, matmul_dtype
 
 LINEAR_PROJ_NAMES = ("sampling_offsets", "reference_points")
 
@@ -73,6 +73,13 @@ class DeformableDecoderLayer(nn.Module):
         attn = self.cross_attn(tgt + query_pos, reference_points, memory, spatial_shapes, padding_mask)
         tgt = self.norm2(tgt + self.dropout(attn))
         return self.norm3(tgt + self.dropout(self.linear2(self.dropout(F.relu(self.linear1(tgt))))))
+
+
+def in_stream_dtype(pos: Tensor, norm: LayerNorm) -> Tensor:
+    """A positional term in the dtype of the residual stream it is added to at every layer: bf16 when the
+    layers' norms return bf16 under autocast (ScheduleConfig.amp_layer_norm), so that the sums feed the bf16
+    matrix products without a cast each; else as it is."""
+    return pos.to(matmul_dtype(pos)) if norm.bf16_output else pos
 
 
 def valid_ratio(mask: Tensor) -> Tensor:
@@ -155,6 +162,7 @@ class DeformableDETR(nn.Module):
             return src
         pos = [sine_position_encoding(m, self.hidden_dim, offset=-0.5).to(f.dtype) for f, m in zip(features, masks)]
         pos = torch.cat([p.flatten(2).transpose(1, 2) + self.level_embed[j] for j, p in enumerate(pos)], 1)
+        pos = in_stream_dtype(pos, self.encoder[0].norm1)
         mask = torch.cat([m.flatten(1) for m in masks], 1)
         shapes = [tuple(f.shape[-2:]) for f in features]
         reference_points = encoder_reference_points(shapes, valid_ratios)
@@ -173,7 +181,7 @@ class DeformableDETR(nn.Module):
         position = torch.cat([g.position for g in groups])  # [N, d]
         tgt = torch.cat([g.content for g in groups]).expand(B, -1, -1)
         reference = self.reference_points(position).sigmoid().expand(B, -1, -1)  # [B, N, 2] in the image
-        query_pos = position.expand(B, -1, -1)
+        query_pos = in_stream_dtype(position.expand(B, -1, -1), self.decoder[0].norm1)
         self_attn_mask = cross_group_mask(sizes, memory.device)  # True = may not attend: own group only
         reference_in_levels = reference[:, :, None] * valid_ratios[:, None]  # [B, N, L, 2] padded frames
         mask = torch.cat([m.flatten(1) for m in masks], 1)
