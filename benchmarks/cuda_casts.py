@@ -30,9 +30,8 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step import _NOT_LAUNCHES, COPIES, SCALES, _model_config  # noqa: E402
+from step import _NOT_LAUNCHES, COPIES, FAMILIES, SCALES, _model_config  # noqa: E402
 
-FAMILIES = ["conditional_detr", "deformable_detr", "adamixer"]
 DTYPES = ("fp32", "bf16", "bf16-plain", "bf16-ln")
 
 
@@ -149,16 +148,25 @@ def count_forward(model_fn, amp: bool, where: bool = False) -> OperatorCount:
     return counter
 
 
+def as_the_engine_runs(model, dtype: str, frozen: bool = False):
+    """`model` as the engine runs it in `dtype` (a step.py dtype, or one ending in -plain: autocast alone):
+    bf16 norms for -ln, and for the dtypes that have them bf16 weight copies, made now as before a trial's
+    first step (frozen: a teacher's)."""
+    from detrdistill.trainers.bf16_weights import BF16Weights
+    from detrdistill.trainers.models.transformer_layers import set_bf16_layer_norm
+    set_bf16_layer_norm(model, "-ln" in dtype)
+    if dtype not in COPIES:
+        return model
+    forward = BF16Weights(model, frozen=frozen)
+    forward.refresh()
+    return forward
+
+
 def build(family: str, scale: dict, dtype: str):
     """A fake-CUDA detector as the engine runs it in `dtype`, and its input -> a call of one forward."""
-    from detrdistill.trainers.bf16_weights import BF16Weights
     from detrdistill.trainers.models import build_detector
-    from detrdistill.trainers.models.transformer_layers import set_bf16_layer_norm
     model = build_detector(_model_config(family, scale, scale["backbone"]), scale["classes"]).train()
-    set_bf16_layer_norm(model, dtype.endswith("-ln"))
-    forward = BF16Weights(model) if dtype in COPIES else model
-    if dtype in COPIES:
-        forward.refresh()  # the copies made, as before a trial's first step
+    forward = as_the_engine_runs(model, dtype)
     images = torch.randn(scale["batch"], 3, scale["height"], scale["width"])
     mask = torch.zeros(scale["batch"], scale["height"], scale["width"], dtype=torch.bool)
     return lambda: forward(images, mask)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from test_gpu import FAMILIES, small
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from cuda_casts import count_forward, cuda_autocast, fake_cuda  # noqa: E402
+from cuda_casts import as_the_engine_runs, count_forward, cuda_autocast, fake_cuda  # noqa: E402
 
 # bf16 / bf16-ln: as the engine runs amp (bf16 weight copies; float32 / bf16 norms); -plain: autocast alone, as
 # a compiled model runs before the compiler fuses it
@@ -43,21 +43,12 @@ def _student_and_teacher_forward(family, dtype, decoder_layers=2, encoder_layers
     """On fake CUDA: a frozen teacher's forward, then the student's with the teacher's queries as an extra
     group, both as the engine runs them in `dtype` (fp32: amp off) -> (student output, operator count of the
     student's). teacher_count: a list that receives the teacher forward's count."""
-    from detrdistill.trainers.bf16_weights import BF16Weights
     from detrdistill.trainers.models import build_detector
-    from detrdistill.trainers.models.transformer_layers import set_bf16_layer_norm
     update = {"decoder_layers": decoder_layers} | ({} if family == "adamixer" else {"encoder_layers": encoder_layers})
     config = small(family).model_copy(update=update)
     amp = dtype != "fp32"
-    norms, copies = "-ln" in dtype, amp and not dtype.endswith("-plain")
-    teacher = build_detector(config, 5).eval()
-    set_bf16_layer_norm(teacher, norms)
-    teacher = BF16Weights(teacher, frozen=True) if copies else teacher
-    student = build_detector(config, 5).train()
-    set_bf16_layer_norm(student, norms)
-    forward = BF16Weights(student) if copies else student
-    if copies:
-        forward.refresh()
+    teacher = as_the_engine_runs(build_detector(config, 5).eval(), dtype, frozen=True)
+    forward = as_the_engine_runs(build_detector(config, 5).train(), dtype)
     images, mask = torch.randn(2, 3, 96, 128), torch.zeros(2, 96, 128, dtype=torch.bool)
     mask[1, :, 100:] = True
     out = {}
