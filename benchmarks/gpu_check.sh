@@ -56,7 +56,7 @@ has() { [[ " $stages " == *" $1 "* ]]; }
 t0=$(date +%s)
 stamp() { echo "== $1 ($(( $(date +%s) - t0 )) s since start) =="; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-$PY -c "import os, torch, torchvision, transformers; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'transformers', transformers.__version__, 'cpus', os.cpu_count(), 'torch threads', torch.get_num_threads(), 'OMP_NUM_THREADS', os.environ.get('OMP_NUM_THREADS'))" | tee -a "$OUT/gpu.txt"
+$PY -c "import os, torch, torchvision, transformers; from detrdistill.trainers import lsap; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'transformers', transformers.__version__, 'cpus', os.cpu_count(), 'torch threads', torch.get_num_threads(), 'OMP_NUM_THREADS', os.environ.get('OMP_NUM_THREADS'), 'numba (the parallel assignment solver)', lsap.available() and lsap._numba.__version__)" | tee -a "$OUT/gpu.txt"
 if has tests; then
     stamp tests
     timeout ${TESTS_TIMEOUT:-150} $PY -m pytest -q -p no:cacheprovider -m gpu -rf -k "not compiled" tests/test_gpu.py \

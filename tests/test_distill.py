@@ -275,8 +275,11 @@ def test_losses_run_in_float32_under_bf16_autocast(method):
     s_pred, t_pred = s_out.predictions.float(), t_out.predictions.float()
     finish = start_logits_distillation(s_pred, t_pred, objective.mapping,
                                        objective.cfg.logits) if objective.overlaps_teacher else None
+    criterion = objective.criterion
+    teacher_matching = criterion.start_indices(t_pred, _targets()) if method == "detrdistill" else None
     torch.manual_seed(5)
-    want = objective._losses(s_out, t_out, s_pred, t_pred, images, _targets(), finish)
+    want = objective._losses(s_out, t_out, s_pred, t_pred, images, _targets(),
+                             criterion.start_indices(s_pred, _targets()), teacher_matching, finish)
     assert got.keys() == want.keys() and len(got) > 4
     assert all(v.dtype == torch.float32 for v in got.values() if torch.is_tensor(v))
     assert all(torch.equal(got[k], want[k]) for k in got), {k: (got[k], want[k]) for k in got}
@@ -326,6 +329,7 @@ def test_teacher_run_ahead_gives_the_same_losses_and_gradients(monkeypatch):
     those of the plain order, and the teacher runs once per batch, not twice."""
     import threading
     import detrdistill.trainers.distill.logits as logits_module
+    import detrdistill.trainers.matching as matching_module
     teacher = _tiny_model()
     calls, events, solvers, teacher_threads = [], [], set(), []
     batches = [torch.randn(2, 3, 64, 80, generator=torch.Generator().manual_seed(i)) for i in range(3)]
@@ -343,7 +347,7 @@ def test_teacher_run_ahead_gives_the_same_losses_and_gradients(monkeypatch):
         return solve(problems)
     monkeypatch.setattr(logits_module, "solve_assignments", recorded_solve)
     background = False
-    monkeypatch.setattr(logits_module, "solve_in_background", lambda device: background)
+    monkeypatch.setattr(matching_module, "solve_in_background", lambda device: background)
     results = {}
     for ahead, background, thread in [(False, False, False), (True, False, False), (False, True, False),
                                       (True, True, False), (True, False, True), (True, True, True)]:
@@ -385,6 +389,92 @@ def test_teacher_run_ahead_gives_the_same_losses_and_gradients(monkeypatch):
     assert len(calls) == 1
 
 
+def test_no_assignment_is_collected_before_the_next_teachers_forward_is_queued(monkeypatch):
+    """On a GPU a collected assignment holds the host until the GPU has run everything queued before its host
+    copy. A DETRDistill step starts all three (the teacher's to the ground truth, the student's, the
+    teacher-student one) before it queues the teacher's forward on the next batch, and collects each only
+    after: the teacher's next forward and the other terms are queued without the host waiting. The solves
+    themselves ran on the helper thread (the GPU's way, forced here on the CPU)."""
+    import threading
+    import detrdistill.trainers.distill.logits as logits_module
+    import detrdistill.trainers.matching as matching_module
+    monkeypatch.setattr(matching_module, "solve_in_background", lambda device: True)
+    events, solvers = [], set()
+
+    def recording(start, name):
+        def started(solve, *tensors):
+            def solve_here(*host):
+                solvers.add(threading.current_thread().name)
+                return solve(*host)
+            events.append(f"start {name}")
+            wait = start(solve_here, *tensors)
+
+            def collected():
+                events.append(f"wait {name}")
+                return wait()
+            return collected
+        return started
+    start = matching_module.start_on_host
+    monkeypatch.setattr(matching_module, "start_on_host", recording(start, "gt"))
+    monkeypatch.setattr(logits_module, "start_on_host", recording(start, "kd"))
+    teacher, student = _tiny_model(), _tiny_model(seed=1).train()
+    objective = _objective(teacher, student)
+    batches = [torch.randn(2, 3, 64, 80, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    objective(student, batches[0], None, _targets(), upcoming=(batches[1], None))
+    teacher.register_forward_hook(lambda module, args, out: events.append("teacher"))
+    events.clear()
+    objective(student, batches[1], None, _targets())["loss"].backward()
+    # the second step's teacher output was queued by the first: no teacher forward, then the same order
+    assert events == ["start gt", "start gt", "start kd", "wait gt", "wait gt", "wait kd"]
+    events.clear()
+    objective(student, batches[0], None, _targets(), upcoming=(batches[1], None))
+    assert events == ["teacher", "start gt", "start gt", "start kd", "teacher", "wait gt", "wait gt", "wait kd"]
+    assert solvers == {"kd-solve_0"}
+
+
+# operators whose output (or its size) a GPU computes only by reading device values back to the host: each
+# makes the host wait for every kernel queued before it
+READS_BACK = {"_local_scalar_dense", "bincount", "nonzero", "masked_select", "unique", "_unique2", "unique_dim",
+              "unique_consecutive", "repeat_interleave", "is_nonzero", "equal"}
+
+
+@pytest.mark.parametrize("family", ["conditional_detr", "deformable_detr", "adamixer"])
+def test_a_distillation_step_reads_nothing_back_from_the_device(family):
+    """A DETRDistill step's forward, losses and backward dispatch no operator that on a GPU reads device
+    values back (torch.bincount of the match counts did: its CUDA kernel reads the input's min and max) and
+    no boolean-mask indexing (a nonzero). The host's own work (assignments, match indices) stays out of
+    torch. Counted on the CPU: the same operators a GPU step dispatches."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class ReadBacks(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.found = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            masks = name.startswith("index") and any(torch.is_tensor(i) and i.dtype == torch.bool
+                                                     for i in (args[1] if len(args) > 1 and isinstance(
+                                                         args[1], (list, tuple)) else ()))
+            if name in READS_BACK or masks:
+                self.found.append(name)
+            return func(*args, **(kwargs or {}))
+    kw = dict(encoder_layers=0, num_feature_levels=3) if family == "adamixer" else {}
+    teacher = _tiny_model(family, **kw)
+    student = _tiny_model(family, seed=1, **kw).train()
+    objective = _objective(teacher, student)
+    images = torch.randn(2, 3, 64, 80, generator=torch.Generator().manual_seed(0))
+    objective(student, images, None, _targets())  # first call: lazily built state
+    with ReadBacks() as mode:
+        objective(student, images, None, _targets(), upcoming=(images, None))["loss"].backward()
+    assert mode.found == []
+    # the mode sees the operators that read back
+    with ReadBacks() as mode:
+        torch.bincount(torch.tensor([0, 2]), minlength=3)
+        images[images > 0]
+    assert mode.found == ["bincount", "index"]
+
+
 def test_teacher_thread_reports_the_teachers_error_at_the_next_step():
     """A teacher forward that fails on the helper thread fails the step that uses its output, with its own
     error, and the objective runs the teacher in line again afterwards."""
@@ -409,6 +499,7 @@ def test_kd_solve_in_the_background_matches_and_reports_errors_as_in_line(monkey
     """The helper thread's assignment is the in-line one (both splits), and a NaN prediction still ends the
     step with the matching's NonFiniteCostError, raised where the caller collects the result."""
     import detrdistill.trainers.distill.logits as logits_module
+    import detrdistill.trainers.matching as matching_module
     from detrdistill.trainers.matching import NonFiniteCostError
     g = torch.Generator().manual_seed(0)
     s = DecoderPredictions(torch.randn(2, 2, 7, 4, generator=g), torch.rand(2, 2, 7, 4, generator=g) * 0.5 + 0.2,
@@ -418,7 +509,7 @@ def test_kd_solve_in_the_background_matches_and_reports_errors_as_in_line(monkey
     cfg = LogitsKDConfig(split=split, threshold=0.5)
     results = {}
     for background in (False, True):
-        monkeypatch.setattr(logits_module, "solve_in_background", lambda device: background)
+        monkeypatch.setattr(matching_module, "solve_in_background", lambda device: background)
         results[background] = logits_module.logits_distillation(s, t, [0, 1], cfg)
         bad = DecoderPredictions(s.logits.clone(), s.boxes.clone(), s.hidden)
         bad.logits[1, 0, 3, 2] = float("nan")

@@ -7,6 +7,7 @@ import torch
 from conftest import tiny_trial
 from detrdistill.trainers.checkpoint import load_checkpoint, load_detector
 from detrdistill.trainers.config import ScheduleConfig
+from detrdistill.trainers.criterion import SetCriterion
 from detrdistill.trainers.engine import NonFiniteLossError, lr_factor, param_groups, run_trial
 from detrdistill.trainers.models import build_detector
 
@@ -84,6 +85,52 @@ def test_non_finite_loss_stops_the_trial_with_its_reason(tiny_data_root, tmp_pat
                                                                               grad_clip=0))
     with pytest.raises(NonFiniteLossError, match=r"epoch \d, step \d: loss became (nan|inf)"):
         run_trial(config, tmp_path / "nan", log=_quiet)
+
+
+def test_a_non_finite_loss_stops_at_its_step_with_the_weights_before_it(tiny_data_root):
+    """The loss's finiteness is read one step late (on a GPU reading it at once would hold the host before
+    the backward): a NaN loss at step 3 fails the epoch naming step 3, and its update was skipped on the
+    device (the optimizer's found_inf), so model and optimizer state are those after step 2."""
+    import itertools
+    from detrdistill.trainers.engine import DetectionLoss, build_loaders, train_one_epoch
+    from detrdistill.trainers.models import build_detector
+    config = tiny_trial(tiny_data_root, epochs=1)
+    torch.manual_seed(0)
+    train_set, _, loader, _, _ = build_loaders(config)
+    batches, classes = list(itertools.islice(loader, 4)), train_set.num_classes
+    cpu = torch.device("cpu")
+
+    def run(steps, nan_at=None):
+        torch.manual_seed(0)
+        model = build_detector(config.model, classes)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0)
+        detection, calls = DetectionLoss(SetCriterion(classes)), []
+
+        def loss_fn(*args):
+            losses = detection(*args)
+            calls.append(1)
+            if len(calls) == nan_at:
+                losses["loss"] = losses["loss"] * float("nan")
+            return losses
+        error = None
+        try:
+            train_one_epoch(model, loss_fn, batches[:steps], optimizer, scheduler, cpu, config, 0, _quiet)
+        except NonFiniteLossError as e:
+            error = str(e)
+        return model, optimizer, error, len(calls)
+    plain, plain_opt, error, _ = run(2)
+    assert error is None
+    stopped, stopped_opt, error, calls = run(4, nan_at=3)
+    assert error is not None and "epoch 1, step 3: loss became nan" in error and calls == 4
+    # parameters (batch norm's running statistics move with every training forward, steps 3 and 4's too)
+    assert all(torch.equal(a, b) for a, b in zip(plain.parameters(), stopped.parameters()))
+    for a, b in zip(plain_opt.state.values(), stopped_opt.state.values()):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert "found_inf" not in vars(plain_opt)
+    # at the epoch's last step: read before the epoch ends
+    _, _, error, _ = run(3, nan_at=3)
+    assert error is not None and "epoch 1, step 3" in error
 
 
 def test_checkpoint_rebuilds_the_trained_detector(tiny_data_root, tmp_path):

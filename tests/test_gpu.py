@@ -281,6 +281,39 @@ def test_teacher_run_ahead_on_cuda_gives_the_plain_losses():
                 assert abs(plain[k] - other[k]) <= 1e-5 * max(1.0, abs(plain[k])), (mode, k, plain[k], other[k])
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_distillation_step_queues_its_forwards_and_losses_without_waiting_for_the_gpu(family):
+    """CUDA's own check (torch.cuda.set_sync_debug_mode: a warning at every blocking copy, .item() and
+    stream synchronisation) around a DETRDistill step as the engine runs it on CUDA (teacher output queued by
+    the previous step, the next batch's teacher forward queued, bf16 autocast): the forwards and all loss
+    terms are queued without the host once waiting for the GPU. The assignments are solved on the helper
+    thread, which waits on CUDA events only (not flagged), and only for the copies it needs."""
+    import warnings
+    torch.manual_seed(0)
+    student = build_detector(small(family), 5).to(CUDA).train()
+    teacher = build_detector(small(family, "resnet34"), 5).to(CUDA)
+    loss_fn = DistillationLoss(teacher, SetCriterion(5), DistillConfig(method="detrdistill"), 64, 64, 2, 2,
+                               student.config.levels).to(CUDA)
+    batches = [batch(CUDA, seed) for seed in range(3)]
+
+    def step(i):
+        images, mask, targets = batches[i]
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return loss_fn(student, images, mask, targets, upcoming=batches[i + 1][:2])
+    step(0)["loss"].backward()  # first use: lazily made state, the pinned-memory cache's blocks
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            losses = step(1)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    waits = [f"{w.filename}:{w.lineno}: {w.message}" for w in caught if "synchroniz" in str(w.message)]
+    assert waits == [], "\n".join(waits)
+    assert torch.isfinite(losses["loss"]) and {"kd_logits", "kd_feature", "kd_query_prior"} <= set(losses)
+
+
 def test_trial_trains_evaluates_and_resumes_on_cuda_with_amp(tiny_data_root, tmp_path):
     config = tiny_trial(tiny_data_root, "deformable_detr", epochs=2, device="cuda")
     assert config.schedule.amp

@@ -10,6 +10,9 @@ Shapes: L decoder layers, B images, N queries, C classes.
 """
 from __future__ import annotations
 
+from typing import Callable
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -48,8 +51,9 @@ def flat_matches(indices: list[Indices], num_images: int, device,
     pairs = [(rows.cpu(), cols.cpu()) for per_image in indices for rows, cols in per_image]
     if len(pairs) != len(indices) * num_images:
         raise ValueError(f"indices cover {len(pairs)} images, expected {len(indices)} groups x {num_images}")
-    counts = torch.tensor([len(rows) for rows, _ in pairs], dtype=torch.long)
-    group_image = torch.repeat_interleave(torch.arange(len(pairs)), counts)
+    # numpy: torch's repeat_interleave sizes its output from values (on a GPU, a read back to the host); these
+    # values are the host's, and outside torch a step has no such operator at all (tests/test_distill.py)
+    group_image = torch.from_numpy(np.repeat(np.arange(len(pairs), dtype=np.int64), [len(r) for r, _ in pairs]))
     image = group_image % num_images
     rows = torch.cat([r.long() for r, _ in pairs]) if pairs else torch.zeros(0, dtype=torch.long)
     cols = torch.cat([c.long() for _, c in pairs]) if pairs else torch.zeros(0, dtype=torch.long)
@@ -76,7 +80,12 @@ class SetCriterion(nn.Module):
 
     def indices_for(self, predictions: DecoderPredictions, targets: list[dict]) -> list[Indices]:
         """[L][B] (pred_idx, tgt_idx): every layer matched to the targets, in one batched solve."""
-        return self.matcher.match_layers(predictions, targets)
+        return self.start_indices(predictions, targets)()
+
+    def start_indices(self, predictions: DecoderPredictions, targets: list[dict]) -> Callable[[], list[Indices]]:
+        """`indices_for` in two halves: the matching costs queued now, `wait()` -> the indices. On a GPU the
+        caller queues other work in between, while the host solves (matching.start_on_host)."""
+        return self.matcher.start(predictions.logits, predictions.boxes, targets)
 
     def layer_losses(self, logits: Tensor, boxes: Tensor, targets: list[dict], indices: list[Indices],
                      num_boxes: float | None = None) -> dict:

@@ -168,6 +168,7 @@ def train_one_epoch(model, loss_fn, loader, optimizer, scheduler, device, config
     copies = use_amp and compiled is None
     forward_model = compiled if compiled is not None else BF16Weights(model) if copies else model
     start = time.perf_counter()
+    checked = None
     for step, (images, mask, targets, upcoming) in enumerate(_device_batches(loader, device, lookahead=overlap)):
         where = f"trial {config.name!r}: epoch {epoch + 1}, step {step + 1}"
         try:
@@ -177,18 +178,17 @@ def train_one_epoch(model, loss_fn, loader, optimizer, scheduler, device, config
         except NonFiniteCostError as e:  # NaN predictions are caught by the matcher before any loss exists
             raise NonFiniteLossError(f"{where}: loss became nan (predictions are not finite: {e}); "
                                      "lower the learning rate or check the data") from e
-        loss = losses["loss"]
-        if not torch.isfinite(loss):  # one sync per step; a NaN must stop the trial, not poison the weights
-            terms = {k: round(float(v), 4) for k, v in losses.items()}
-            raise NonFiniteLossError(f"{where}: loss became {loss.item()} (terms: {terms}); lower the learning "
-                                     "rate or check the data")
+        if checked is not None:  # the previous step's, long computed: this waits for nothing queued since
+            checked.raise_if_not_finite()
+        checked = FiniteLossCheck(losses, where)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        losses["loss"].backward()
         if copies:
             forward_model.grads_to_master()
         if schedule.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
                                            schedule.grad_clip)
+        optimizer.found_inf = checked.not_finite  # a non-finite loss's update is skipped on the device
         optimizer.step()
         scheduler.step()
         sums.add(losses)
@@ -196,7 +196,41 @@ def train_one_epoch(model, loss_fn, loader, optimizer, scheduler, device, config
             rate = (step + 1) / (time.perf_counter() - start)
             log(f"[{config.name}] epoch {epoch + 1}/{schedule.epochs} step {step + 1}/{n} "
                 f"loss {sums.totals()['loss'] / (step + 1):.4f} ({rate:.2f} it/s)")
+    if checked is not None:  # the epoch's last step, before its weights are evaluated or saved
+        checked.raise_if_not_finite()
+    optimizer.__dict__.pop("found_inf", None)  # a step's own; not left on the optimizer
     return {k: v / max(n, 1) for k, v in sums.totals().items()}
+
+
+class FiniteLossCheck:
+    """Whether a step's loss is finite, read on the host one step later.
+
+    Reading a GPU value at once would hold the host, before it queues the backward, until the GPU has run the
+    whole forward and the losses (and a teacher's next forward queued before them). Instead the flag is
+    copied to the host without waiting, and the caller reads it after it has queued the next step's forward,
+    when it has long landed. The step's own update is skipped on the device meanwhile: `not_finite` is the
+    optimizer's `found_inf`, with which the fused AdamW kernel leaves every parameter and its state untouched
+    (how torch's GradScaler skips steps without reading anything back), so a NaN stops the trial with the
+    weights of the step before it, not poisoned ones."""
+
+    def __init__(self, losses: dict, where: str):
+        finite = torch.isfinite(losses["loss"].detach())
+        self.not_finite = (~finite).float()  # 0-dim float32, as found_inf
+        self.losses, self.where = losses, where
+        self.flag = finite.to("cpu", non_blocking=True)  # from a GPU: into pinned memory, not waiting
+        self.landed = None
+        if finite.device.type == "cuda":
+            self.landed = torch.cuda.Event()
+            self.landed.record(torch.cuda.current_stream(finite.device))
+
+    def raise_if_not_finite(self) -> None:
+        if self.landed is not None:
+            self.landed.synchronize()
+        if not bool(self.flag):
+            terms = {k: round(float(v.detach()) if torch.is_tensor(v) else float(v), 4)
+                     for k, v in self.losses.items()}
+            raise NonFiniteLossError(f"{self.where}: loss became {terms['loss']} (terms: {terms}); lower the "
+                                     "learning rate or check the data")
 
 
 class LossSums:

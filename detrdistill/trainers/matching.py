@@ -3,11 +3,16 @@
 The costs are computed in one batched tensor op (targets padded to the batch's largest M), moved to the CPU
 once, and every resulting cost matrix goes through `solve_assignments`: it is the single place that solves
 linear sum assignments, and it solves a step's problems in parallel (`lsap`: scipy's algorithm compiled
-with numba, on several threads), with exactly scipy's results.
+with numba, on several threads), with exactly scipy's results. On a GPU the copy to the host does not make
+the host wait: `start_on_host` solves on a helper thread once the costs land, while the caller goes on
+queueing GPU work, and the caller collects the assignment when it needs it.
 
 Shapes: L decoder layers, B images, N queries, C classes, M targets of an image.
 """
 from __future__ import annotations
+
+from functools import partial
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -17,6 +22,7 @@ from torch import Tensor
 
 from detrdistill.trainers import lsap
 from detrdistill.trainers.box_ops import batched_pairwise_giou
+from detrdistill.trainers.helper_thread import helper_thread
 from detrdistill.trainers.models.constants import host_to_device
 from detrdistill.trainers.models.output import DecoderPredictions
 
@@ -79,6 +85,41 @@ def _non_finite(i: int, cost: np.ndarray) -> ValueError:
                       "check the predictions for NaN (diverged training, degenerate boxes)")
 
 
+def start_on_host(solve: Callable, *tensors: Optional[Tensor]) -> Callable[[], object]:
+    """Queues one copy of each tensor to the host and returns `wait() -> solve(*host_tensors)`.
+
+    On a GPU the copies are asynchronous and `solve` runs on the helper thread "kd-solve" as soon as they land
+    (its jobs in the order started), so the caller goes on queueing GPU work (the teacher's next forward, the
+    other loss terms) while the CPU solves, instead of waiting for the GPU, then for the solve: a blocking
+    copy would hold the host until the GPU had run everything queued before it. The solvers release the GIL,
+    and run with this thread's torch thread count (under OpenMP a thread's own setting). On the CPU it is
+    solved in `wait()` (the cores are the solver's and the other terms' alike). Either way an error of the
+    solve (a NaN cost) is raised by `wait()`.
+    """
+    device = next(t.device for t in tensors if t is not None)
+    host = [t.to("cpu", non_blocking=True) if t is not None else None for t in tensors]
+    if not solve_in_background(device):
+        return lambda: solve(*host)
+    copied = None
+    if device.type == "cuda":
+        copied = torch.cuda.Event()
+        copied.record(torch.cuda.current_stream(device))
+    threads = torch.get_num_threads()
+
+    def job():
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+        if copied is not None:
+            copied.synchronize()  # releases the GIL
+        return solve(*host)
+    return helper_thread("kd-solve").submit(job).result
+
+
+def solve_in_background(device: torch.device) -> bool:
+    """Where assignments are solved on the helper thread: on a GPU (tests force it on the CPU)."""
+    return device.type == "cuda"
+
+
 def pad_targets(targets: list[dict], device) -> tuple[Tensor, Tensor, list[int]]:
     """targets -> labels int64 [B, M_max], boxes [B, M_max, 4], the true M of each image.
 
@@ -126,19 +167,25 @@ class HungarianMatcher:
         return self.cost_class * cost_class + self.cost_bbox * cost_bbox + self.cost_giou * cost_giou
 
     @torch.no_grad()
-    def _match(self, logits: Tensor, boxes: Tensor, targets: list[dict]) -> list[Indices]:
-        """logits [G, B, N, C], boxes [G, B, N, 4] (G independent groups, e.g. layers) -> [G][B] indices."""
+    def start(self, logits: Tensor, boxes: Tensor, targets: list[dict]) -> Callable[[], list[Indices]]:
+        """logits [G, B, N, C], boxes [G, B, N, 4] (G independent groups, e.g. layers) -> `wait()` -> [G][B]
+        indices. The costs are queued now and copied to the host in one copy (`start_on_host`)."""
         labels, tgt_boxes, sizes = pad_targets(targets, logits.device)
-        cost = self.cost(logits, boxes, labels, tgt_boxes).cpu().numpy()  # one device -> host copy
-        g, b = cost.shape[:2]
-        solved = solve_assignments([cost[i, j, :, :sizes[j]] for i in range(g) for j in range(b)])
-        solved = [(torch.from_numpy(r), torch.from_numpy(c)) for r, c in solved]
-        return [solved[i * b:(i + 1) * b] for i in range(g)]
+        return start_on_host(partial(_solve_padded, sizes=sizes), self.cost(logits, boxes, labels, tgt_boxes))
 
     def __call__(self, logits: Tensor, boxes: Tensor, targets: list[dict]) -> Indices:
         """logits [B, N, C], boxes [B, N, 4] normalized cxcywh -> per image (pred_idx [K], tgt_idx [K])."""
-        return self._match(logits[None], boxes[None], targets)[0]
+        return self.start(logits[None], boxes[None], targets)()[0]
 
     def match_layers(self, predictions: DecoderPredictions, targets: list[dict]) -> list[Indices]:
         """Every decoder layer at once: [L][B] (pred_idx, tgt_idx), all L*B problems in one solve."""
-        return self._match(predictions.logits, predictions.boxes, targets)
+        return self.start(predictions.logits, predictions.boxes, targets)()
+
+
+def _solve_padded(cost: Tensor, sizes: list[int]) -> list[Indices]:
+    """Host costs [G, B, N, M_max] (targets padded) -> [G][B] indices, each image's padding cut off."""
+    cost = cost.numpy()
+    g, b = cost.shape[:2]
+    solved = solve_assignments([cost[i, j, :, :sizes[j]] for i in range(g) for j in range(b)])
+    solved = [(torch.from_numpy(r), torch.from_numpy(c)) for r, c in solved]
+    return [solved[i * b:(i + 1) * b] for i in range(g)]

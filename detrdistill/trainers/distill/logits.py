@@ -14,9 +14,8 @@ from torch import Tensor
 from detrdistill.trainers.box_ops import batched_pairwise_giou, clamp_cxcywh, elementwise_giou
 from detrdistill.trainers.config import LogitsKDConfig
 from detrdistill.trainers.criterion import flat_matches
-from detrdistill.trainers.helper_thread import helper_thread
-from detrdistill.trainers.matching import solve_assignments
-from detrdistill.trainers.models.constants import host_to_device
+from detrdistill.trainers.matching import solve_assignments, start_on_host
+from detrdistill.trainers.models.constants import device_constant, host_to_device
 from detrdistill.trainers.models.output import DecoderPredictions
 
 
@@ -40,36 +39,6 @@ def match_to_teacher(cost: Tensor, student_valid: Tensor = None, teacher_valid: 
     Optional masks [P, B, N_S] / [P, B, N_T] restrict which predictions take part (positive/negative split).
     """
     return start_on_host(_solve, cost.detach(), student_valid, teacher_valid)
-
-
-def start_on_host(solve: Callable, *tensors: Optional[Tensor]) -> Callable[[], object]:
-    """Queues one copy of each tensor to the host and returns `wait() -> solve(*host_tensors)`.
-
-    On a GPU the copies are asynchronous and `solve` runs on a helper thread as soon as they land, so the
-    caller goes on queueing GPU work (the teacher's next forward, the detection loss) while the CPU solves,
-    instead of waiting for the GPU, then for the solve. The solvers release the GIL. On the CPU it is solved
-    in `wait()` (the cores are the solver's and the other terms' alike). Either way an error of the solve
-    (a NaN cost) is raised by `wait()`.
-    """
-    device = next(t.device for t in tensors if t is not None)
-    host = [t.to("cpu", non_blocking=True) if t is not None else None for t in tensors]
-    if not solve_in_background(device):
-        return lambda: solve(*host)
-    copied = None
-    if device.type == "cuda":
-        copied = torch.cuda.Event()
-        copied.record(torch.cuda.current_stream(device))
-
-    def job():
-        if copied is not None:
-            copied.synchronize()  # releases the GIL
-        return solve(*host)
-    return helper_thread("kd-solve").submit(job).result
-
-
-def solve_in_background(device: torch.device) -> bool:
-    """Where the KD assignment is solved on the helper thread: on a GPU (tests force it on the CPU)."""
-    return device.type == "cuda"
 
 
 def _solve(cost: Tensor, student_valid: Optional[Tensor], teacher_valid: Optional[Tensor]) -> list:
@@ -116,8 +85,11 @@ def _pairwise_loss(x, bs, p, bt, matches, background: bool = False) -> dict:
     per_match = torch.stack([F.binary_cross_entropy_with_logits(xs, target, reduction="none").sum(-1),
                              (bss - bts).abs().sum(-1), 1 - elementwise_giou(bss, bts)], 1)  # [K, 3]
     per_pair = xs.new_zeros(P, 3).index_add_(0, pair, per_match)
-    matched = torch.bincount(pair, minlength=P).clamp(min=1)
-    cls, l1, giou = (per_pair / matched[:, None]).sum(0).unbind()
+    # the pairs' match counts from the host's indices: torch.bincount on a GPU reads its input's min and max
+    # back to the host, a wait for every kernel queued before it
+    matched = device_constant([[max(sum(len(s) for s, _ in matches[k * B:(k + 1) * B]), 1)] for k in range(P)],
+                              per_pair)                                                         # [P, 1]
+    cls, l1, giou = (per_pair / matched).sum(0).unbind()
     return {"cls": cls, "l1": l1, "giou": giou}
 
 

@@ -74,48 +74,56 @@ class DistillationLoss:
 
     def __call__(self, student, images, mask, targets, upcoming=None) -> dict:
         """upcoming: (images, mask) of the next call, already on the device, or None. Given, the teacher's
-        forward on it is queued right after this step's logits-KD assignment is started (teacher_thread: at
-        the start of this call, by the helper thread), and the next call uses it: the same values, but on a GPU
-        the teacher runs while the CPU solves the assignment."""
+        forward on it is queued right after this step's assignments are started (teacher_thread: at the start
+        of this call, by the helper thread), and the next call uses it: the same values, but on a GPU the
+        teacher runs while the CPU solves the assignments.
+
+        On a GPU nothing here makes the host wait for the GPU: every assignment (the teacher's to the ground
+        truth for the query prior, the student's for its detection loss, the teacher-student one of the logits
+        term) is started as soon as its predictions are queued and collected only when its loss is built, so
+        the host queues the teacher's next forward and the other terms meanwhile (matching.start_on_host)."""
         cfg = self.cfg
         use_qp = cfg.method == "detrdistill" and cfg.query_prior.weight > 0
         t_out = self._teacher_output(images, mask)
         if upcoming is not None and self.teacher_thread:  # at once: it runs beside all of this step
             self._queue_teacher(*upcoming)
-        s_out = student(images, mask, queries=t_out.queries.detach() if use_qp else None)
         with float32_losses(images.device):  # logits and boxes as every term reads them, cast once (under amp)
-            s_pred = s_out.predictions.float()
             t_pred = t_out.predictions.float() if cfg.method == "detrdistill" else None  # baselines: features
+            teacher_matching = self.criterion.start_indices(t_pred, targets) if use_qp else None
+        s_out = student(images, mask, queries=t_out.queries.detach() if use_qp else None)
+        with float32_losses(images.device):
+            s_pred = s_out.predictions.float()
+            student_matching = self.criterion.start_indices(s_pred, targets)
         finish_logits = None
-        if self.overlaps_teacher:  # the logits KD term is on
-            # first, so that its host copy is queued before anything else waits on the GPU; on a GPU its
-            # assignment is solved on a helper thread while this one queues the teacher's next forward and
-            # the other terms
+        if self.overlaps_teacher:  # the logits KD term is on; on a GPU its assignment is solved on the helper
+            # thread (after the student's) while this one queues the teacher's next forward and the other terms
             with float32_losses(images.device):
                 finish_logits = start_logits_distillation(s_pred, t_pred, self.mapping, cfg.logits)
         if upcoming is not None and not self.teacher_thread:
             self._queue_teacher(*upcoming)  # under the caller's autocast, as every teacher forward
         with float32_losses(images.device):
-            return self._losses(s_out, t_out, s_pred, t_pred, images, targets, finish_logits)
+            return self._losses(s_out, t_out, s_pred, t_pred, images, targets, student_matching,
+                                teacher_matching, finish_logits)
 
-    def _losses(self, s_out, t_out, s_pred, t_pred, images, targets, finish_logits) -> dict:
-        """Detection loss and the KD terms (float32), the logits term's assignment collected last. s_pred /
-        t_pred: the student's / teacher's predictions with float32 logits and boxes."""
+    def _losses(self, s_out, t_out, s_pred, t_pred, images, targets, student_matching, teacher_matching,
+                finish_logits) -> dict:
+        """Detection loss and the KD terms (float32), each assignment collected where its loss needs it, the
+        logits term's last. s_pred / t_pred: the student's / teacher's predictions with float32 logits and
+        boxes; *_matching / finish_logits: the `wait()`s of the started assignments (None: term off)."""
         cfg = self.cfg
-        losses = self.criterion(s_pred, targets)
         kd = {}
         if cfg.method == "detrdistill":
             if cfg.feature.weight > 0:
                 kd.update(feature_distillation(s_out.features, t_out.features, t_pred, targets,
                                                self.trainable["feature_adapters"], cfg.feature))
-            if cfg.query_prior.weight > 0:
-                teacher_indices = self.criterion.indices_for(t_pred, targets)
-                qp = query_prior_loss(s_out.extra, teacher_indices, targets, self.mapping, self.criterion)
+            if teacher_matching is not None:
+                qp = query_prior_loss(s_out.extra, teacher_matching(), targets, self.mapping, self.criterion)
                 kd["kd_query_prior"] = cfg.query_prior.weight * qp["kd_query_prior"]
         elif cfg.method in ("fitnet", "fgd", "mgd"):
             kd[f"kd_{cfg.method}"] = self.trainable["baseline"](
                 [f.float() for f in s_out.features], [f.detach().float() for f in t_out.features], s_out.masks,
                 targets, tuple(images.shape[-2:]))
+        losses = self.criterion(s_pred, targets, indices=student_matching())
         if finish_logits is not None:  # the assignment solved meanwhile
             kd = {**finish_logits(), **kd}
         weighted = [v for k, v in kd.items() if k in ("kd_logits", "kd_feature", "kd_query_prior")
