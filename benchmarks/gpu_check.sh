@@ -19,8 +19,9 @@
 # profile   benchmarks/profile_step.py: student steps' GPU busy time / wall time and top kernels, fp32 and bf16
 # step      benchmarks/step.py at paper scale: ours vs transformers, fp32 and bf16
 # distill   benchmarks/step.py --distill at paper scale: distillation step vs the floor (DISTILL_DTYPES, default
-#           fp32 bf16; with amp_layer_norm bfloat16 as the amp default, "fp32 bf16-ln"), in line, run ahead (the
-#           engine's CUDA default) and with the teacher on a helper thread (overlap_teacher thread)
+#           fp32 bf16 bf16-ln: the engine's amp today and with amp_layer_norm bfloat16, #2's candidate default), in
+#           line, run ahead (the engine's CUDA default) and with the teacher on a helper thread (overlap_teacher
+#           thread); DISTILL_TIMEOUT (default 360 s; 2026-11-27: ~140 s for two dtypes and five modes)
 # layout    our steps again with channels_last backbones (does bf16 then beat fp32 where it did not?)
 # matching  benchmarks/matching.py with the host's cores
 # compile   ours through torch.compile as the engine's schedule.compile does (COMPILE_FAMILIES, default Conditional
@@ -33,13 +34,14 @@
 # Each stage has its own time limit and writes its log under $OUT, so one that fails or runs long loses
 # nothing of the others. All stages together take far longer than one 10-minute device call; with a
 # 15-minute device budget (a machine's start takes ~45 s of it) run `tests bf16 distill` first (timeout_s
-# 560: the CUDA tests ~50 s; bf16 vs fp32 ~2 min, bf16-ln being the engine's amp_layer_norm bfloat16 (#2); the
-# distillation table ~4 min with the columns `thread` (overlap_teacher "thread"), `landed` / `waited` (the KD
+# 560: the CUDA tests ~1 min, among them the sync-debug-mode check of a distillation step; bf16 vs fp32 ~1 min,
+# bf16-ln being the engine's amp with amp_layer_norm bfloat16 (#2); the distillation table for fp32, bf16 and
+# bf16-ln ~4-5 min, with the columns `thread` (overlap_teacher "thread"), `landed` / `waited` (the KD
 # assignment's timing) and `alone` / `serial` (the step's KD problems solved again with nothing else running:
 # is the in-step solve slowed by the step's other threads?)), then `profile nolt` (~3 min) or
-# `tests-compiled` with what is left, on the still warm machine. (Or `tests bf16` alone first, ~3.5 min: if
-# bf16-ln beats fp32 and bf16, make it the amp default and run `DISTILL_DTYPES="fp32 bf16-ln" ... distill` next,
-# so that the distillation rows are the engine's new default.) Needs no network: pydantic and pycocotools travel as wheels in .whl/ (see README).
+# `tests-compiled` with what is left, on the still warm machine. The header's `numba` says whether the
+# parallel assignment solver runs there (else scipy, one problem after another). Needs no network: pydantic
+# and pycocotools travel as wheels in .whl/ (see README).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
@@ -95,8 +97,9 @@ if has distill; then
     stamp "distillation step vs floor, paper scale"
     # torch threads (and so the KD solve's) = the host's CPUs, as a trial given the whole 1-GPU machine
     # (resources.cpus_per_trial) runs; "serial" in the table is the solve on one thread
-    timeout 300 $PY benchmarks/step.py --scale paper --steps 10 --warmup 3 --distill-only --threads "$(nproc)" \
-        --dtypes ${DISTILL_DTYPES:-fp32 bf16} --json "$OUT/distill.json" 2>&1 | tee "$OUT/distill.txt"
+    timeout ${DISTILL_TIMEOUT:-360} $PY benchmarks/step.py --scale paper --steps 10 --warmup 3 --distill-only \
+        --threads "$(nproc)" \
+        --dtypes ${DISTILL_DTYPES:-fp32 bf16 bf16-ln} --json "$OUT/distill.json" 2>&1 | tee "$OUT/distill.txt"
 fi
 if has profile; then
     stamp "where a student step's time goes, paper scale (GPU busy / wall, top kernels)"
