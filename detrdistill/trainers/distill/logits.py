@@ -5,8 +5,9 @@ the Hungarian algorithm (cost: soft BCE summed over classes + L1 - GIoU), then m
 All layer pairs and images of a step are matched in one call of `solve_assignments`; on a GPU that solve
 runs on a helper thread while the host queues the rest of the step (`start_logits_distillation`).
 """
-from typing import Callable, Optional
+from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -41,36 +42,40 @@ def match_to_teacher(cost: Tensor, student_valid: Tensor = None, teacher_valid: 
     return start_on_host(_solve, cost.detach(), student_valid, teacher_valid)
 
 
-def _solve(cost: Tensor, student_valid: Optional[Tensor], teacher_valid: Optional[Tensor]) -> list:
-    """On host tensors: the assignments of every (pair, image), restricted to the valid rows / columns."""
+def _solve(cost: Tensor, student_valid, teacher_valid) -> list:
+    """On host tensors (or arrays): the assignments of every (pair, image), restricted to the valid rows /
+    columns. numpy from the host copy on (views of it, one selection per mask), torch only to wrap the
+    results: on a GPU this runs on the helper thread, beside the step's thread and its operators."""
     P, B = cost.shape[:2]
-    problems, rows_kept, cols_kept = [], [], []
-    for pi in range(P):
-        for b in range(B):
-            rows = torch.nonzero(student_valid[pi, b]).flatten() if student_valid is not None else None
-            cols = torch.nonzero(teacher_valid[pi, b]).flatten() if teacher_valid is not None else None
-            c = cost[pi, b]
-            c = c if rows is None else c[rows]
-            c = c if cols is None else c[:, cols]
-            problems.append(c.numpy())
-            rows_kept.append(rows)
-            cols_kept.append(cols)
-    solutions = solve_assignments(problems)
+    costs = np.asarray(cost).reshape(P * B, *cost.shape[2:])
+    rows_kept = _kept(student_valid, P * B)
+    cols_kept = _kept(teacher_valid, P * B)
+    problems = []
+    for c, rows, cols in zip(costs, rows_kept, cols_kept):
+        c = c if rows is None else c[rows]
+        problems.append(c if cols is None else c[:, cols])
     out = []
-    for (r, c), rows, cols in zip(solutions, rows_kept, cols_kept):
-        r, c = torch.as_tensor(r, dtype=torch.long), torch.as_tensor(c, dtype=torch.long)
-        out.append((r if rows is None else rows[r], c if cols is None else cols[c]))
+    for (r, c), rows, cols in zip(solve_assignments(problems), rows_kept, cols_kept):
+        out.append((torch.from_numpy(r if rows is None else rows[r]), torch.from_numpy(c if cols is None else cols[c])))
     return out
+
+
+def _kept(valid, problems: int) -> list:
+    """Mask [P, B, N] (tensor or array) -> per (pair, image) the int64 indices of its valid entries; None: all."""
+    if valid is None:
+        return [None] * problems
+    return [np.flatnonzero(v).astype(np.int64) for v in np.asarray(valid).reshape(problems, -1)]
 
 
 def _solve_split(cost: Tensor, positive: Tensor) -> tuple[list, list]:
     """positive/negative split: confident teacher predictions matched first; then the rest of the teacher's
     among the student predictions left over."""
+    positive = np.asarray(positive)
     pos_matches = _solve(cost, None, positive)
     B = cost.shape[1]
-    student_free = torch.ones(cost.shape[:3], dtype=torch.bool)
+    student_free = np.ones(cost.shape[:3], dtype=bool)
     for k, (s, _) in enumerate(pos_matches):
-        student_free[k // B, k % B, s] = False
+        student_free[k // B, k % B, s.numpy()] = False
     return pos_matches, _solve(cost, student_free, ~positive)
 
 
