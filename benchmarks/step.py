@@ -37,7 +37,8 @@ student step). distill/floor - 1 is the overhead of the KD terms themselves (mat
 same step's problems solved again with nothing else running, "serial" so on one thread; of the
 "ahead" step, "landed" is the time from the KD term's start until its cost is on the host (how far the GPU
 lags this thread) and "waited" the time this thread then blocked for the assignment (what was not hidden);
-"t.wait" is "waited" of the "thread" step.
+"t.wait" is "waited" of the "thread" step; "gt.wait" the time the "ahead" step blocked collecting its two
+assignments to the ground truth (started on the helper thread too: on a GPU, ~0 if nothing waits).
 "ahead" is the same DETRDistill step with the teacher's forward on the next batch queued right after the KD
 assignment is started (the engine's default on CUDA): on a GPU the assignment is solved on a helper thread
 while this one queues the teacher and the other terms, and the GPU runs them meanwhile. On the CPU both run on
@@ -376,7 +377,7 @@ def measure_group(configs, scale_name, steps, warmup, channels_last=False, compi
     return results
 
 
-KD_TIMES = ("solve", "landed", "waited")
+KD_TIMES = ("solve", "landed", "waited", "gt_waited")
 SOLVED = {}  # "problems": the cost matrices of the last KD solve (to solve them again, alone)
 
 
@@ -399,7 +400,8 @@ def _solve_alone(problems) -> dict:
 def _time_kd_solve() -> dict:
     """Wrap the logits-KD term's assignment: -> {name: seconds this step}, reset by the caller. "solve": in the
     solver; "landed": from the term's start until its cost is on the host (the GPU's lag behind this thread);
-    "waited": this thread blocked in the term's finish() for the assignment (what run-ahead did not hide)."""
+    "waited": this thread blocked in the term's finish() for the assignment (what run-ahead did not hide);
+    "gt_waited": blocked collecting the assignments to the ground truth (student's and teacher's)."""
     from detrdistill.trainers.distill import logits
     # the unwrapped functions, also when an earlier measurement in this process wrapped them already
     solve = getattr(logits, "_untimed_solve_assignments", logits.solve_assignments)
@@ -431,6 +433,23 @@ def _time_kd_solve() -> dict:
                 times["waited"] += time.perf_counter() - w0
         return timed_wait
     logits.solve_assignments, logits.start_on_host = timed_solve, timed_start
+    # the ground-truth assignments (the student's, the teacher's for the query prior): how long this thread
+    # blocked collecting them
+    from detrdistill.trainers import matching
+    gt_start = getattr(matching, "_untimed_start_on_host", matching.start_on_host)
+    matching._untimed_start_on_host = gt_start
+
+    def timed_gt_start(job, *tensors):
+        wait = gt_start(job, *tensors)
+
+        def timed_wait():
+            w0 = time.perf_counter()
+            try:
+                return wait()
+            finally:
+                times["gt_waited"] += time.perf_counter() - w0
+        return timed_wait
+    matching.start_on_host = timed_gt_start
     return times
 
 
@@ -556,7 +575,7 @@ def distill_table(args, dtypes, run):
           "step: overlap_teacher \"thread\")", flush=True)
     print(f"{'family':18} {'dtype':10} {'student':>8} {'t.fwd':>8} {'group':>8} {'floor':>8} {'distill':>8} "
           f"{'ahead':>8} {'thread':>8} {'distill/student':>15} {'distill/floor':>13} {'ahead/floor':>11} "
-          f"{'thread/floor':>12} {'kd solve':>8} {'alone':>7} {'serial':>7} {'landed':>7} {'waited':>7} {'t.wait':>7} {'ops: distill':>12} {'floor':>6} "
+          f"{'thread/floor':>12} {'kd solve':>8} {'alone':>7} {'serial':>7} {'landed':>7} {'waited':>7} {'t.wait':>7} {'gt.wait':>7} {'ops: distill':>12} {'floor':>6} "
           f"{'d/floor':>7}", flush=True)
     parts = ("student", "teacher_forward", "student_group", "distill", "distill_ahead", "distill_thread")
     for family in args.families:
@@ -576,7 +595,7 @@ def distill_table(args, dtypes, run):
                   f"{r['distill']['kd_solve_s']:8.4f} {r['distill'].get('kd_alone_s', 0):7.4f} "
                   f"{r['distill'].get('kd_serial_s', 0):7.4f} "
                   f"{r['distill_ahead']['kd_landed_s']:7.4f} {r['distill_ahead']['kd_waited_s']:7.4f} "
-                  f"{r['distill_thread']['kd_waited_s']:7.4f} "
+                  f"{r['distill_thread']['kd_waited_s']:7.4f} {r['distill_ahead']['kd_gt_waited_s']:7.4f} "
                   f"{counted}", flush=True)
 
 
