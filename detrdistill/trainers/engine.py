@@ -216,7 +216,9 @@ class FiniteLossCheck:
     def __init__(self, losses: dict, where: str):
         finite = torch.isfinite(losses["loss"].detach())
         self.not_finite = (~finite).float()  # 0-dim float32, as found_inf
-        self.losses, self.where = losses, where
+        # detached: the step's autograd graph is not kept alive until the next step
+        self.losses = {k: v.detach() if torch.is_tensor(v) else v for k, v in losses.items()}
+        self.where = where
         self.flag = finite.to("cpu", non_blocking=True)  # from a GPU: into pinned memory, not waiting
         self.landed = None
         if finite.device.type == "cuda":
@@ -227,8 +229,7 @@ class FiniteLossCheck:
         if self.landed is not None:
             self.landed.synchronize()
         if not bool(self.flag):
-            terms = {k: round(float(v.detach()) if torch.is_tensor(v) else float(v), 4)
-                     for k, v in self.losses.items()}
+            terms = {k: round(float(v), 4) for k, v in self.losses.items()}
             raise NonFiniteLossError(f"{self.where}: loss became {terms['loss']} (terms: {terms}); lower the "
                                      "learning rate or check the data")
 
