@@ -423,34 +423,26 @@ def _time_kd_solve() -> dict:
         def landed(*host):  # runs once the host copies are complete (helper thread, or in line in wait())
             times["landed"] += time.perf_counter() - t0
             return job(*host)
-        wait = start(landed, *tensors)
-
-        def timed_wait():
-            w0 = time.perf_counter()
-            try:
-                return wait()
-            finally:
-                times["waited"] += time.perf_counter() - w0
-        return timed_wait
+        return _timed_wait(start(landed, *tensors), times, "waited")
     logits.solve_assignments, logits.start_on_host = timed_solve, timed_start
     # the ground-truth assignments (the student's, the teacher's for the query prior): how long this thread
     # blocked collecting them
     from detrdistill.trainers import matching
     gt_start = getattr(matching, "_untimed_start_on_host", matching.start_on_host)
     matching._untimed_start_on_host = gt_start
-
-    def timed_gt_start(job, *tensors):
-        wait = gt_start(job, *tensors)
-
-        def timed_wait():
-            w0 = time.perf_counter()
-            try:
-                return wait()
-            finally:
-                times["gt_waited"] += time.perf_counter() - w0
-        return timed_wait
-    matching.start_on_host = timed_gt_start
+    matching.start_on_host = lambda job, *tensors: _timed_wait(gt_start(job, *tensors), times, "gt_waited")
     return times
+
+
+def _timed_wait(wait, times: dict, key: str):
+    """`wait` that adds the time the caller blocked in it to times[key]."""
+    def timed():
+        t0 = time.perf_counter()
+        try:
+            return wait()
+        finally:
+            times[key] += time.perf_counter() - t0
+    return timed
 
 
 def run_group(configs, scale, steps, warmup, in_process, channels_last=False, compiled=False,
