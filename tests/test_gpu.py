@@ -314,6 +314,44 @@ def test_a_distillation_step_queues_its_forwards_and_losses_without_waiting_for_
     assert torch.isfinite(losses["loss"]) and {"kd_logits", "kd_feature", "kd_query_prior"} <= set(losses)
 
 
+def test_a_distillation_trial_on_cuda_waits_for_the_gpu_only_at_its_log_lines(tiny_data_root, tmp_path,
+                                                                               monkeypatch):
+    """The engine's whole CUDA training loop as a distillation trial runs it (bf16 weight copies, the teacher
+    run ahead with a data worker, the assignments on the helper thread, the loss's finiteness read a step
+    late, fused AdamW, gradient clipping) under CUDA's sync check for its second epoch: the host waits for
+    the GPU only where it reads the loss sums (for a log line, and the epoch's means), never inside a step."""
+    import inspect
+    import warnings
+    import detrdistill.trainers.engine as engine
+    from detrdistill.trainers.config import TeacherConfig
+    teacher = tiny_trial(tiny_data_root, "deformable_detr", epochs=1, device="cuda")
+    run_trial(teacher, tmp_path / "teacher", log=lambda s: None)
+    config = tiny_trial(tiny_data_root, "deformable_detr", epochs=2, device="cuda",
+                        distill=DistillConfig(method="detrdistill"),
+                        teacher=TeacherConfig(model=teacher.model, checkpoint=tmp_path / "teacher" / "checkpoint.pt"))
+    config = config.model_copy(update={"data": config.data.model_copy(update={"num_workers": 1})})
+    train_one_epoch, caught, logs = engine.train_one_epoch, [], []
+
+    def checked(*args, **kwargs):
+        if args[7] == 0:  # the first epoch: lazily made state, allocator and pinned-memory caches warm up
+            return train_one_epoch(*args, **kwargs)
+        with warnings.catch_warnings(record=True) as got:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                return train_one_epoch(*args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+                caught.extend(w for w in got if "synchroniz" in str(w.message))
+    monkeypatch.setattr(engine, "train_one_epoch", checked)
+    run_trial(config, tmp_path / "student", log=logs.append)
+    lines, start = inspect.getsourcelines(engine.LossSums.totals)
+    reads = {start + i for i, line in enumerate(lines) if ".tolist()" in line}
+    where = [f"{w.filename}:{w.lineno}" for w in caught]
+    assert caught and all(w.filename == engine.__file__ and w.lineno in reads for w in caught), where
+    assert len(caught) <= sum(1 for line in logs if "epoch 2/2 step" in line) + 1  # + the epoch's means
+
+
 def test_trial_trains_evaluates_and_resumes_on_cuda_with_amp(tiny_data_root, tmp_path):
     config = tiny_trial(tiny_data_root, "deformable_detr", epochs=2, device="cuda")
     assert config.schedule.amp
