@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The prepared GPU check, run on a lent GPU machine from the repo root:
-#   bash benchmarks/gpu_check.sh [tests] [tests-compiled] [bf16] [nolt] [step] [distill] [profile] [layout]
+#   bash benchmarks/gpu_check.sh [tests] [tests-compiled] [bf16] [nolt] [step] [distill] [profile]
+#                                [profile-distill] [layout]
 #                                [matching] [compile] [distill-compile] [kd]
 #   (stages run in this order; default: tests step distill layout matching compile kd)
 # tests     the CUDA tests (tests/test_gpu.py: CUDA == CPU forward and KD terms, bf16 steps, teacher run-ahead
@@ -18,6 +19,8 @@
 #           set-up may be host time a host-bound bf16 step pays (2026-11-27's profile: aten::addmm's own host
 #           time 38 us a call fp32, 53 us bf16) - a question for the host, answered by the ratio
 # profile   benchmarks/profile_step.py: student steps' GPU busy time / wall time and top kernels, fp32 and bf16
+# profile-distill  the same for the DETRDistill step run ahead (Conditional DETR, Deformable DETR; fp32,
+#           bf16-ln): how busy the GPU is, and the host's waits among its top operators (~2 min)
 # step      benchmarks/step.py at paper scale: ours vs transformers, fp32 and bf16
 # distill   benchmarks/step.py --distill at paper scale: distillation step vs the floor (DISTILL_DTYPES, default
 #           fp32 bf16 bf16-ln: the engine's amp today and with amp_layer_norm bfloat16, #2's candidate default), in
@@ -106,6 +109,12 @@ if has profile; then
     stamp "where a student step's time goes, paper scale (GPU busy / wall, top kernels)"
     timeout 120 $PY benchmarks/profile_step.py --scale paper --families conditional_detr adamixer \
         --dtypes fp32 bf16 bf16-ln 2>&1 | grep -v "^USDT\|^ERROR:.*gpuGetDeviceCount" | tee "$OUT/profile.txt"
+fi
+if has profile-distill; then
+    stamp "where a DETRDistill step's time goes (run ahead, as the engine on CUDA), paper scale"
+    timeout 150 $PY benchmarks/profile_step.py --scale paper --mode distill_ahead \
+        --families conditional_detr deformable_detr --dtypes fp32 bf16-ln 2>&1 \
+        | grep -v "^USDT\|^ERROR:.*gpuGetDeviceCount" | tee "$OUT/profile-distill.txt"
 fi
 if has layout; then
     stamp "step benchmark, paper scale, channels_last backbones (ours only)"

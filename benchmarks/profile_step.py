@@ -1,13 +1,17 @@
 """Where a train step's time goes on a GPU: how busy the GPU is, and its costliest kernels, per dtype.
 
     python benchmarks/profile_step.py --scale paper --families conditional_detr adamixer --dtypes fp32 bf16
+    python benchmarks/profile_step.py --mode distill_ahead --families conditional_detr deformable_detr --dtypes fp32
 
 A step (built as benchmarks/step.py builds it) is timed, then profiled (torch.profiler, CPU and CUDA). Per
 configuration: the wall time of a step, the time its kernels kept the GPU busy (the union of their intervals,
 so that concurrent kernels count once), busy / wall (a step well below 1 waits on its host: Python, kernel
 launches, the CPU matching), the kernels and the aten casts (`_to_copy`) a step launches, and the kernels that
 take most GPU time, and the operators that take most host time. Where bf16 is not faster than fp32, this says
-whether the GPU or the host holds it back.
+whether the GPU or the host holds it back. --mode: a step.py step other than the student's, e.g. the
+DETRDistill step run ahead as the engine runs it on CUDA (`distill_ahead`): where its host still waits
+(cudaStreamSynchronize, cudaEventSynchronize, aten::_local_scalar_dense in the host list) and how busy it keeps
+the GPU against the student step's.
 """
 import argparse
 import statistics
@@ -30,13 +34,13 @@ def _busy_us(events) -> float:
     return total + (cur_end - cur_start if cur_end is not None else 0.0)
 
 
-def profile(family, dtype, scale, steps, warmup, top):
+def profile(family, dtype, scale, steps, warmup, top, mode="student"):
     import torch
     from torch.profiler import ProfilerActivity, profile as torch_profile
     from torch.autograd import DeviceType
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
-    run = step_bench._ours(family, step_bench.SCALES[scale], device, dtype, "student")
+    run = step_bench._ours(family, step_bench.SCALES[scale], device, dtype, mode)
     for _ in range(warmup):
         run()
     step_bench._sync(device)
@@ -78,13 +82,16 @@ def main():
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--top", type=int, default=10)
+    ap.add_argument("--mode", default="student", choices=["student", "distill", "distill_ahead", "distill_thread"],
+                    help="which step (step.py's modes)")
     args = ap.parse_args()
+    print(f"step: {args.mode}")
     print(f"{'family':18} {'dtype':10} {'wall s':>8} {'busy s':>8} {'busy/wall':>9} {'kernels':>8} {'casts':>6}")
     details = []
     for family in args.families:
         for dtype in args.dtypes:
             try:
-                r = profile(family, dtype, args.scale, args.steps, args.warmup, args.top)
+                r = profile(family, dtype, args.scale, args.steps, args.warmup, args.top, args.mode)
             except Exception as e:  # keep the other configurations' numbers
                 print(f"{family:18} {dtype:10} failed: {type(e).__name__}: {e}"[:300], flush=True)
                 continue
