@@ -281,6 +281,18 @@ def test_teacher_run_ahead_on_cuda_gives_the_plain_losses():
                 assert abs(plain[k] - other[k]) <= 1e-5 * max(1.0, abs(plain[k])), (mode, k, plain[k], other[k])
 
 
+def _cuda_distill_trial(tiny_data_root, tmp_path, epochs: int):
+    """A tiny Deformable DETR distillation trial on CUDA, its teacher trained first (one epoch), with a data
+    worker (so that the engine runs the teacher ahead, its CUDA default)."""
+    from detrdistill.trainers.config import TeacherConfig
+    teacher = tiny_trial(tiny_data_root, "deformable_detr", epochs=1, device="cuda")
+    run_trial(teacher, tmp_path / "teacher", log=lambda s: None)
+    config = tiny_trial(tiny_data_root, "deformable_detr", epochs=epochs, device="cuda",
+                        distill=DistillConfig(method="detrdistill"),
+                        teacher=TeacherConfig(model=teacher.model, checkpoint=tmp_path / "teacher" / "checkpoint.pt"))
+    return config.model_copy(update={"data": config.data.model_copy(update={"num_workers": 1})})
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_a_distillation_step_queues_its_forwards_and_losses_without_waiting_for_the_gpu(family):
     """CUDA's own check (torch.cuda.set_sync_debug_mode: a warning at every blocking copy, .item() and
@@ -323,13 +335,7 @@ def test_a_distillation_trial_on_cuda_waits_for_the_gpu_only_at_its_log_lines(ti
     import inspect
     import warnings
     import detrdistill.trainers.engine as engine
-    from detrdistill.trainers.config import TeacherConfig
-    teacher = tiny_trial(tiny_data_root, "deformable_detr", epochs=1, device="cuda")
-    run_trial(teacher, tmp_path / "teacher", log=lambda s: None)
-    config = tiny_trial(tiny_data_root, "deformable_detr", epochs=2, device="cuda",
-                        distill=DistillConfig(method="detrdistill"),
-                        teacher=TeacherConfig(model=teacher.model, checkpoint=tmp_path / "teacher" / "checkpoint.pt"))
-    config = config.model_copy(update={"data": config.data.model_copy(update={"num_workers": 1})})
+    config = _cuda_distill_trial(tiny_data_root, tmp_path, epochs=2)
     train_one_epoch, caught, logs = engine.train_one_epoch, [], []
 
     def checked(*args, **kwargs):
@@ -372,13 +378,7 @@ def test_trial_trains_evaluates_and_resumes_on_cuda_with_amp(tiny_data_root, tmp
 def test_distillation_trial_with_amp_on_cuda(tiny_data_root, tmp_path):
     """The engine's bf16 path for distillation: student and teacher on bf16 weight copies, the teacher run
     ahead (data workers on CUDA), every KD term reported and finite."""
-    from detrdistill.trainers.config import TeacherConfig
-    teacher = tiny_trial(tiny_data_root, "deformable_detr", epochs=1, device="cuda")
-    run_trial(teacher, tmp_path / "teacher", log=lambda s: None)
-    config = tiny_trial(tiny_data_root, "deformable_detr", epochs=1, device="cuda",
-                        distill=DistillConfig(method="detrdistill"),
-                        teacher=TeacherConfig(model=teacher.model, checkpoint=tmp_path / "teacher" / "checkpoint.pt"))
-    config = config.model_copy(update={"data": config.data.model_copy(update={"num_workers": 1})})
+    config = _cuda_distill_trial(tiny_data_root, tmp_path, epochs=1)
     assert config.schedule.amp
     reports = []
     run_trial(config, tmp_path / "student", report=lambda m, c: reports.append(m), log=lambda s: None)
