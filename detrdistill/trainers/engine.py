@@ -28,6 +28,7 @@ from detrdistill.trainers.data.coco import build_dataset
 from detrdistill.trainers.evaluate import evaluate
 from detrdistill.trainers.matching import NonFiniteCostError
 from detrdistill.trainers.models import build_detector
+from detrdistill.trainers.models.constants import host_copies
 from detrdistill.trainers.models.transformer_layers import set_bf16_layer_norm
 
 Report = Callable[[dict, Optional[Path]], None]
@@ -214,20 +215,15 @@ class FiniteLossCheck:
     weights of the step before it, not poisoned ones."""
 
     def __init__(self, losses: dict, where: str):
-        finite = torch.isfinite(losses["loss"].detach())
-        self.not_finite = (~finite).float()  # 0-dim float32, as found_inf
         # detached: the step's autograd graph is not kept alive until the next step
         self.losses = {k: v.detach() if torch.is_tensor(v) else v for k, v in losses.items()}
         self.where = where
-        self.flag = finite.to("cpu", non_blocking=True)  # from a GPU: into pinned memory, not waiting
-        self.landed = None
-        if finite.device.type == "cuda":
-            self.landed = torch.cuda.Event()
-            self.landed.record(torch.cuda.current_stream(finite.device))
+        finite = torch.isfinite(self.losses["loss"])
+        self.not_finite = (~finite).float()  # 0-dim float32, as found_inf
+        (self.flag,), self.landed = host_copies(finite)
 
     def raise_if_not_finite(self) -> None:
-        if self.landed is not None:
-            self.landed.synchronize()
+        self.landed()
         if not bool(self.flag):
             terms = {k: round(float(v), 4) for k, v in self.losses.items()}
             raise NonFiniteLossError(f"{self.where}: loss became {terms['loss']} (terms: {terms}); lower the "

@@ -23,7 +23,7 @@ from torch import Tensor
 from detrdistill.trainers import lsap
 from detrdistill.trainers.box_ops import batched_pairwise_giou
 from detrdistill.trainers.helper_thread import helper_thread
-from detrdistill.trainers.models.constants import host_to_device
+from detrdistill.trainers.models.constants import host_copies, host_to_device
 from detrdistill.trainers.models.output import DecoderPredictions
 
 Indices = list[tuple[Tensor, Tensor]]  # per image: (pred_idx int64 [K], tgt_idx int64 [K]), K = min(N, M)
@@ -97,20 +97,15 @@ def start_on_host(solve: Callable, *tensors: Optional[Tensor]) -> Callable[[], o
     solve (a NaN cost) is raised by `wait()`.
     """
     device = next(t.device for t in tensors if t is not None)
-    host = [t.to("cpu", non_blocking=True) if t is not None else None for t in tensors]
+    host, landed = host_copies(*tensors)
     if not solve_in_background(device):
         return lambda: solve(*host)
-    copied = None
-    if device.type == "cuda":
-        copied = torch.cuda.Event()
-        copied.record(torch.cuda.current_stream(device))
     threads = torch.get_num_threads()
 
     def job():
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
-        if copied is not None:
-            copied.synchronize()  # releases the GIL
+        landed()
         return solve(*host)
     return helper_thread("kd-solve").submit(job).result
 

@@ -1,5 +1,7 @@
-"""Small host tensors (constants made from Python numbers, matched indices) moved to the device inside a
-step without a host-device sync."""
+"""Small tensors moved between host and device inside a step without a host-device sync: constants made from
+Python numbers and matched indices to the device, costs and flags to the host."""
+from typing import Callable, Optional
+
 import torch
 from torch import Tensor
 
@@ -24,3 +26,16 @@ def host_to_device(tensor: Tensor, device) -> Tensor:
     if device.type == "cuda" and not tensor.is_pinned():
         tensor = tensor.pin_memory()
     return tensor.to(device, non_blocking=True)
+
+
+def host_copies(*tensors: Optional[Tensor]) -> tuple[list, Callable[[], None]]:
+    """Device tensors (None passes through) copied to the host without blocking -> (host tensors, `landed()`).
+    From a GPU the copies go to pinned memory in stream order and `landed()` waits on a CUDA event for them
+    (and nothing queued after); read the host tensors only after it. On the CPU they are the tensors, landed."""
+    host = [t.to("cpu", non_blocking=True) if t is not None else None for t in tensors]
+    device = next((t.device for t in tensors if t is not None), torch.device("cpu"))
+    if device.type != "cuda":
+        return host, lambda: None
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(device))
+    return host, event.synchronize  # releases the GIL while it waits
