@@ -175,3 +175,25 @@ def test_elementwise_giou_of_a_box_with_itself_is_one_with_a_zero_gradient():
     giou = elementwise_giou(a, a.detach())
     giou.sum().backward()
     assert torch.allclose(giou, torch.ones_like(giou)) and a.grad.abs().max().item() < 1e-12
+
+
+def test_pairwise_iou_and_giou_against_the_formula_and_the_elementwise_giou():
+    """batched_pairwise_{iou,giou} over leading dims: every pair against the float64 formula; the pairs on the
+    diagonal bitwise equal to elementwise_giou of the same boxes in float32 (the matching cost and the loss
+    agree on what a box pair's GIoU is)."""
+    from detrdistill.trainers.box_ops import batched_pairwise_giou, batched_pairwise_iou, elementwise_giou
+    a, b = _boxes(2 * 3 * 7, 6).view(2, 3, 7, 4), _boxes(3 * 5, 7).view(3, 5, 4)  # b broadcast over a's dim 0
+    giou, iou = batched_pairwise_giou(a, b), batched_pairwise_iou(a, b)
+    assert giou.shape == iou.shape == (2, 3, 7, 5)
+    for g in range(2):
+        for i in range(3):
+            for n in range(7):
+                for m in range(5):
+                    p, q = xyxy(a[g, i, n].tolist()), xyxy(b[i, m].tolist())
+                    assert abs(giou[g, i, n, m].item() - giou_xyxy(p, q)) < 1e-12
+                    inter = max(0.0, min(p[2], q[2]) - max(p[0], q[0])) * max(0.0, min(p[3], q[3]) - max(p[1], q[1]))
+                    union = (p[2] - p[0]) * (p[3] - p[1]) + (q[2] - q[0]) * (q[3] - q[1]) - inter
+                    assert abs(iou[g, i, n, m].item() - inter / union) < 1e-12
+    assert (giou < 0).any() and (iou == 0).any() and (iou > 0.2).any()
+    x, y = _boxes(50, 8).float(), _boxes(50, 9).float()
+    assert torch.equal(batched_pairwise_giou(x, y).diagonal(), elementwise_giou(x, y))

@@ -156,10 +156,12 @@ def test_positive_negative_split_matches_groups_separately():
 # -- feature distillation -------------------------------------------------------------------------------------
 def test_feature_mask_and_loss_equal_float64_loop():
     torch.manual_seed(0)
-    L, B, N, C, d = 2, 2, 5, 3, 8
+    L, B, N, C, d = 2, 3, 5, 3, 8
     t = random_predictions(L, B, N, C, seed=9, d=d)
+    # an image with no ground truth, and one with fewer boxes than the batch's most (padded columns)
     targets = [{"boxes": torch.tensor([[0.5, 0.5, 0.3, 0.3], [0.3, 0.6, 0.2, 0.1]]), "labels": torch.tensor([0, 2])},
-               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}]
+               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)},
+               {"boxes": torch.tensor([[0.6, 0.4, 0.1, 0.2]]), "labels": torch.tensor([1])}]
     ft = [torch.randn(B, d, 4, 5), torch.randn(B, d, 2, 3)]
     fs = [torch.randn(B, d, 4, 5), torch.randn(B, d, 2, 3)]
     cfg = FeatureKDConfig(weight=1.0, top_k=4)
@@ -244,6 +246,38 @@ def test_query_prior_supervises_with_the_teachers_assignment(family):
     shuffled = [[(src.flip(0), tgt) for src, tgt in layer] for layer in indices]
     other = query_prior_loss(s_out.extra, shuffled, _targets(), [0, 1], criterion)["kd_query_prior"]
     assert other.item() != pytest.approx(qp.item())
+
+
+@pytest.mark.parametrize("teacher_queries", [6, 8])
+def test_student_and_query_prior_losses_in_one_call_equal_the_two_apart(teacher_queries):
+    """The objective's one batched criterion call over the student's layers and the extra group's (equal query
+    counts; with 8 teacher queries against 6 the two calls apart) gives the losses and gradients of the
+    student's set loss and the query-prior loss computed separately."""
+    teacher, student = _tiny_model(num_queries=teacher_queries), _tiny_model(seed=1).train()
+    objective = _objective(teacher, student)
+    criterion = objective.criterion
+    images = torch.randn(2, 3, 64, 80, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        t_out = teacher(images)
+    s_out = student(images, queries=t_out.queries.detach())
+    assert s_out.extra.logits.shape[2] == teacher_queries
+    student_idx, teacher_idx = criterion.indices_for(s_out.predictions, _targets()), \
+        criterion.indices_for(t_out.predictions, _targets())
+    params = [p for p in student.parameters() if p.requires_grad]
+
+    def losses_and_grads(det, qp):
+        total = det["loss"] + 0.5 * qp["kd_query_prior"]
+        return {**det, **qp}, torch.autograd.grad(total, params, retain_graph=True, allow_unused=True)
+    got, got_grads = losses_and_grads(*objective._detection_and_query_prior(
+        s_out.predictions, s_out.extra, _targets(), student_idx, teacher_idx))
+    want, want_grads = losses_and_grads(criterion(s_out.predictions, _targets(), indices=student_idx),
+                                        query_prior_loss(s_out.extra, teacher_idx, _targets(), [0, 1], criterion))
+    assert got.keys() == want.keys() and "kd_query_prior" in got
+    for k in got:
+        assert torch.allclose(got[k], want[k], rtol=1e-6, atol=0), k
+    assert sum(g is not None for g in got_grads) > 10
+    for g, w in zip(got_grads, want_grads):
+        assert (g is None) == (w is None) and (g is None or torch.allclose(g, w, rtol=1e-5, atol=1e-8))
 
 
 # -- the objective -----------------------------------------------------------------------------------------

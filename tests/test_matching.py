@@ -135,3 +135,21 @@ def test_cost_matrix_equals_formula():
     for b in range(2):
         ref = reference_cost(logits[b], boxes[b], targets[b])
         np.testing.assert_allclose(cost[b, :, :sizes[b]].double().numpy(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_pad_targets_pads_once_per_batch_and_again_when_the_targets_change():
+    """A step's three paddings of one batch are one (the same tensors back); other target tensors, or the same
+    ones modified in place, are padded anew, with their values."""
+    from detrdistill.trainers.matching import pad_targets
+    targets = [{"labels": torch.tensor([3, 1]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2], [0.3, 0.3, 0.1, 0.1]])},
+               {"labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4)}]
+    labels, boxes, sizes = first = pad_targets(targets, "cpu")
+    assert sizes == [2, 0] and labels.tolist() == [[3, 1], [0, 0]]
+    assert boxes[1].tolist() == [[0.5, 0.5, 1.0, 1.0]] * 2 and torch.equal(boxes[0], targets[0]["boxes"])
+    again = pad_targets(targets, "cpu")
+    assert all(x is y for x, y in zip(again, first))
+    copied = [{k: v.clone() for k, v in t.items()} for t in targets]  # equal values, other tensors
+    assert pad_targets(copied, "cpu")[0] is not labels and torch.equal(pad_targets(copied, "cpu")[0], labels)
+    assert pad_targets(targets, "cpu")[1][0, 0, 0].item() == 0.5
+    targets[0]["boxes"][0, 0] = 0.25  # in place: a new version of the same tensor
+    assert pad_targets(targets, "cpu")[1][0, 0, 0].item() == 0.25

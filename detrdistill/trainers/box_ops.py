@@ -23,10 +23,15 @@ def _area(wh: Tensor) -> Tensor:
 
 
 def _extents(cxcywh: Tensor) -> Tensor:
-    """[K, 4] (cx, cy, w, h) -> [K, 4] (-x0, -y0, x1, y1). With the low corner negated, an intersection is
+    """[..., 4] (cx, cy, w, h) -> [..., 4] (-x0, -y0, x1, y1). With the low corner negated, an intersection is
     one elementwise minimum of two boxes' extents and a hull one maximum, and a side is a sum of two."""
-    center, half = cxcywh[:, :2], 0.5 * cxcywh[:, 2:]
-    return torch.cat([half - center, center + half], 1)
+    center, half = cxcywh[..., :2], 0.5 * cxcywh[..., 2:]
+    return torch.cat([half - center, center + half], -1)
+
+
+def _sides(extents: Tensor) -> Tensor:
+    """[..., 4] extents -> [..., 2] (width, height)."""
+    return extents[..., :2] + extents[..., 2:]
 
 
 class _ElementwiseGIoU(torch.autograd.Function):
@@ -38,13 +43,15 @@ class _ElementwiseGIoU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a_cxcywh: Tensor, b_cxcywh: Tensor) -> Tensor:
-        ea, eb = _extents(a_cxcywh), _extents(b_cxcywh)
-        inner, outer = torch.minimum(ea, eb), torch.maximum(ea, eb)  # intersection's and hull's extents
-        raw = torch.stack([inner[:, :2] + inner[:, 2:], outer[:, :2] + outer[:, 2:]])  # [2, K, 2] widths, heights
-        sides = torch.cat([raw.clamp(min=0), torch.stack([ea[:, :2] + ea[:, 2:], eb[:, :2] + eb[:, 2:]])])
-        inter, hull, area_a, area_b = (sides[..., 0] * sides[..., 1]).unbind(0)  # sides [4, K, 2]
+        ea, eb = _extents(torch.stack([a_cxcywh, b_cxcywh])).unbind(0)  # both boxes' extents in one pass
+        # intersection's, hull's and both boxes' extents [4, K, 4]; their sides [4, K, 2]. A box's own sides
+        # are >= 0 (sigmoid outputs, ground truth without degenerate boxes), so one clamp serves all four
+        raw = torch.stack([torch.minimum(ea, eb), torch.maximum(ea, eb), ea, eb])
+        raw = raw[..., :2] + raw[..., 2:]
+        sides = raw.clamp(min=0)
+        inter, hull, area_a, area_b = (sides[..., 0] * sides[..., 1]).unbind(0)
         union = area_a + area_b - inter
-        ctx.save_for_backward(ea, eb, sides, raw >= 0, inter, hull, union)
+        ctx.save_for_backward(ea, eb, sides, raw[:2] >= 0, inter, hull, union)
         return inter / union - (hull - union) / hull
 
     @staticmethod
@@ -82,25 +89,29 @@ def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
     return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
 
 
-def _batched_overlap(a_cxcywh: Tensor, b_cxcywh: Tensor):
-    """[..., N, 4], [..., M, 4] cxcywh -> (a, b) broadcast xyxy, intersection and union [..., N, M]."""
-    a, b = cxcywh_to_xyxy(a_cxcywh)[..., :, None, :], cxcywh_to_xyxy(b_cxcywh)[..., None, :, :]
-    area_a = _area(a[..., 2:] - a[..., :2])
-    area_b = _area(b[..., 2:] - b[..., :2])
-    inter = _area((torch.min(a[..., 2:], b[..., 2:]) - torch.max(a[..., :2], b[..., :2])).clamp(min=0))
-    return a, b, inter, area_a + area_b - inter
+def _batched_overlap(a_cxcywh: Tensor, b_cxcywh: Tensor, hull: bool = False):
+    """[..., N, 4], [..., M, 4] cxcywh -> intersection and union [..., N, M], and with `hull` the hull's area
+    [..., N, M] (else None). Sides from extents, as `elementwise_giou`: the same values pair by pair."""
+    ea, eb = _extents(a_cxcywh), _extents(b_cxcywh)
+    area_a, area_b = _area(_sides(ea)), _area(_sides(eb))                  # [..., N], [..., M]
+    ea, eb = ea[..., :, None, :], eb[..., None, :, :]
+    inner = torch.minimum(ea, eb)                                          # [..., N, M, 4]
+    if hull:  # the intersection's and the hull's sides in one pass (an empty intersection's are negative)
+        inter, outer = _area(_sides(torch.stack([inner, torch.maximum(ea, eb)])).clamp(min=0)).unbind(0)
+    else:
+        inter, outer = _area(_sides(inner).clamp(min=0)), None
+    return inter, area_a[..., :, None] + area_b[..., None, :] - inter, outer
 
 
 def batched_pairwise_iou(a_cxcywh: Tensor, b_cxcywh: Tensor) -> Tensor:
     """[..., N, 4], [..., M, 4] cxcywh -> [..., N, M] IoU, batched over (broadcast) leading dims."""
-    _, _, inter, union = _batched_overlap(a_cxcywh, b_cxcywh)
+    inter, union, _ = _batched_overlap(a_cxcywh, b_cxcywh)
     return inter / union
 
 
 def batched_pairwise_giou(a_cxcywh: Tensor, b_cxcywh: Tensor) -> Tensor:
     """[..., N, 4], [..., M, 4] cxcywh -> [..., N, M] generalized IoU, batched over leading dims."""
-    a, b, inter, union = _batched_overlap(a_cxcywh, b_cxcywh)
-    hull = _area((torch.max(a[..., 2:], b[..., 2:]) - torch.min(a[..., :2], b[..., :2])).clamp(min=0))
+    inter, union, hull = _batched_overlap(a_cxcywh, b_cxcywh, hull=True)
     return inter / union - (hull - union) / hull
 
 

@@ -133,7 +133,10 @@ class SetCriterion(nn.Module):
             indices = self.indices_for(predictions, targets)
         if len(indices) != predictions.num_layers:
             raise ValueError(f"got indices for {len(indices)} layers, predictions have {predictions.num_layers}")
-        terms = self.layer_losses(predictions.logits, predictions.boxes, targets, indices)
+        return self.summed(self.layer_losses(predictions.logits, predictions.boxes, targets, indices))
+
+    def summed(self, terms: dict) -> dict:
+        """Per-layer terms {'cls', 'l1', 'giou'}, each [L] (`layer_losses`) -> `forward`'s dict."""
         out = {"loss": sum(self.weights[k] * terms[k].sum() for k in self.weights)}
         for k in self.weights:  # logging only: detached, so float() on them is free and silent
             out[f"loss_{k}"] = terms[k].sum().detach()

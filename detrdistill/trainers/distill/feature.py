@@ -5,6 +5,7 @@ useful features are: each teacher decoder layer's top-K (query, class) pairs, we
 (probability x best IoU with ground truth), vote for positions whose feature is similar (cosine) to their
 query embedding. The resulting mask weights a per-level MSE between teacher and (adapted) student features.
 """
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -41,10 +42,13 @@ def query_quality(probs: Tensor, boxes: Tensor, targets: list, top_k: int, use_q
         return query, scores
     selected = torch.gather(boxes, 2, query[..., None].expand(-1, -1, -1, 4))  # [L, B, K, 4]
     iou = batched_pairwise_iou(selected, gt.to(boxes.dtype))      # [L, B, K, M]
-    count = host_to_device(torch.tensor(sizes), gt.device)[:, None]  # [B, 1]
-    real = torch.arange(gt.shape[1], device=gt.device) < count    # [B, M]
-    best = iou.masked_fill(~real[:, None, :], 0).max(-1).values  # [L, B, K]
-    return query, torch.where(count > 0, scores * best, scores)
+    # from the host, in one copy: which columns are real ground truth [B, M], which images have none [B, 1]
+    m, sizes = gt.shape[1], np.asarray(sizes)
+    flags = np.concatenate([np.arange(m) < sizes[:, None], sizes[:, None] == 0], 1).astype(np.float32)
+    flags = host_to_device(torch.from_numpy(flags), gt.device).to(boxes.dtype)
+    real, no_gt = flags[:, :m], flags[:, m:]
+    best = (iou * real[:, None, :]).max(-1).values                # [L, B, K]; padding's IoU counts 0
+    return query, scores * (best + no_gt)                         # no ground truth: the probability alone
 
 
 def selection_masks(features: list[Tensor], queries: Tensor, weights: Tensor) -> list[Tensor]:

@@ -16,7 +16,7 @@ from detrdistill.trainers.box_ops import batched_pairwise_giou, clamp_cxcywh, el
 from detrdistill.trainers.config import LogitsKDConfig
 from detrdistill.trainers.criterion import flat_matches
 from detrdistill.trainers.matching import solve_assignments, start_on_host
-from detrdistill.trainers.models.constants import device_constant, host_to_device
+from detrdistill.trainers.models.constants import host_to_device
 from detrdistill.trainers.models.output import DecoderPredictions
 
 
@@ -24,13 +24,16 @@ def kd_cost(student_logits: Tensor, student_boxes: Tensor, teacher_probs: Tensor
             cfg: LogitsKDConfig) -> Tensor:
     """[P, B, N_S, C], [P, B, N_S, 4], [P, B, N_T, C], [P, B, N_T, 4] -> cost [P, B, N_S, N_T].
 
-    sum_c BCE(x, p) = sum_c softplus(x) - x . p, so the class cost of all pairs is one batched matmul.
+    sum_c BCE(x, p) = sum_c softplus(x) - x . p, so the class cost of all pairs is one batched matmul, with
+    the softplus sums and the class weight in the same operator (baddbmm).
     """
     x, p = student_logits.float(), teacher_probs.float()
-    cls = F.softplus(x).sum(-1, keepdim=True) - x @ p.transpose(-1, -2)
-    l1 = torch.cdist(student_boxes.float(), teacher_boxes.float(), p=1)
-    giou = batched_pairwise_giou(student_boxes.float(), teacher_boxes.float())
-    return cfg.cost_cls * cls + cfg.cost_l1 * l1 - cfg.cost_giou * giou
+    lead, (n_s, c), n_t = x.shape[:-2], x.shape[-2:], p.shape[-2]
+    cls = torch.baddbmm(F.softplus(x).sum(-1, keepdim=True).view(-1, n_s, 1), x.reshape(-1, n_s, c),
+                        p.reshape(-1, n_t, c).transpose(1, 2), beta=cfg.cost_cls, alpha=-cfg.cost_cls)
+    cost = torch.add(cls.view(*lead, n_s, n_t), torch.cdist(student_boxes.float(), teacher_boxes.float(), p=1),
+                     alpha=cfg.cost_l1)
+    return torch.sub(cost, batched_pairwise_giou(student_boxes.float(), teacher_boxes.float()), alpha=cfg.cost_giou)
 
 
 def match_to_teacher(cost: Tensor, student_valid: Tensor = None, teacher_valid: Tensor = None) -> Callable[[], list]:
@@ -82,19 +85,20 @@ def _solve_split(cost: Tensor, positive: Tensor) -> tuple[list, list]:
 def _pairwise_loss(x, bs, p, bt, matches, background: bool = False) -> dict:
     """x [P, B, N_S, C], bs [P, B, N_S, 4], p [P, B, N_T, C], bt [P, B, N_T, 4]; matches ordered (pair, image).
     Each term: per layer pair, summed over its matched pairs (and classes / coordinates) and divided by
-    their number; then summed over layer pairs. All pairs in one batched computation."""
+    their number; then summed over layer pairs. All pairs in one batched computation: each match weighted by
+    1 / its layer pair's match count (from the host's indices: torch.bincount on a GPU reads its input's min
+    and max back to the host, a wait for every kernel queued before it), then one sum."""
     P, B = x.shape[:2]
-    pair, image, s, t = flat_matches([matches[k * B:(k + 1) * B] for k in range(P)], B, x.device)
+    per_pair = [matches[k * B:(k + 1) * B] for k in range(P)]
+    pair, image, s, t = flat_matches(per_pair, B, x.device)
+    counts = [sum(len(rows) for rows, _ in pair_matches) for pair_matches in per_pair]
+    weight = np.repeat(1 / np.maximum(counts, 1), counts).astype(np.float32)[:, None]       # [K, 1]
+    weight = host_to_device(torch.from_numpy(weight), x.device)
     xs, bss, ps, bts = x[pair, image, s].float(), bs[pair, image, s].float(), p[pair, image, t], bt[pair, image, t]
     target = torch.zeros_like(ps) if background else ps
     per_match = torch.stack([F.binary_cross_entropy_with_logits(xs, target, reduction="none").sum(-1),
                              (bss - bts).abs().sum(-1), 1 - elementwise_giou(bss, bts)], 1)  # [K, 3]
-    per_pair = xs.new_zeros(P, 3).index_add_(0, pair, per_match)
-    # the pairs' match counts from the host's indices: torch.bincount on a GPU reads its input's min and max
-    # back to the host, a wait for every kernel queued before it
-    matched = device_constant([[max(sum(len(s) for s, _ in matches[k * B:(k + 1) * B]), 1)] for k in range(P)],
-                              per_pair)                                                         # [P, 1]
-    cls, l1, giou = (per_pair / matched).sum(0).unbind()
+    cls, l1, giou = (per_match * weight).sum(0).unbind()
     return {"cls": cls, "l1": l1, "giou": giou}
 
 

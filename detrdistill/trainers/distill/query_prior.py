@@ -14,5 +14,15 @@ def query_prior_loss(student_group: DecoderPredictions, teacher_indices: list, t
     idx, target idx) of the teacher's layer-t assignment to ground truth. Returns the weighted detection loss
     (focal, L1, GIoU as the criterion weights them) summed over student layers as 'kd_query_prior'."""
     terms = criterion.layer_losses(student_group.logits, student_group.boxes, targets,
-                                   [teacher_indices[t] for t in mapping])  # every student layer in one go
+                                   query_prior_indices(teacher_indices, mapping))  # every student layer in one go
+    return query_prior_total(terms, criterion)
+
+
+def query_prior_indices(teacher_indices: list, mapping: list[int]) -> list:
+    """The assignment that supervises the group at each student layer s: the teacher's at layer mapping[s]."""
+    return [teacher_indices[t] for t in mapping]
+
+
+def query_prior_total(terms: dict, criterion) -> dict:
+    """The group's per-layer terms {'cls', 'l1', 'giou'} [L_S] -> 'kd_query_prior' (unweighted by the KD weight)."""
     return {"kd_query_prior": sum(criterion.weights[k] * terms[k].sum() for k in criterion.weights)}
