@@ -197,3 +197,17 @@ def test_pairwise_iou_and_giou_against_the_formula_and_the_elementwise_giou():
     assert (giou < 0).any() and (iou == 0).any() and (iou > 0.2).any()
     x, y = _boxes(50, 8).float(), _boxes(50, 9).float()
     assert torch.equal(batched_pairwise_giou(x, y).diagonal(), elementwise_giou(x, y))
+
+
+def test_weighted_sum_equals_the_sum_of_products_with_their_gradient():
+    """weighted_sum (a dot product with the weights copied to the device once) against the plain sum, values
+    and gradient; the weights' tensor is made once per values and reused."""
+    from detrdistill.trainers.criterion import weighted_sum
+    from detrdistill.trainers.models.constants import cached_device_constant
+    values = torch.tensor([0.5, -2.0, 3.25], dtype=torch.float64, requires_grad=True)
+    total = weighted_sum(values, [2.0, 5.0, 0.5])
+    assert total.item() == 2.0 * 0.5 + 5.0 * -2.0 + 0.5 * 3.25
+    total.backward()
+    assert values.grad.tolist() == [2.0, 5.0, 0.5]
+    assert cached_device_constant((2.0, 5.0, 0.5), values) is cached_device_constant((2.0, 5.0, 0.5), values)
+    assert cached_device_constant((2.0, 5.0, 0.5), values.float()).dtype == torch.float32

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from detrdistill.trainers.box_ops import elementwise_giou
 from detrdistill.trainers.config import LossConfig
 from detrdistill.trainers.matching import HungarianMatcher, Indices
-from detrdistill.trainers.models.constants import host_to_device
+from detrdistill.trainers.models.constants import cached_device_constant, host_to_device
 from detrdistill.trainers.models.output import DecoderPredictions
 
 
@@ -137,8 +137,20 @@ class SetCriterion(nn.Module):
 
     def summed(self, terms: dict) -> dict:
         """Per-layer terms {'cls', 'l1', 'giou'}, each [L] (`layer_losses`) -> `forward`'s dict."""
-        out = {"loss": sum(self.weights[k] * terms[k].sum() for k in self.weights)}
-        for k in self.weights:  # logging only: detached, so float() on them is free and silent
-            out[f"loss_{k}"] = terms[k].sum().detach()
+        sums = self.term_sums(terms)
+        out = {"loss": weighted_sum(sums, list(self.weights.values()))}
+        for i, k in enumerate(self.weights):  # logging only: detached, so float() on them is free and silent
+            out[f"loss_{k}"] = sums[i].detach()
             out[f"loss_{k}_last"] = terms[k][-1].detach()
         return out
+
+    def term_sums(self, terms: dict) -> Tensor:
+        """Per-layer terms {'cls', 'l1', 'giou'} [L] -> each summed over layers, [3] in `self.weights`' order."""
+        return torch.stack([terms[k] for k in self.weights]).sum(1)
+
+
+def weighted_sum(values: Tensor, weights: list[float]) -> Tensor:
+    """values [K], K Python weights -> sum_i weights[i] * values[i], as one dot product with the weights on the
+    values' device (copied there once): every loss of a step ends in such a sum, and on a GPU each operator of
+    it, forward and backward, is a launch (a multiply and an add a term, and a select's backward each)."""
+    return torch.dot(values, cached_device_constant(tuple(weights), values))

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from detrdistill.trainers.box_ops import batched_pairwise_giou, clamp_cxcywh, elementwise_giou
 from detrdistill.trainers.config import LogitsKDConfig
-from detrdistill.trainers.criterion import flat_matches
+from detrdistill.trainers.criterion import flat_matches, weighted_sum
 from detrdistill.trainers.matching import solve_assignments, start_on_host
 from detrdistill.trainers.models.constants import host_to_device
 from detrdistill.trainers.models.output import DecoderPredictions
@@ -82,9 +82,9 @@ def _solve_split(cost: Tensor, positive: Tensor) -> tuple[list, list]:
     return pos_matches, _solve(cost, student_free, ~positive)
 
 
-def _pairwise_loss(x, bs, p, bt, matches, background: bool = False) -> dict:
-    """x [P, B, N_S, C], bs [P, B, N_S, 4], p [P, B, N_T, C], bt [P, B, N_T, 4]; matches ordered (pair, image).
-    Each term: per layer pair, summed over its matched pairs (and classes / coordinates) and divided by
+def _pairwise_loss(x, bs, p, bt, matches, background: bool = False) -> Tensor:
+    """x [P, B, N_S, C], bs [P, B, N_S, 4], p [P, B, N_T, C], bt [P, B, N_T, 4]; matches ordered (pair, image)
+    -> the terms (class, L1, GIoU) [3]. Each term: per layer pair, summed over its matched pairs (and classes / coordinates) and divided by
     their number; then summed over layer pairs. All pairs in one batched computation: each match weighted by
     1 / its layer pair's match count (from the host's indices: torch.bincount on a GPU reads its input's min
     and max back to the host, a wait for every kernel queued before it), then one sum."""
@@ -98,8 +98,7 @@ def _pairwise_loss(x, bs, p, bt, matches, background: bool = False) -> dict:
     target = torch.zeros_like(ps) if background else ps
     per_match = torch.stack([F.binary_cross_entropy_with_logits(xs, target, reduction="none").sum(-1),
                              (bss - bts).abs().sum(-1), 1 - elementwise_giou(bss, bts)], 1)  # [K, 3]
-    cls, l1, giou = (per_match * weight).sum(0).unbind()
-    return {"cls": cls, "l1": l1, "giou": giou}
+    return (per_match * weight).sum(0)
 
 
 def logits_distillation(student: DecoderPredictions, teacher: DecoderPredictions, mapping: list[int],
@@ -137,9 +136,8 @@ def start_logits_distillation(student: DecoderPredictions, teacher: DecoderPredi
             terms = _pairwise_loss(x, bs, p, bt, matching())
         else:
             pos_matches, neg_matches = matching()
-            pos = _pairwise_loss(x, bs, p, bt, pos_matches)
-            neg = _pairwise_loss(x, bs, p, bt, neg_matches, background=True)
-            terms = {k: pos[k] + neg[k] for k in pos}
-        total = cfg.cost_cls * terms["cls"] + cfg.cost_l1 * terms["l1"] + cfg.cost_giou * terms["giou"]
-        return {"kd_logits": cfg.weight * total, **{f"kd_logits_{k}": v.detach() for k, v in terms.items()}}
+            terms = _pairwise_loss(x, bs, p, bt, pos_matches) + _pairwise_loss(x, bs, p, bt, neg_matches,
+                                                                               background=True)
+        total = weighted_sum(terms, [cfg.weight * cfg.cost_cls, cfg.weight * cfg.cost_l1, cfg.weight * cfg.cost_giou])
+        return {"kd_logits": total, **{f"kd_logits_{k}": v for k, v in zip(("cls", "l1", "giou"), terms.detach())}}
     return finish

@@ -124,35 +124,35 @@ class DistillationLoss:
         losses, qp = self._detection_and_query_prior(s_pred, s_out.extra, targets, student_matching(),
                                                      teacher_indices)
         if qp is not None:
-            kd["kd_query_prior"] = cfg.query_prior.weight * qp["kd_query_prior"]
+            kd.update(qp)
         if finish_logits is not None:  # the assignment solved meanwhile
             kd = {**finish_logits(), **kd}
         weighted = [v for k, v in kd.items() if k in ("kd_logits", "kd_feature", "kd_query_prior")
                     or k == f"kd_{cfg.method}"]
         if weighted:
             losses["loss_det"] = losses["loss"].detach()
-            losses["loss"] = losses["loss"] + sum(weighted)
+            losses["loss"] = sum(weighted, losses["loss"])
         losses.update({k: v.detach() if torch.is_tensor(v) else v for k, v in kd.items()})
         return losses
 
     def _detection_and_query_prior(self, s_pred, group, targets, student_indices, teacher_indices):
-        """-> (the student's set loss as SetCriterion returns it, the query-prior loss or None).
+        """-> (the student's set loss as SetCriterion returns it, the query-prior loss times its KD weight or None).
 
         group: the extra query group's predictions [L_S, B, N_T, ...]; teacher_indices: the teacher's per-layer
         assignment to the ground truth (None: query prior off). When the group has the student's own query
         count (the paper's 300 and 300) both losses are one batched criterion call over 2 L_S groups, the
         student's layers then the group's: on a GPU the set loss's ~90 launches (forward and backward) are
         paid once a step, not twice."""
-        criterion = self.criterion
+        criterion, scale = self.criterion, self.cfg.query_prior.weight
         if teacher_indices is None:
             return criterion(s_pred, targets, indices=student_indices), None
         qp_indices = query_prior_indices(teacher_indices, self.mapping)
         if group.logits.shape[2:] != s_pred.logits.shape[2:] or len(student_indices) != s_pred.num_layers:
             return (criterion(s_pred, targets, indices=student_indices),
-                    query_prior_loss(group, teacher_indices, targets, self.mapping, criterion))
+                    query_prior_loss(group, teacher_indices, targets, self.mapping, criterion, scale))
         layers = s_pred.num_layers
         terms = criterion.layer_losses(torch.cat([s_pred.logits, group.logits.float()]),
                                        torch.cat([s_pred.boxes, group.boxes.float()]), targets,
                                        list(student_indices) + qp_indices)
         return (criterion.summed({k: v[:layers] for k, v in terms.items()}),
-                query_prior_total({k: v[layers:] for k, v in terms.items()}, criterion))
+                query_prior_total({k: v[layers:] for k, v in terms.items()}, criterion, scale))

@@ -17,6 +17,20 @@ def device_constant(values, like: Tensor) -> Tensor:
     return host_to_device(torch.tensor(values, dtype=like.dtype), like.device)
 
 
+def cached_device_constant(values: tuple, like: Tensor) -> Tensor:
+    """`device_constant` for values a step uses again and again (loss weights): made and copied once per
+    values, dtype and device, then the same tensor every call. Read it, never write it."""
+    if type(like) is not Tensor:  # a fake or other subclass tensor: made for the call, never kept
+        return device_constant(list(values), like)
+    key = (values, like.dtype, like.device)
+    if key not in _cached:
+        _cached[key] = device_constant(list(values), like)
+    return _cached[key]
+
+
+_cached: dict = {}
+
+
 def host_to_device(tensor: Tensor, device) -> Tensor:
     """A host tensor copied to `device` without blocking the host. To a GPU through pinned memory: CUDA may
     make a copy from pageable memory wait for the stream's queued kernels first (its API's sync behaviour,
