@@ -179,3 +179,54 @@ def test_local_attention_init_starts_the_encoder_as_the_identity():
 def test_config_refuses_what_conditional_detr_cannot_build(fields, message):
     with pytest.raises(ValueError, match=message):
         ModelConfig(**{"family": "conditional_detr", **fields})
+
+
+def test_attention_bias_is_the_bool_masks_attention_in_an_aligned_layout():
+    """attention_bias: -inf where blocked, 0 elsewhere, its rows starting at multiples of 8 elements (what the
+    memory-efficient CUDA kernel takes without copying); multi-head attention with it equals PyTorch's
+    attention with the bool mask, padded keys and blocked query pairs alike."""
+    import torch.nn.functional as F
+    from detrdistill.trainers.models.transformer_layers import attention_bias, multi_head_attention
+    g = torch.Generator().manual_seed(0)
+    B, N, S, h, dq = 2, 5, 13, 2, 4
+    padded = torch.zeros(B, S, dtype=torch.bool)
+    padded[1, 9:] = True
+    bias = attention_bias(padded[:, None, None, :], torch.float32)
+    assert bias.shape == (B, 1, 1, S) and all(stride % 8 == 0 for stride in bias.stride()[:-1])
+    assert torch.equal(bias, torch.where(padded, float("-inf"), 0.0)[:, None, None, :])
+    q, k, v = (torch.randn(B, n, h * dq, generator=g) for n in (N, S, S))
+
+    def reference(mask):  # True = attend, as PyTorch's bool attn_mask
+        heads = [x.view(B, x.shape[1], h, dq).transpose(1, 2) for x in (q, k, v)]
+        return F.scaled_dot_product_attention(*heads, attn_mask=mask).transpose(1, 2).flatten(2)
+    assert torch.allclose(multi_head_attention(q, k, v, h, bias), reference(~padded[:, None, None, :]), atol=1e-6)
+    blocked = torch.rand(N, S, generator=g) > 0.6
+    blocked[:, 0] = False  # every query attends somewhere
+    assert torch.allclose(multi_head_attention(q, k, v, h, attention_bias(blocked, torch.float32)),
+                          reference(~blocked), atol=1e-6)
+    assert attention_bias(blocked, torch.bfloat16).dtype == torch.bfloat16
+
+
+def test_padding_reaches_attention_as_one_bias_per_forward():
+    """The padding mask becomes an attention bias once per forward, whatever the depth: no attention call
+    converts a bool mask (logical_not / where) or builds one of its own (~mask)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class MaskOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ in ("logical_not", "bitwise_not", "where", "scalar_tensor", "masked_fill",
+                                                "masked_fill_", "constant_pad_nd"):
+                self.count += 1
+            return func(*args, **(kwargs or {}))
+    images, mask = _images()
+    counts = []
+    for enc, dec in ((1, 1), (3, 4)):
+        model = _model(enc, dec).eval()
+        with torch.no_grad(), MaskOps() as ops:
+            model(images, mask)
+        counts.append(ops.count)
+    assert counts[0] == counts[1], counts

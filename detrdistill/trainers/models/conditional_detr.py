@@ -25,7 +25,7 @@ from detrdistill.trainers.models.multi_scale import LevelProjections, join_level
 from detrdistill.trainers.models.output import DecoderPredictions, DetectorOutput, QueryGroup, cross_group_mask
 from detrdistill.trainers.models.position_encoding import sine_box_encoding, sine_position_encoding
 from detrdistill.trainers.models.transformer_layers import MLP, EncoderLayer, LayerNorm, linear_many, \
-    matmul_dtype, multi_head_attention
+    attention_bias, matmul_dtype, multi_head_attention
 
 
 # attention_init "local": the spatial projections' gain. 3 sharpens the first cross-attention (entropy 2.10 -> 1.41
@@ -55,12 +55,11 @@ class ConditionalSelfAttention(nn.Module):
         self.v_proj = nn.Linear(dim, dim)
         self.out_proj = nn.Linear(dim, dim)
 
-    def forward(self, tgt: Tensor, q_pos: Tensor, k_pos: Tensor, blocked: Optional[Tensor] = None) -> Tensor:
-        """tgt [B, N, d]; q_pos, k_pos [B, N, d]: query_pos through q_pos_proj / k_pos_proj; blocked [N, N]
-        (True = may not attend) or None -> [B, N, d]."""
+    def forward(self, tgt: Tensor, q_pos: Tensor, k_pos: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+        """tgt [B, N, d]; q_pos, k_pos [B, N, d]: query_pos through q_pos_proj / k_pos_proj; bias [N, N]: the
+        `attention_bias` between query groups, or None -> [B, N, d]."""
         q_content, k_content, v = linear_many(tgt, [self.q_content_proj, self.k_content_proj, self.v_proj])
-        return self.out_proj(multi_head_attention(q_content + q_pos, k_content + k_pos, v, self.num_heads,
-                                                  blocked=blocked))
+        return self.out_proj(multi_head_attention(q_content + q_pos, k_content + k_pos, v, self.num_heads, bias))
 
 
 class ConditionalCrossAttention(nn.Module):
@@ -80,9 +79,10 @@ class ConditionalCrossAttention(nn.Module):
         self.out_proj = nn.Linear(dim, dim)
 
     def forward(self, tgt: Tensor, q_pos: Optional[Tensor], query_sine: Tensor, memory: Tensor, k_pos: Tensor,
-                memory_mask: Optional[Tensor]) -> Tensor:
+                memory_bias: Optional[Tensor]) -> Tensor:
         """tgt, query_sine [B, N, d]; q_pos: query_pos through q_pos_proj (first layer) or None; memory [B, S, d];
-        k_pos [B, S, d]: memory_pos through k_pos_proj; memory_mask [B, S] -> [B, N, d]."""
+        k_pos [B, S, d]: memory_pos through k_pos_proj; memory_bias [B, 1, 1, S]: `attention_bias` of the
+        padding -> [B, N, d]."""
         (B, N, _), S, h = tgt.shape, memory.shape[1], self.num_heads
         q = self.q_content_proj(tgt)
         k, v = linear_many(memory, [self.k_content_proj, self.v_proj])
@@ -93,7 +93,7 @@ class ConditionalCrossAttention(nn.Module):
         # concatenate per head, so each head's q.k is content.content + spatial.spatial; widths double
         q = torch.cat([q.view(B, N, h, -1), q_sine.view(B, N, h, -1)], dim=-1).flatten(2)  # [B, N, 2d]
         k = torch.cat([k.view(B, S, h, -1), k_pos.view(B, S, h, -1)], dim=-1).flatten(2)   # [B, S, 2d]
-        return self.out_proj(multi_head_attention(q, k, v, h, memory_mask))
+        return self.out_proj(multi_head_attention(q, k, v, h, memory_bias))
 
 
 class ConditionalDecoderLayer(nn.Module):
@@ -111,12 +111,12 @@ class ConditionalDecoderLayer(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, tgt: Tensor, pos: ProjectedPositions, query_sine: Tensor, memory: Tensor,
-                memory_mask: Optional[Tensor], self_attn_blocked: Optional[Tensor] = None) -> Tensor:
+                memory_bias: Optional[Tensor], self_attn_bias: Optional[Tensor] = None) -> Tensor:
         """tgt, query_sine [B, N, d]; pos: this layer's projected positional terms; memory [B, S, d];
-        memory_mask [B, S]; self_attn_blocked [N, N] (True = may not attend) or None -> [B, N, d]."""
-        tgt = self.norm1(tgt + self.dropout(self.self_attn(tgt, pos.self_q, pos.self_k, self_attn_blocked)))
+        memory_bias [B, 1, 1, S], self_attn_bias [N, N] or None: `attention_bias`es -> [B, N, d]."""
+        tgt = self.norm1(tgt + self.dropout(self.self_attn(tgt, pos.self_q, pos.self_k, self_attn_bias)))
         tgt = self.norm2(tgt + self.dropout(self.cross_attn(tgt, pos.cross_q, query_sine, memory, pos.cross_k,
-                                                            memory_mask)))
+                                                            memory_bias)))
         return self.norm3(tgt + self.dropout(self.linear2(F.relu(self.linear1(tgt)))))
 
 
@@ -132,10 +132,10 @@ class ConditionalDecoder(nn.Module):
         self.query_scale = MLP(dim, dim, dim, 2)  # content -> scale of the spatial query (layers 2..L)
         self.ref_point_head = MLP(dim, dim, 2, 2)  # positional embedding -> reference point (before sigmoid)
 
-    def forward(self, query_pos: Tensor, memory: Tensor, memory_pos: Tensor, memory_mask: Optional[Tensor],
-                self_attn_blocked: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
-        """query_pos [N, d], memory, memory_pos [B, S, d], memory_mask [B, S] (True = padding),
-        self_attn_blocked [N, N] (True = may not attend; separates query groups) or None
+    def forward(self, query_pos: Tensor, memory: Tensor, memory_pos: Tensor, memory_bias: Optional[Tensor],
+                self_attn_bias: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+        """query_pos [N, d], memory, memory_pos [B, S, d], memory_bias [B, 1, 1, S] (`attention_bias` of the
+        padding), self_attn_bias [N, N] (`attention_bias` separating query groups) or None
         -> hidden [L, B, N, d], reference points [B, N, 2] (normalized x, y)."""
         query_pos = query_pos[None].expand(memory.shape[0], -1, -1)
         reference = self.ref_point_head(query_pos).sigmoid()
@@ -145,7 +145,7 @@ class ConditionalDecoder(nn.Module):
         hidden = []
         for i, (layer, pos) in enumerate(zip(self.layers, self._project_positions(query_pos, memory_pos))):
             query_sine = sine if i == 0 else sine * self.query_scale(tgt)  # first layer: identity scale
-            tgt = layer(tgt, pos, query_sine, memory, memory_mask, self_attn_blocked)
+            tgt = layer(tgt, pos, query_sine, memory, memory_bias, self_attn_bias)
             hidden.append(tgt)
         # one norm over all layers' outputs: per row, the same values as a norm per layer, in one operator
         # (and, its weight used once, one gradient: bf16 weight copies need no accumulation in bf16)
@@ -268,9 +268,11 @@ class ConditionalDETR(nn.Module):
         encoder_pos = pos if self.level_embed is None else [p + self.level_embed[j] for j, p in enumerate(pos)]
         pos, encoder_pos = join_levels(pos, 1), join_levels(encoder_pos, 1)  # [B, S, d], S = sum of H_j * W_j
         memory = join_levels([f.flatten(2).transpose(1, 2) for f in features], 1)  # [B, S, d]
-        memory_mask = join_levels([m.flatten(1) for m in masks], 1)
+        # the padding as an attention bias, made once for the encoder's and the decoder's attention to memory
+        attention_dtype = matmul_dtype(memory)
+        memory_bias = attention_bias(join_levels([m.flatten(1) for m in masks], 1)[:, None, None, :], attention_dtype)
         for layer in self.encoder:
-            memory = layer(memory, encoder_pos, memory_mask)
+            memory = layer(memory, encoder_pos, memory_bias)
 
         own = self.query_embed.weight
         groups = [own]
@@ -281,8 +283,9 @@ class ConditionalDETR(nn.Module):
         # all groups in one decoder pass (on a GPU: the same kernels, not twice as many); a group's queries
         # attend only to each other, so each group's result is what it would be alone
         sizes = [g.shape[0] for g in groups]
-        hidden, reference = self.decoder(torch.cat(groups), memory, pos, memory_mask,
-                                         cross_group_mask(sizes, images.device))
+        blocked = cross_group_mask(sizes, images.device)
+        hidden, reference = self.decoder(torch.cat(groups), memory, pos, memory_bias,
+                                         None if blocked is None else attention_bias(blocked, attention_dtype))
         preds = self._heads(hidden, reference).split(sizes)
         reference = reference.split(sizes, 1)
         aux = {"reference": reference[0]}

@@ -87,23 +87,35 @@ def linear_many(x: Tensor, layers: list[nn.Linear]) -> tuple[Tensor, ...]:
     return F.linear(x, weight, bias).split([layer.out_features for layer in layers], dim=-1)
 
 
-def multi_head_attention(q: Tensor, k: Tensor, v: Tensor, num_heads: int,
-                         key_padding_mask: Optional[Tensor] = None, blocked: Optional[Tensor] = None) -> Tensor:
+def attention_bias(blocked: Tensor, dtype: torch.dtype) -> Tensor:
+    """blocked [..., S] bool (True = may not attend: a key that is padding, a query of another group) ->
+    the additive attention bias [..., S] of `dtype`: -inf where blocked, else 0.
+
+    Made once per forward and given to every layer's attention: a bool mask is converted by
+    scaled_dot_product_attention at every call (logical_not, a fill, where), and a bias whose rows do not start
+    at multiples of 8 elements is copied into such a layout first (PyTorch's memory-efficient kernel wants it
+    so; at 800 x 1066 the encoder's 850 keys are not): five kernel launches a call, 12 calls a Conditional DETR
+    forward. This one is made in that layout (a view of a row-padded buffer), in the dtype the attention runs
+    in (`matmul_dtype` of its input; autocast would cast a float32 one at every call).
+    """
+    size = blocked.shape[-1]
+    bias = blocked.new_zeros(*blocked.shape[:-1], -(-size // 8) * 8, dtype=dtype)[..., :size]
+    return bias.masked_fill_(blocked, float("-inf"))
+
+
+def multi_head_attention(q: Tensor, k: Tensor, v: Tensor, num_heads: int, bias: Optional[Tensor] = None) -> Tensor:
     """Scaled dot-product attention of projected inputs, split into heads.
 
-    q [B, N, h*dq], k [B, S, h*dq], v [B, S, h*dv], key_padding_mask [B, S] bool (True = ignore this key),
-    blocked [N, S] bool (True = query n may not attend key s) -> [B, N, h*dv]. The scale is 1/sqrt(dq), dq
-    being the per-head width of q and k (which may differ from the value's, as in Conditional DETR's
-    cross-attention).
+    q [B, N, h*dq], k [B, S, h*dq], v [B, S, h*dv], bias: an additive attention bias broadcastable to
+    [B, h, N, S] (`attention_bias`: [B, 1, 1, S] for padded keys, [N, S] between query groups) or None
+    -> [B, N, h*dv]. The scale is 1/sqrt(dq), dq being the per-head width of q and k (which may differ from
+    the value's, as in Conditional DETR's cross-attention).
     """
     B, N, S = q.shape[0], q.shape[1], k.shape[1]
     q = q.view(B, N, num_heads, -1).transpose(1, 2)  # [B, h, N, dq]
     k = k.view(B, S, num_heads, -1).transpose(1, 2)
     v = v.view(B, S, num_heads, -1).transpose(1, 2)
-    attn_mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]  # True = attend
-    if blocked is not None:
-        attn_mask = ~blocked if attn_mask is None else attn_mask & ~blocked
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # [B, h, N, dv]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # [B, h, N, dv]
     return out.transpose(1, 2).flatten(2)
 
 
@@ -118,15 +130,15 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(dim, dim)
         self.out_proj = nn.Linear(dim, dim)
 
-    def forward(self, query: Tensor, key: Tensor, value: Tensor,
-                key_padding_mask: Optional[Tensor] = None) -> Tensor:
-        """query [B, N, d], key/value [B, S, d], key_padding_mask [B, S] (True = padding) -> [B, N, d]."""
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+        """query [B, N, d], key/value [B, S, d], bias: `attention_bias` of the padded keys [B, 1, 1, S] or
+        None -> [B, N, d]."""
         # self-attention (query is key, as in the encoder): both projections in one multiply
         if query is key:
             q, k = linear_many(query, [self.q_proj, self.k_proj])
         else:
             q, k = self.q_proj(query), self.k_proj(key)
-        out = multi_head_attention(q, k, self.v_proj(value), self.num_heads, key_padding_mask)
+        out = multi_head_attention(q, k, self.v_proj(value), self.num_heads, bias)
         return self.out_proj(out)
 
 
@@ -143,8 +155,8 @@ class EncoderLayer(nn.Module):
         self.norm2 = LayerNorm(dim)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, src: Tensor, pos: Tensor, padding_mask: Optional[Tensor] = None) -> Tensor:
-        """src, pos [B, S, d], padding_mask [B, S] bool (True = padding) -> [B, S, d]."""
+    def forward(self, src: Tensor, pos: Tensor, padding_bias: Optional[Tensor] = None) -> Tensor:
+        """src, pos [B, S, d], padding_bias [B, 1, 1, S]: `attention_bias` of the padding -> [B, S, d]."""
         qk = src + pos
-        src = self.norm1(src + self.dropout(self.self_attn(qk, qk, src, padding_mask)))
+        src = self.norm1(src + self.dropout(self.self_attn(qk, qk, src, padding_bias)))
         return self.norm2(src + self.dropout(self.linear2(F.relu(self.linear1(src)))))
