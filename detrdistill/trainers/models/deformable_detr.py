@@ -22,7 +22,7 @@ from detrdistill.trainers.models.ms_deform_attn import MSDeformAttn
 from detrdistill.trainers.models.multi_scale import LevelProjections
 from detrdistill.trainers.models.output import DecoderPredictions, DetectorOutput, QueryGroup, cross_group_mask
 from detrdistill.trainers.models.position_encoding import sine_position_encoding
-from detrdistill.trainers.models.transformer_layers import MLP, LayerNorm, matmul_dtype
+from detrdistill.trainers.models.transformer_layers import MLP, LayerNorm, attention_bias, matmul_dtype
 
 LINEAR_PROJ_NAMES = ("sampling_offsets", "reference_points")
 
@@ -64,11 +64,11 @@ class DeformableDecoderLayer(nn.Module):
 
     def forward(self, tgt: Tensor, query_pos: Tensor, reference_points: Tensor, memory: Tensor,
                 spatial_shapes: list[tuple[int, int]], padding_mask: Tensor,
-                self_attn_mask: Optional[Tensor] = None) -> Tensor:
+                self_attn_bias: Optional[Tensor] = None) -> Tensor:
         """tgt, query_pos [B, N, d]; reference_points [B, N, L, 2]; memory [B, S, d]; padding_mask [B, S];
-        self_attn_mask [N, N] bool (True = may not attend) or None -> [B, N, d]."""
+        self_attn_bias [N, N]: the `attention_bias` between query groups, or None -> [B, N, d]."""
         q = k = tgt + query_pos
-        attn = self.self_attn(q, k, tgt, attn_mask=self_attn_mask, need_weights=False)[0]
+        attn = self.self_attn(q, k, tgt, attn_mask=self_attn_bias, need_weights=False)[0]
         tgt = self.norm1(tgt + self.dropout(attn))
         attn = self.cross_attn(tgt + query_pos, reference_points, memory, spatial_shapes, padding_mask)
         tgt = self.norm2(tgt + self.dropout(attn))
@@ -182,13 +182,15 @@ class DeformableDETR(nn.Module):
         tgt = torch.cat([g.content for g in groups]).expand(B, -1, -1)
         reference = self.reference_points(position).sigmoid().expand(B, -1, -1)  # [B, N, 2] in the image
         query_pos = in_stream_dtype(position.expand(B, -1, -1), self.decoder[0].norm1)
-        self_attn_mask = cross_group_mask(sizes, memory.device)  # True = may not attend: own group only
+        # own group only, as an additive bias made once (a bool mask is converted at every layer's call)
+        blocked = cross_group_mask(sizes, memory.device)
+        self_attn_bias = None if blocked is None else attention_bias(blocked, matmul_dtype(query_pos))
         reference_in_levels = reference[:, :, None] * valid_ratios[:, None]  # [B, N, L, 2] padded frames
         mask = torch.cat([m.flatten(1) for m in masks], 1)
         shapes = [tuple(m.shape[-2:]) for m in masks]
         hidden = []
         for layer in self.decoder:
-            tgt = layer(tgt, query_pos, reference_in_levels, memory, shapes, mask, self_attn_mask)
+            tgt = layer(tgt, query_pos, reference_in_levels, memory, shapes, mask, self_attn_bias)
             hidden.append(tgt)
         hidden = torch.stack(hidden)  # [L, B, N, d]
         logits = self.class_head(hidden)
