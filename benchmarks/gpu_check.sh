@@ -22,7 +22,10 @@
 # profile-distill  the same for the DETRDistill step run ahead (Conditional DETR, Deformable DETR; fp32,
 #           bf16-ln): how busy the GPU is, and the host's waits among its top operators (~2 min)
 # step      benchmarks/step.py at paper scale: ours vs transformers, fp32 and bf16
-# distill   benchmarks/step.py --distill at paper scale: distillation step vs the floor (DISTILL_DTYPES, default
+# distill   first benchmarks/gil_threads.py --solve: 12 assignments solved on the pool's threads alone and beside a
+#           thread dispatching CUDA operators, with the interpreter's switch interval at 5 ms and 0.1 ms (is the in-step
+#           KD solve, 36-53 ms on 2026-11-27's H200, slowed by waits for the GIL?); then
+#           benchmarks/step.py --distill at paper scale: distillation step vs the floor (DISTILL_DTYPES, default
 #           fp32 bf16 bf16-ln: the engine's amp today and with amp_layer_norm bfloat16, #2's candidate default), in
 #           line, run ahead (the engine's CUDA default) and with the teacher on a helper thread (overlap_teacher
 #           thread); DISTILL_TIMEOUT (default 360 s; 2026-11-27: ~140 s for two dtypes and five modes)
@@ -96,8 +99,8 @@ if has step; then
     timeout 240 $PY benchmarks/step.py --scale paper --steps 10 --warmup 3 --json "$OUT/step.json" 2>&1 | tee "$OUT/step.txt"
 fi
 if has distill; then
-    stamp "two threads issuing CUDA operators vs one (the question behind overlap_teacher thread)"
-    timeout 60 $PY benchmarks/gil_threads.py --device cuda --sizes 4 65536 2>&1 | tee "$OUT/gil.txt"
+    stamp "two threads issuing CUDA operators vs one (overlap_teacher thread); the KD solve beside a dispatching thread"
+    timeout 90 $PY benchmarks/gil_threads.py --device cuda --sizes 4 65536 --solve 2>&1 | tee "$OUT/gil.txt"
     stamp "distillation step vs floor, paper scale"
     # torch threads (and so the KD solve's) = the host's CPUs, as a trial given the whole 1-GPU machine
     # (resources.cpus_per_trial) runs; "serial" in the table is the solve on one thread
