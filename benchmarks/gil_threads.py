@@ -16,7 +16,7 @@ where ~4 ms were expected on its 16 cores). The step's assignments are solved on
 solver's pool, `lsap`, each thread running a GIL-free kernel between short stretches of Python) while the
 step's thread dispatches operators, releasing the GIL at each and taking it back at once: a thread that waits
 for the GIL may then get it only when the interpreter forces a switch (sys.getswitchinterval(), 5 ms by
-default). Times `solve_assignments` on 12 random 300 x 300 problems (--solve-threads threads) alone, and again
+default). Times `solve_assignments` on 12 random 300 x 300 problems (float32 views of one array, as the KD's) (--solve-threads threads) alone, and again
 while this thread dispatches tiny operators on --device, with the switch interval at 5 ms and at 0.1 ms; and how
 many operators this thread got through meanwhile (us an operator).
 """
@@ -87,7 +87,7 @@ def solve_beside_dispatch(torch, device, problems, threads, interval):
 def solve_table(torch, device, threads, repeats):
     import numpy as np
     rng = np.random.default_rng(0)
-    problems = [rng.random((300, 300)) for _ in range(12)]
+    problems = list(rng.random((12, 300, 300), dtype=np.float32))  # float32 views of one array, as a step's KD costs
     solve_beside_dispatch(torch, device, problems, threads, None)  # compile / load the kernel
     print(f"12 assignments of 300 x 300 on {threads} solver threads, beside this thread dispatching on {device} "
           f"(median of {repeats}):", flush=True)

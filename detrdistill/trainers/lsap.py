@@ -11,9 +11,9 @@ problem (scipy's solver holds the GIL: a thread pool around it gains nothing).
 numba is optional: `available()` says whether it imports; callers fall back to scipy when it does not.
 Threads: the caller says how many (`num_threads`); no numba threading layer is involved (plain Python
 threads running a nogil kernel), so calls from several threads at once and forked processes are safe.
-The kernel (one specialisation: float64 costs, which is what scipy converts every input to) is compiled
-on first use and cached on disk (numba's cache=True), so only the first process pays the compile; later
-ones load it.
+The kernel (two specialisations: float64 costs, which is what scipy converts every input to, and float32,
+a step's own, read as float64 in every sum) is compiled on first use and cached on disk (numba's
+cache=True), so only the first process pays the compile; later ones load it.
 """
 from __future__ import annotations
 
@@ -41,8 +41,9 @@ def available() -> bool:
 
 
 def _lsap_kernel(cost, rows_out, cols_out):
-    """cost [R, C] float64 C-contiguous -> rows_out, cols_out int64 [min(R, C)]; False (and nothing
-    written) if the cost has a NaN or an inf.
+    """cost [R, C] float64 or float32, C-contiguous -> rows_out, cols_out int64 [min(R, C)]; False (and
+    nothing written) if the cost has a NaN or an inf. A float32 cost's values enter every sum as float64 (numba
+    promotes them first), exactly what scipy computes on the float64 copy it makes of a float32 input.
 
     scipy/optimize/rectangular_lsap/rectangular_lsap.cpp (solve + augmenting_path), computing every float64
     value with the same operations in the same order and breaking ties by the same rule and scan order, so
@@ -67,7 +68,7 @@ def _lsap_kernel(cost, rows_out, cols_out):
     transpose = nc0 < nr0  # tall matrices are solved transposed, as scipy does
     if transpose:
         nr, nc = nc0, nr0
-        c = np.empty((nr, nc), dtype=np.float64)
+        c = np.empty((nr, nc), dtype=cost.dtype)
         for i in range(nr0):
             for j in range(nc0):
                 c[j, i] = cost[i, j]
@@ -201,15 +202,22 @@ def _kernel():
 
 
 def warm_up() -> float:
-    """Compile (or load from numba's cache) the kernel now, not inside a timed step; returns seconds."""
+    """Compile (or load from numba's cache) the kernel now, for float64 and float32 costs, not inside a timed
+    step; returns seconds."""
     t0 = time.perf_counter()
     solve(np.zeros((2, 3)))
+    solve(np.zeros((2, 3), dtype=np.float32))
     return time.perf_counter() - t0
 
 
 def _prepare(cost) -> np.ndarray:
-    """float64 C-contiguous, the same conversion scipy applies to its input (float32 -> float64 is exact)."""
-    return np.ascontiguousarray(cost, dtype=np.float64)
+    """C-contiguous float32 or float64 as given (the kernel reads float32 as float64, the exact conversion
+    scipy applies to its input), anything else as float64: a step's float32 costs are solved without a
+    converted copy each, so a solver thread needs the GIL only to call the kernel and after it returns (on a
+    GPU host the step's own thread holds the GIL between its operators, and each wait for it may last the
+    interpreter's switch interval)."""
+    cost = np.asarray(cost)
+    return np.ascontiguousarray(cost, dtype=cost.dtype if cost.dtype in (np.float32, np.float64) else np.float64)
 
 
 def solve(cost) -> tuple[np.ndarray, np.ndarray]:
