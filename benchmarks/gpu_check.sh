@@ -13,7 +13,8 @@
 #           attention) and bf16-ln (the engine's bf16 with schedule.amp_layer_norm bfloat16: LayerNorm returning
 #           bf16, a bf16 residual stream, no cast of its outputs before each bf16 matrix product) timed
 #           interleaved, each / fp32 (bf16-cudnn-sdp and bf16-nhwc, measured on 2026-11-27, did not help:
-#           step.py --dtypes takes them)
+#           step.py --dtypes takes them); then Conditional DETR at batch 8 (scale paper_b8, ~40 s): a batch-2 step
+#           waits on its host's launches, the same in both dtypes, so does bf16 win once the GPU has the work?
 # nolt      as bf16 (fp32 and bf16, Conditional DETR and AdaMixer) with DISABLE_ADDMM_CUDA_LT=1: PyTorch's
 #           addmm (every Linear with a bias) then uses cuBLAS without cuBLASLt's epilogue, whose per-call
 #           set-up may be host time a host-bound bf16 step pays (2026-11-27's profile: aten::addmm's own host
@@ -88,6 +89,9 @@ if has bf16; then
     timeout 140 $PY benchmarks/step.py --scale paper --steps 10 --warmup 3 --ours-only \
         --dtypes fp32 bf16 bf16-ln \
         --json "$OUT/bf16.json" 2>&1 | tee "$OUT/bf16.txt"
+    stamp "bf16 vs fp32 at batch 8, Conditional DETR (the same launches, four times the GPU work)"
+    timeout 90 $PY benchmarks/step.py --scale paper_b8 --steps 6 --warmup 2 --ours-only --families conditional_detr \
+        --dtypes fp32 bf16 bf16-ln --json "$OUT/bf16_b8.json" 2>&1 | tee "$OUT/bf16_b8.txt"
 fi
 if has nolt; then
     stamp "bf16 vs fp32 as the bf16 stage, with addmm's cuBLASLt path off (DISABLE_ADDMM_CUDA_LT=1)"
