@@ -29,7 +29,8 @@
 #           benchmarks/step.py --distill at paper scale: distillation step vs the floor (DISTILL_DTYPES, default
 #           fp32 bf16 bf16-ln: the engine's amp today and with amp_layer_norm bfloat16, #2's candidate default), in
 #           line, run ahead (the engine's CUDA default) and with the teacher on a helper thread (overlap_teacher
-#           thread); DISTILL_TIMEOUT (default 360 s; 2026-11-27: ~140 s for two dtypes and five modes)
+#           thread); DISTILL_TIMEOUT (default 360 s; 2026-11-27: ~140 s for two dtypes and five modes); DISTILL_SWITCH
+#           (e.g. 0.0001) sets the interpreter's switch interval for the table (step.py --switch-interval)
 # layout    our steps again with channels_last backbones (does bf16 then beat fp32 where it did not?)
 # matching  benchmarks/matching.py with the host's cores
 # compile   ours through torch.compile as the engine's schedule.compile does (COMPILE_FAMILIES, default Conditional
@@ -109,7 +110,7 @@ if has distill; then
     # torch threads (and so the KD solve's) = the host's CPUs, as a trial given the whole 1-GPU machine
     # (resources.cpus_per_trial) runs; "serial" in the table is the solve on one thread
     timeout ${DISTILL_TIMEOUT:-360} $PY benchmarks/step.py --scale paper --steps 10 --warmup 3 --distill-only \
-        --threads "$(nproc)" \
+        --threads "$(nproc)" ${DISTILL_SWITCH:+--switch-interval $DISTILL_SWITCH} \
         --dtypes ${DISTILL_DTYPES:-fp32 bf16 bf16-ln} --json "$OUT/distill.json" 2>&1 | tee "$OUT/distill.txt"
 fi
 if has profile; then

@@ -464,7 +464,8 @@ def run_group(configs, scale, steps, warmup, in_process, channels_last=False, co
     for family, mode, dtype in configs:
         cmd = [sys.executable, __file__, "--child", family, mode, "--scale", scale, "--dtypes", dtype,
                "--steps", str(steps), "--warmup", str(warmup)] + (["--channels-last"] if channels_last else []) + \
-            (["--compile"] if compiled else []) + (["--threads", str(threads)] if threads else [])
+            (["--compile"] if compiled else []) + (["--threads", str(threads)] if threads else []) + \
+            (["--switch-interval", str(sys.getswitchinterval())] if sys.getswitchinterval() != 0.005 else [])
         proc = subprocess.run(cmd, capture_output=True, text=True)
         lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
         if proc.returncode != 0 or not lines:
@@ -496,8 +497,14 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (torch.set_num_threads), which the KD solve also uses, as a trial's "
                          "cpus_per_trial sets them; default: torch's (OMP_NUM_THREADS, else the cores)")
+    ap.add_argument("--switch-interval", type=float, default=None,
+                    help="the interpreter's thread switch interval in seconds (sys.setswitchinterval; Python's "
+                         "default 0.005): how long a thread waiting for the GIL, the KD solver's, may wait while "
+                         "the step's thread keeps taking it back between operators (benchmarks/gil_threads.py --solve)")
     ap.add_argument("--child", nargs=2, metavar=("FAMILY", "MODE"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.switch_interval:
+        sys.setswitchinterval(args.switch_interval)
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
@@ -525,8 +532,8 @@ def main(argv=None):
     layout = (" memory_format=channels_last" if args.channels_last else "") + (" torch.compile" if args.compile else "")
     threads = f"threads={torch.get_num_threads()} (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, " \
               f"{len(os.sched_getaffinity(0))} CPUs)"
-    print(f"scale={args.scale} {SCALES[args.scale]} device={device} torch={torch.__version__}{layout} {threads}",
-          flush=True)
+    print(f"scale={args.scale} {SCALES[args.scale]} device={device} torch={torch.__version__}{layout} {threads}"
+          f" switch_interval={sys.getswitchinterval()}", flush=True)
     if not args.distill_only:
         step_table(args, dtypes, run)
     if args.distill or args.distill_only:
