@@ -44,7 +44,8 @@
 # nothing of the others. All stages together take far longer than one 10-minute device call; with a
 # 15-minute device budget (a machine's start takes ~45 s of it) run `tests bf16 distill` first (timeout_s
 # 560: the CUDA tests ~1 min, among them the sync-debug-mode check of a distillation step; bf16 vs fp32 ~1 min,
-# bf16-ln being the engine's amp with amp_layer_norm bfloat16 (#2); the distillation table for fp32, bf16 and
+# bf16-ln being the engine's amp with amp_layer_norm bfloat16 (#2), and Conditional DETR at batch 8 ~40 s; the
+# solve beside a dispatching thread (gil_threads --solve) ~15 s; the distillation table for fp32, bf16 and
 # bf16-ln ~4-5 min, with the columns `thread` (overlap_teacher "thread"), `landed` / `waited` (the KD
 # assignment's timing) and `alone` / `serial` (the step's KD problems solved again with nothing else running:
 # is the in-step solve slowed by the step's other threads?)), then `profile nolt` (~3 min) or
