@@ -45,7 +45,7 @@ def query_quality(probs: Tensor, boxes: Tensor, targets: list, top_k: int, use_q
     # from the host, in one copy: which columns are real ground truth [B, M], which images have none [B, 1]
     m, sizes = gt.shape[1], np.asarray(sizes)
     flags = np.concatenate([np.arange(m) < sizes[:, None], sizes[:, None] == 0], 1).astype(np.float32)
-    flags = host_to_device(torch.from_numpy(flags), gt.device).to(boxes.dtype)
+    flags = host_to_device(torch.from_numpy(flags), gt.device)  # float32, as the boxes here
     real, no_gt = flags[:, :m], flags[:, m:]
     best = (iou * real[:, None, :]).max(-1).values                # [L, B, K]; padding's IoU counts 0
     return query, scores * (best + no_gt)                         # no ground truth: the probability alone

@@ -147,6 +147,7 @@ class DistillationLoss:
         if teacher_indices is None:
             return criterion(s_pred, targets, indices=student_indices), None
         qp_indices = query_prior_indices(teacher_indices, self.mapping)
+        # other query counts, or indices for another depth (the criterion's own call then names the mismatch)
         if group.logits.shape[2:] != s_pred.logits.shape[2:] or len(student_indices) != s_pred.num_layers:
             return (criterion(s_pred, targets, indices=student_indices),
                     query_prior_loss(group, teacher_indices, targets, self.mapping, criterion, scale))
