@@ -5,8 +5,9 @@
 #                                [matching] [compile] [distill-compile] [kd]
 #   (stages run in this order; default: tests step distill layout matching compile kd)
 # tests     the CUDA tests (tests/test_gpu.py: CUDA == CPU forward and KD terms, bf16 steps, teacher run-ahead
-#           and thread, a whole amp trial, no host waits in a distillation step or a trial's epoch under CUDA's
-#           sync check), all but the compiled-step test (~1-1.5 min; TESTS_TIMEOUT, default 200 s)
+#           and thread, the teacher's CUDA graphs equal to its eager forward, a whole amp trial, no host waits in a
+#           distillation step or a trial's epoch under CUDA's sync check), all but the compiled-step test (~1-1.5
+#           min; TESTS_TIMEOUT, default 200 s)
 # tests-compiled  the compiled-step test (inductor), one family per pytest run, each with its own limit (~1.5-3
 #           min each: two input shapes compile)
 # bf16      benchmarks/step.py at paper scale, ours only: fp32, bf16 (the engine's: bf16 weight copies, no cuDNN
@@ -27,9 +28,11 @@
 #           thread dispatching CUDA operators, with the interpreter's switch interval at 5 ms and 0.1 ms (is the in-step
 #           KD solve, 36-53 ms on 2026-11-27's H200, slowed by waits for the GIL?); then
 #           benchmarks/step.py --distill at paper scale: distillation step vs the floor (DISTILL_DTYPES, default
-#           fp32 bf16 bf16-ln: the engine's amp today and with amp_layer_norm bfloat16, #2's candidate default), in
-#           line, run ahead (the engine's CUDA default) and with the teacher on a helper thread (overlap_teacher
-#           thread); DISTILL_TIMEOUT (default 360 s; 2026-11-27: ~140 s for two dtypes and five modes); DISTILL_SWITCH
+#           bf16 bf16-ln: the engine's amp on CUDA today and with amp_layer_norm bfloat16, #2's candidate default;
+#           fp32 was 1.07-1.20 on 2026-11-27), in line, run ahead (the engine's CUDA default), with the teacher on a
+#           helper thread (overlap_teacher thread), and the "graphed" rows: the teacher's forward replayed from a
+#           CUDA graph (schedule.teacher_cuda_graph), alone and in the step run ahead; DISTILL_TIMEOUT (default
+#           360 s; 2026-11-27: ~140 s for two dtypes and five modes, now eight: ~230 s); DISTILL_SWITCH
 #           (e.g. 0.0001) sets the interpreter's switch interval for the table (step.py --switch-interval)
 # layout    our steps again with channels_last backbones (does bf16 then beat fp32 where it did not?)
 # matching  benchmarks/matching.py with the host's cores
@@ -45,9 +48,9 @@
 # 15-minute device budget (a machine's start takes ~45 s of it) run `tests bf16 distill` first (timeout_s
 # 560: the CUDA tests ~1 min, among them the sync-debug-mode check of a distillation step; bf16 vs fp32 ~1 min,
 # bf16-ln being the engine's amp with amp_layer_norm bfloat16 (#2), and Conditional DETR at batch 8 ~40 s; the
-# solve beside a dispatching thread (gil_threads --solve) ~15 s; the distillation table for fp32, bf16 and
-# bf16-ln ~4-5 min, with the columns `thread` (overlap_teacher "thread"), `landed` / `waited` (the KD
-# assignment's timing) and `alone` / `serial` (the step's KD problems solved again with nothing else running:
+# solve beside a dispatching thread (gil_threads --solve) ~15 s; the distillation table for bf16 and bf16-ln
+# ~4 min, with the graphed teacher's rows, the columns `thread` (overlap_teacher "thread"), `landed` / `waited`
+# (the KD assignment's timing) and `alone` / `serial` (the step's KD problems solved again with nothing else running:
 # is the in-step solve slowed by the step's other threads?)), then `profile nolt` (~3 min) or
 # `tests-compiled` with what is left, on the still warm machine. The header's `numba` says whether the
 # parallel assignment solver runs there (else scipy, one problem after another). Needs no network: pydantic
@@ -111,8 +114,8 @@ if has distill; then
     # torch threads (and so the KD solve's) = the host's CPUs, as a trial given the whole 1-GPU machine
     # (resources.cpus_per_trial) runs; "serial" in the table is the solve on one thread
     timeout ${DISTILL_TIMEOUT:-360} $PY benchmarks/step.py --scale paper --steps 10 --warmup 3 --distill-only \
-        --threads "$(nproc)" ${DISTILL_SWITCH:+--switch-interval $DISTILL_SWITCH} \
-        --dtypes ${DISTILL_DTYPES:-fp32 bf16 bf16-ln} --json "$OUT/distill.json" 2>&1 | tee "$OUT/distill.txt"
+        --threads "$(nproc)" ${DISTILL_SWITCH:+--switch-interval $DISTILL_SWITCH} --teacher-graph \
+        --dtypes ${DISTILL_DTYPES:-bf16 bf16-ln} --json "$OUT/distill.json" 2>&1 | tee "$OUT/distill.txt"
 fi
 if has profile; then
     stamp "where a student step's time goes, paper scale (GPU busy / wall, top kernels)"

@@ -45,6 +45,8 @@ while this one queues the teacher and the other terms, and the GPU runs them mea
 the same cores (and the solve stays in line), so only a GPU shows the difference. "thread" is "ahead" with the
 teacher's forward issued by a helper thread on a CUDA stream of its own, from the start of the step
 (overlap_teacher "thread", distill/teacher_ahead.py): the two forwards' host work shares the host's time.
+With --teacher-graph, "graphed" rows: the teacher's forward replayed from a CUDA graph (schedule.
+teacher_cuda_graph), timed alone and in the "ahead" step, and the floor with that forward.
 Frozen batch norm statistics are set from each model's own input on the benchmark batch
 (`_calibrate_frozen_bn`), as a pretrained backbone's are about: under the identity statistics of random
 weights a ResNet-101 overflows and the teacher's predictions turn NaN.
@@ -82,7 +84,9 @@ SCALES = {
 DTYPES = ("fp32", "bf16", "bf16-plain", "bf16-nhwc", "fp32-nhwc", "bf16-cudnn-sdp", "bf16-ln")
 COPIES = ("bf16", "bf16-nhwc", "bf16-cudnn-sdp", "bf16-ln")  # the dtypes whose models run on bf16 weight copies
 # what one measurement builds: ours/transformers train steps, and the parts of a distillation step
-MODES = ("student", "transformers", "teacher_forward", "student_group", "distill", "distill_ahead", "distill_thread")
+MODES = ("student", "transformers", "teacher_forward", "student_group", "distill", "distill_ahead", "distill_thread",
+         "teacher_graph", "distill_graph")
+GRAPHED = ("teacher_graph", "distill_graph")  # the teacher's forward replayed from a CUDA graph (--teacher-graph)
 
 
 def _sync(device):
@@ -238,7 +242,10 @@ def _build_ours(family, scale, device, dtype, mode, channels_last=False, compile
     elif dtype in COPIES and not compiled:  # as the engine: the frozen teacher on bf16 copies of its weights
         from detrdistill.trainers.bf16_weights import BF16Weights
         teacher = BF16Weights(teacher, frozen=True)
-    if mode == "teacher_forward":
+    if mode in GRAPHED and not compiled:  # as the engine with schedule.teacher_cuda_graph (warm-up captures)
+        from detrdistill.trainers.distill.teacher_graph import GraphedTeacher
+        teacher = GraphedTeacher(teacher)
+    if mode in ("teacher_forward", "teacher_graph"):
         teacher.eval()
 
         def forward():
@@ -255,7 +262,7 @@ def _build_ours(family, scale, device, dtype, mode, channels_last=False, compile
                                scale["dec"], model.config.levels, teacher_thread=mode == "distill_thread").to(device)
     params = [p for p in model.parameters() if p.requires_grad] + list(loss_fn.trainable.parameters())
     return _train_step(loss_fn, model, params, images, mask, targets, device, dtype,
-                       ahead=mode in ("distill_ahead", "distill_thread"), weight_copies=not compiled)
+                       ahead=mode in ("distill_ahead", "distill_thread", "distill_graph"), weight_copies=not compiled)
 
 
 def _hf(family, scale, device, dtype):
@@ -501,6 +508,9 @@ def main(argv=None):
                     help="the interpreter's thread switch interval in seconds (sys.setswitchinterval; Python's "
                          "default 0.005): how long a thread waiting for the GIL, the KD solver's, may wait while "
                          "the step's thread keeps taking it back between operators (benchmarks/gil_threads.py --solve)")
+    ap.add_argument("--teacher-graph", action="store_true",
+                    help="distillation table: also the teacher's forward replayed from a CUDA graph "
+                         "(schedule.teacher_cuda_graph), alone and in the step run ahead")
     ap.add_argument("--child", nargs=2, metavar=("FAMILY", "MODE"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.switch_interval:
@@ -581,11 +591,12 @@ def distill_table(args, dtypes, run):
           f"{'thread/floor':>12} {'kd solve':>8} {'alone':>7} {'serial':>7} {'landed':>7} {'waited':>7} {'t.wait':>7} {'gt.wait':>7} {'ops: distill':>12} {'floor':>6} "
           f"{'d/floor':>7}", flush=True)
     parts = ("student", "teacher_forward", "student_group", "distill", "distill_ahead", "distill_thread")
+    graphed = GRAPHED if args.teacher_graph else ()
     for family in args.families:
         for dtype in args.distill_dtypes or dtypes:
-            r = {m: v for (m, _), v in run([(family, m, dtype) for m in parts]).items()}
-            if any("error" in v for v in r.values()):
-                print(f"{family:18} {dtype:10} failed: {[v.get('error') for v in r.values()]}", flush=True)
+            r = {m: v for (m, _), v in run([(family, m, dtype) for m in parts + graphed]).items()}
+            if any("error" in r[m] for m in parts):
+                print(f"{family:18} {dtype:10} failed: {[r[m].get('error') for m in parts]}", flush=True)
                 continue
             s, t, g, d, a, th = (r[m]["median_s"] for m in parts)
             floor = g + t  # student step with the extra group (= student + group) + teacher forward
@@ -600,6 +611,14 @@ def distill_table(args, dtypes, run):
                   f"{r['distill_ahead']['kd_landed_s']:7.4f} {r['distill_ahead']['kd_waited_s']:7.4f} "
                   f"{r['distill_thread']['kd_waited_s']:7.4f} {r['distill_ahead']['kd_gt_waited_s']:7.4f} "
                   f"{counted}", flush=True)
+            if any("error" in r[m] for m in graphed):
+                print(f"{'':18} {'  graphed':10} failed: {[r[m].get('error') for m in graphed]}", flush=True)
+            elif graphed:  # the floor with the graphed teacher's forward, whose host work is one launch
+                tg, dg = r["teacher_graph"]["median_s"], r["distill_graph"]["median_s"]
+                print(f"{'':18} {'  graphed':10} teacher forward {tg:.4f} (eager {t:.4f}), floor {g + tg:.4f}, "
+                      f"DETRDistill ahead {dg:.4f} (eager teacher {a:.4f}, {dg / a:.2f}x): ahead/floor "
+                      f"{dg / (g + tg):.2f}, ahead/eager floor {dg / floor:.2f}; waited "
+                      f"{r['distill_graph']['kd_waited_s']:.4f}", flush=True)
 
 
 if __name__ == "__main__":

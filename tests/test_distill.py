@@ -646,3 +646,41 @@ def test_mixed_pair_deformable_teacher_adamixer_student():
     assert torch.isfinite(losses["kd_logits"]) and torch.isfinite(losses["kd_feature"])
     with pytest.raises(ValueError, match="boxes"):
         _objective(teacher, student)(student, images, None, _targets())
+
+
+def test_teacher_cuda_graph_wraps_the_teacher_which_the_cpu_calls_as_it_is(tiny_data_root, tmp_path_factory):
+    """schedule.teacher_cuda_graph: the objective's teacher is a GraphedTeacher (frozen, in eval mode like any
+    teacher); off CUDA it calls the teacher as it is, output for output (the graphs themselves:
+    tests/test_gpu.py -k graph)."""
+    from detrdistill.trainers.distill import build_distillation_loss
+    from detrdistill.trainers.distill.teacher_graph import GraphedTeacher
+    from detrdistill.trainers.models.output import tensors_in
+    config = tiny_distill_trial(tiny_data_root, tmp_path_factory)
+    cpu = torch.device("cpu")
+    plain = build_distillation_loss(config, SetCriterion(10), 10, cpu)
+    graphed = build_distillation_loss(
+        config.model_copy(update={"schedule": config.schedule.model_copy(update={"teacher_cuda_graph": True})}),
+        SetCriterion(10), 10, cpu)
+    assert isinstance(graphed.teacher, GraphedTeacher) and not isinstance(plain.teacher, GraphedTeacher)
+    assert not graphed.teacher.training and not any(p.requires_grad for p in graphed.teacher.parameters())
+    images, mask = torch.randn(2, 3, 64, 80), torch.zeros(2, 64, 80, dtype=torch.bool)
+    mask[1, :, 60:] = True
+    with torch.no_grad():
+        expected, got = plain.teacher(images, mask), graphed.teacher(images, mask)
+    pairs = list(zip(tensors_in(expected), tensors_in(got), strict=True))
+    assert len(pairs) >= 8 and all(torch.equal(a, b) for a, b in pairs)
+    assert graphed.teacher.graphs == {} and graphed.teacher.seen == set()  # nothing captured on the CPU
+
+
+def test_map_tensors_rebuilds_an_output_with_every_tensor_mapped():
+    from detrdistill.trainers.models.output import map_tensors, tensors_in
+    model = build_detector(ModelConfig(family="deformable_detr", backbone="resnet18", encoder_layers=1,
+                                       decoder_layers=2, num_queries=5, hidden_dim=32, num_heads=4, ffn_dim=32,
+                                       num_feature_levels=2), 3).eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 64, 64))
+    doubled = map_tensors(lambda t: t * 2, out)
+    assert type(doubled) is type(out) and type(doubled.predictions) is type(out.predictions)
+    assert type(doubled.features) is list and doubled.aux.keys() == out.aux.keys()
+    pairs = list(zip(tensors_in(out), tensors_in(doubled), strict=True))
+    assert len(pairs) > 10 and all(torch.equal(a * 2, b) for a, b in pairs)

@@ -384,3 +384,93 @@ def test_distillation_trial_with_amp_on_cuda(tiny_data_root, tmp_path):
     run_trial(config, tmp_path / "student", report=lambda m, c: reports.append(m), log=lambda s: None)
     for key in ("train/kd_logits", "train/kd_feature", "train/kd_query_prior", "train/loss_det", "AP"):
         assert key in reports[-1] and math.isfinite(reports[-1][key]), key
+
+
+def _assert_outputs_close(expected, got, tol, what):
+    pairs = list(zip(tensors_in(expected), tensors_in(got), strict=True))
+    for i, (a, b) in enumerate(pairs):
+        assert a.shape == b.shape and a.dtype == b.dtype, (what, i)
+        if a.dtype == torch.bool:
+            assert torch.equal(a, b), (what, i)
+            continue
+        err = (a.float() - b.float()).abs().max().item()
+        assert err <= tol * max(1.0, a.float().abs().max().item()), (what, i, err)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_graphed_teacher_replays_the_eager_forward(family, dtype):
+    """schedule.teacher_cuda_graph: a shape's first call runs eagerly, its second captures, later ones replay;
+    two shapes alternate (their graphs share one memory pool) and every output equals the eager teacher's on
+    the same input (bf16: on bf16 weight copies under autocast, as the engine runs a teacher). An output kept
+    from an earlier call is not overwritten by later replays (outputs leave the pool), and at most max_graphs
+    graphs are kept."""
+    from detrdistill.trainers.bf16_weights import BF16Weights
+    from detrdistill.trainers.distill.teacher_graph import GraphedTeacher
+    torch.manual_seed(0)
+    teacher = build_detector(small(family, "resnet34"), 5).to(CUDA).eval()
+    if dtype == "bf16":
+        teacher = BF16Weights(teacher, frozen=True)
+    graphed = GraphedTeacher(teacher, max_graphs=2)
+    tol = 1e-5 if dtype == "fp32" else 1e-2
+    inputs = {"a": [batch(CUDA, seed)[:2] for seed in range(4)],
+              "b": [(im[:, :, :64, :96].contiguous(), m[:, :64, :96].contiguous())
+                    for im, m in (batch(CUDA, seed)[:2] for seed in range(4, 7))]}
+    order = ["a", "a", "a", "b", "b", "a", "b"]
+    used = {"a": 0, "b": 0}
+    kept = []
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+        for shape in order:
+            images, mask = inputs[shape][used[shape]]
+            used[shape] += 1
+            got = graphed(images, mask)
+            expected = teacher(images, mask)
+            _assert_outputs_close(expected, got, tol, (shape, used[shape]))
+            kept.append((expected, got))
+        assert len(graphed.graphs) == 2 and graphed.failed is None
+        for i, (expected, got) in enumerate(kept):  # still their own values after every later replay
+            _assert_outputs_close(expected, got, tol, ("kept", i))
+        images, mask = inputs["a"][0][0][:1], inputs["a"][0][1][:1]  # a third shape: the oldest graph goes
+        graphed(images, mask)
+        graphed(images, mask)
+        assert len(graphed.graphs) == 2 and graphed.failed is None
+
+
+def test_graphed_teacher_in_a_distillation_step_gives_the_eager_losses_without_waiting():
+    """The engine's CUDA distillation step (teacher run ahead, bf16 weight copies, bf16 autocast) with the
+    teacher's forward replayed from a graph: the same losses as with the eager teacher, step after step (the
+    capture happens inside a step, while the helper thread solves the step's assignments), and once captured
+    a step queues everything without the host waiting for the GPU."""
+    import warnings
+    from detrdistill.trainers.bf16_weights import BF16Weights
+    from detrdistill.trainers.distill.teacher_graph import GraphedTeacher
+    torch.manual_seed(0)
+    teacher = BF16Weights(build_detector(small("deformable_detr", "resnet34"), 5).to(CUDA), frozen=True)
+    batches = [batch(CUDA, seed) for seed in range(5)]
+    losses = {}
+    for mode in ("eager", "graph"):
+        torch.manual_seed(0)
+        student = build_detector(small("deformable_detr"), 5).to(CUDA).train()
+        loss_fn = DistillationLoss(GraphedTeacher(teacher) if mode == "graph" else teacher, SetCriterion(5),
+                                   DistillConfig(method="detrdistill"), 64, 64, 2, 2, student.config.levels).to(CUDA)
+        losses[mode] = []
+        for i, (images, mask, targets) in enumerate(batches[:-1]):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                if mode == "graph" and i >= 2:  # captured in step 0's run-ahead (the shape's second call)
+                    torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    with torch.autocast("cuda", dtype=torch.bfloat16):
+                        out = loss_fn(student, images, mask, targets, upcoming=batches[i + 1][:2])
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+            waits = [f"{w.filename}:{w.lineno}: {w.message}" for w in caught if "synchroniz" in str(w.message)]
+            assert waits == [], (mode, i, "\n".join(waits))
+            out["loss"].backward()
+            losses[mode].append({k: float(v) for k, v in out.items() if torch.is_tensor(v) and v.dim() == 0})
+        if mode == "graph":
+            assert len(loss_fn.teacher.graphs) == 1 and loss_fn.teacher.failed is None
+    for eager, graph in zip(losses["eager"], losses["graph"]):
+        assert eager.keys() == graph.keys()
+        for k in eager:
+            assert abs(eager[k] - graph[k]) <= 1e-5 * max(1.0, abs(eager[k])), (k, eager[k], graph[k])

@@ -200,6 +200,12 @@ class ScheduleConfig(StrictModel):
         "GPU'). The first step of a new input "
         "shape compiles (minutes); from the second shape on, sizes compile as dynamic. With amp the compiled "
         "student runs on autocast alone (the compiler fuses its casts), not on bf16 weight copies."))
+    teacher_cuda_graph: bool = Field(False, description=(
+        "On CUDA, replay a distillation teacher's forward from a CUDA graph captured per input shape (the "
+        "second time a shape comes; at most 8 kept): one launch instead of ~1000, for GPU steps that wait on "
+        "their host. Pays off when batch shapes repeat (fixed-size images, not DETR's multi-scale resize of "
+        "varied aspect ratios). Same values as the eager forward (distill/teacher_graph.py). Ignored with "
+        "`compile`."))
     eval_every: int = Field(1, ge=1)  # evaluate every N epochs (and always after the last)
 
 

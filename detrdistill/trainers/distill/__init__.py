@@ -6,7 +6,8 @@ def build_distillation_loss(config, criterion, num_classes: int, device, bf16_te
     """The distillation objective of a trial: loads the frozen teacher named by config.teacher. bf16_teacher
     (bf16 autocast on): the teacher runs on bf16 copies of its weights, made once (BF16Weights).
     compile_teacher (schedule.compile): a function that compiles a model (engine.compile_model); the teacher
-    then runs compiled, on autocast alone, whose casts the compiler fuses."""
+    then runs compiled, on autocast alone, whose casts the compiler fuses. schedule.teacher_cuda_graph: its
+    forward replayed from CUDA graphs (GraphedTeacher)."""
     from detrdistill.trainers.checkpoint import load_detector
     from detrdistill.trainers.distill.objective import DistillationLoss
     if config.teacher is None or config.teacher.checkpoint is None:
@@ -23,6 +24,9 @@ def build_distillation_loss(config, criterion, num_classes: int, device, bf16_te
     elif bf16_teacher:
         from detrdistill.trainers.bf16_weights import BF16Weights
         teacher = BF16Weights(teacher, frozen=True)
+    if config.schedule.teacher_cuda_graph and compile_teacher is None:
+        from detrdistill.trainers.distill.teacher_graph import GraphedTeacher
+        teacher = GraphedTeacher(teacher)
     return DistillationLoss(teacher, criterion, config.distill, s_model.hidden_dim, t_model.hidden_dim,
                             s_model.decoder_layers, t_model.decoder_layers, s_model.levels,
                             teacher_thread=config.overlap_teacher == "thread").to(device)

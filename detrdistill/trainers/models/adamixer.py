@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from detrdistill.trainers.config import ModelConfig
 from detrdistill.trainers.models.adamixer_ops import AdaptiveSamplingMixing, box_size
 from detrdistill.trainers.models.backbone import Backbone
-from detrdistill.trainers.models.constants import device_constant
+from detrdistill.trainers.models.constants import cached_device_constant
 from detrdistill.trainers.models.output import DecoderPredictions, DetectorOutput, QueryGroup, cross_group_mask
 from detrdistill.trainers.models.transformer_layers import LayerNorm
 
@@ -55,7 +55,7 @@ def xyzr_position_encoding(xyzr: Tensor, dim: int, temperature: float = 10000.0)
     """[B, N, 4] -> [B, N, dim]: dim/4 interleaved sin/cos features per coordinate, x and y in thousands of
     pixels, z and r as they are (the official's scaling)."""
     n = dim // 4
-    coords = xyzr * device_constant([1e-3, 1e-3, 1.0, 1.0], xyzr)  # new_tensor would copy blocking
+    coords = xyzr * cached_device_constant((1e-3, 1e-3, 1.0, 1.0), xyzr)  # new_tensor would copy blocking
     i = torch.arange(n, dtype=xyzr.dtype, device=xyzr.device)
     angles = coords[..., None] / temperature ** (2 * torch.div(i, 2, rounding_mode="floor") / n)  # [B, N, 4, n]
     return torch.stack([angles[..., 0::2].sin(), angles[..., 1::2].cos()], -1).flatten(-3)

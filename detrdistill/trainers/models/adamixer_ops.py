@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from detrdistill.trainers.models.constants import device_constant
+from detrdistill.trainers.models.constants import cached_device_constant
 from detrdistill.trainers.models.transformer_layers import LayerNorm, layer_norm, linear_many
 
 
@@ -35,7 +35,7 @@ def sampling_points(offsets: Tensor, xyzr: Tensor) -> Tensor:
 
 def level_weights(z: Tensor, strides: list[int], tau: float = 2.0) -> Tensor:
     """z [...] (log2 pixels) -> [..., L] Gaussian weights over the levels' depths log2(stride), summing to 1."""
-    depth = device_constant([math.log2(s) for s in strides], z)
+    depth = cached_device_constant(tuple(math.log2(s) for s in strides), z)
     return torch.softmax(-(z[..., None] - depth) ** 2 / tau, dim=-1)
 
 
@@ -53,7 +53,8 @@ def sample_3d(features: list[Tensor], strides: list[int], points: Tensor, groups
     xy = points[..., :2].reshape(B, N, groups, P, 2).transpose(1, 2).flatten(0, 1)  # [B*G, N, P, 2]
     weights = level_weights(points[..., 2], strides).reshape(B, N, groups, P, -1)
     weights = weights.transpose(1, 2).flatten(0, 1)  # [B*G, N, P, L]
-    extents = device_constant([[f.shape[-1] * s, f.shape[-2] * s] for f, s in zip(features, strides)], xy)  # [L, 2]
+    extents = cached_device_constant(tuple((f.shape[-1] * s, f.shape[-2] * s) for f, s in zip(features, strides)),
+                                     xy)  # [L, 2]
     out = None
     for j, feature in enumerate(features):
         C, H, W = feature.shape[1:]

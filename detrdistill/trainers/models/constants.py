@@ -18,12 +18,19 @@ def device_constant(values, like: Tensor) -> Tensor:
 
 
 def cached_device_constant(values: tuple, like: Tensor) -> Tensor:
-    """`device_constant` for values a step uses again and again (loss weights): made and copied once per
-    values, dtype and device, then the same tensor every call. Read it, never write it."""
-    if type(like) is not Tensor:  # a fake or other subclass tensor: made for the call, never kept
+    """`device_constant` for values a step uses again and again (loss weights, a feature map's sizes): made
+    and copied once per values, dtype and device, then the same tensor every call. Read it, never write it.
+    values: a tuple (of tuples) of Python numbers."""
+    if type(like) is not Tensor or torch.compiler.is_compiling():  # a fake or other subclass tensor, or traced
+        # by dynamo (which would guard on the cache): made for the call, never kept
         return device_constant(list(values), like)
     key = (values, like.dtype, like.device)
     if key not in _cached:
+        if like.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            # made now it would be a node of the graph (its values there only while the graph replays) in the
+            # graph's memory pool, yet cached for every later call
+            raise RuntimeError(f"constant {values} first made during CUDA graph capture: run the same call "
+                               "eagerly first (teacher_graph.GraphedTeacher does)")
         _cached[key] = device_constant(list(values), like)
     return _cached[key]
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from detrdistill.trainers.models.constants import device_constant
+from detrdistill.trainers.models.constants import cached_device_constant
 from detrdistill.trainers.models.transformer_layers import linear_many
 
 
@@ -96,6 +96,6 @@ class MSDeformAttn(nn.Module):
         offsets = offsets.view(B, Q, M, L, P, 2)
         weights = weights.reshape(B, Q, M, L * P).softmax(-1).view(B, Q, M, L, P)
         # offsets are in pixels of their level: divide by that level's (W, H)
-        size = device_constant([[w, h] for h, w in spatial_shapes], reference_points)
+        size = cached_device_constant(tuple((w, h) for h, w in spatial_shapes), reference_points)
         locations = reference_points[:, :, None, :, None, :] + offsets / size[None, None, None, :, None, :]
         return self.output_proj(ms_deform_attn_core(value, spatial_shapes, locations, weights).to(query.dtype))

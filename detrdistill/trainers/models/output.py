@@ -118,3 +118,17 @@ def tensors_in(obj):
     elif isinstance(obj, dict):
         for item in obj.values():
             yield from tensors_in(item)
+
+
+def map_tensors(fn, obj):
+    """The same (nested) output - DetectorOutput, DecoderPredictions, lists, tuples, dicts - with every tensor
+    replaced by fn(tensor); everything else as it is."""
+    if torch.is_tensor(obj):
+        return fn(obj)
+    if is_dataclass(obj):
+        return type(obj)(**{f.name: map_tensors(fn, getattr(obj, f.name)) for f in fields(obj)})
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(map_tensors(fn, item) for item in obj)
+    if isinstance(obj, dict):
+        return {k: map_tensors(fn, v) for k, v in obj.items()}
+    return obj
