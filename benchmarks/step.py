@@ -20,7 +20,10 @@ teacher too: trainers/bf16_weights.py; transformers' model, and ours with --comp
 bf16-plain = autocast alone; -nhwc: channels_last backbone and images (as --channels-last, but per configuration,
 so that one interleaved comparison holds both layouts); bf16-cudnn-sdp = bf16 with cuDNN's attention kernels,
 PyTorch's default, which the engine turns off (trainers/engine.py: select_attention_kernels); bf16-ln = bf16
-with LayerNorm returning bf16 (a bf16 residual stream: the engine's schedule.amp_layer_norm bfloat16).
+with LayerNorm returning bf16 (a bf16 residual stream: the engine's schedule.amp_layer_norm bfloat16);
+fp32-graph, bf16-graph, bf16-ln-graph = those with the student's training forward and backward (and a
+distillation teacher's forward) replayed from CUDA graphs (schedule.cuda_graph, teacher_cuda_graph; captured in
+the warm-up steps; their "ops" are what the host still dispatches: losses, matching, optimizer).
 Reported: the median over --steps timed steps after --warmup steps. The configurations compared in one
 table row (a family's ours and transformers' in fp32 and bf16; the parts of a distillation step) are built
 together and timed interleaved, one step of each per round, so that the machine's drift between them (GPU
@@ -81,8 +84,11 @@ SCALES = {
 # -ln (the engine's schedule.amp_layer_norm bfloat16): LayerNorm returns bf16 under autocast (computing in float32
 # inside), so the residual stream is bf16, as Megatron-LM keeps it by default, and the fp32 LayerNorm outputs
 # are not cast again before each bf16 matrix product (~2 casts and their backward a LayerNorm)
-DTYPES = ("fp32", "bf16", "bf16-plain", "bf16-nhwc", "fp32-nhwc", "bf16-cudnn-sdp", "bf16-ln")
-COPIES = ("bf16", "bf16-nhwc", "bf16-cudnn-sdp", "bf16-ln")  # the dtypes whose models run on bf16 weight copies
+# -graph (schedule.cuda_graph and teacher_cuda_graph): the student's training forward and backward, and a
+# distillation teacher's forward, replayed from CUDA graphs (trainers/graphed_model.py, distill/teacher_graph.py)
+DTYPES = ("fp32", "bf16", "bf16-plain", "bf16-nhwc", "fp32-nhwc", "bf16-cudnn-sdp", "bf16-ln", "fp32-graph",
+          "bf16-graph", "bf16-ln-graph")
+COPIES = ("bf16", "bf16-nhwc", "bf16-cudnn-sdp", "bf16-ln", "bf16-graph", "bf16-ln-graph")  # bf16 weight copies
 # what one measurement builds: ours/transformers train steps, and the parts of a distillation step
 MODES = ("student", "transformers", "teacher_forward", "student_group", "distill", "distill_ahead", "distill_thread",
          "teacher_graph", "distill_graph")
@@ -177,8 +183,10 @@ def _train_step(loss_fn, model, params, images, mask, targets, device, dtype, ah
     from detrdistill.trainers.bf16_weights import BF16Weights
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)  # as the engine (and for transformers' model too)
     kw = {"upcoming": (images, mask)} if ahead else {}
+    from detrdistill.trainers.graphed_model import GraphedModel
     copies = weight_copies and dtype in COPIES
-    forward_model = BF16Weights(model) if copies else model
+    forward_model = GraphedModel(model) if dtype.endswith("-graph") else model  # as the engine: inside the copies
+    forward_model = BF16Weights(forward_model) if copies else forward_model
 
     def step():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype.startswith("bf16")):
@@ -215,7 +223,7 @@ def _build_ours(family, scale, device, dtype, mode, channels_last=False, compile
     amp = dtype.startswith("bf16")
     model = build_detector(_model_config(family, scale, scale["backbone"]), scale["classes"]).to(device).train()
     _calibrate_frozen_bn(model, images)
-    set_bf16_layer_norm(model, dtype.endswith("-ln"))  # as the engine with amp_layer_norm bfloat16
+    set_bf16_layer_norm(model, "-ln" in dtype)  # as the engine with amp_layer_norm bfloat16
     channels_last = channels_last or dtype.endswith("-nhwc")
     if channels_last:  # NHWC images and backbone weights: cuDNN's tensor-core convolutions want this in bf16
         images = images.contiguous(memory_format=torch.channels_last)
@@ -232,7 +240,7 @@ def _build_ours(family, scale, device, dtype, mode, channels_last=False, compile
                            weight_copies=not compiled)
     teacher = _calibrate_frozen_bn(build_detector(_model_config(family, scale, scale["teacher_backbone"]),
                                                   scale["classes"]).to(device), images)
-    set_bf16_layer_norm(teacher, dtype.endswith("-ln"))
+    set_bf16_layer_norm(teacher, "-ln" in dtype)
     if channels_last:
         teacher.backbone.to(memory_format=torch.channels_last)
     if compiled and mode != "student_group":  # as the engine with schedule.compile: the teacher compiled too,
@@ -242,7 +250,8 @@ def _build_ours(family, scale, device, dtype, mode, channels_last=False, compile
     elif dtype in COPIES and not compiled:  # as the engine: the frozen teacher on bf16 copies of its weights
         from detrdistill.trainers.bf16_weights import BF16Weights
         teacher = BF16Weights(teacher, frozen=True)
-    if mode in GRAPHED and not compiled:  # as the engine with schedule.teacher_cuda_graph (warm-up captures)
+    if (mode in GRAPHED or dtype.endswith("-graph")) and not compiled:  # as the engine with
+        # schedule.teacher_cuda_graph (the warm-up steps capture)
         from detrdistill.trainers.distill.teacher_graph import GraphedTeacher
         teacher = GraphedTeacher(teacher)
     if mode in ("teacher_forward", "teacher_graph"):
@@ -577,6 +586,12 @@ def step_table(args, dtypes, run):
             if "median_s" in fp32 and "median_s" in low:
                 print(f"{family:18} ours {dtype}/fp32 {low['median_s'] / fp32['median_s']:.3f} (below 1: faster "
                       f"than fp32)", flush=True)
+        fp32 = r.get(("student", "fp32-graph"), {})
+        for dtype in ("bf16-graph", "bf16-ln-graph"):
+            low = r.get(("student", dtype), {})
+            if "median_s" in fp32 and "median_s" in low:
+                print(f"{family:18} ours {dtype}/fp32-graph {low['median_s'] / fp32['median_s']:.3f} (both "
+                      f"replayed from CUDA graphs)", flush=True)
 
 
 def distill_table(args, dtypes, run):

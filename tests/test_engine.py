@@ -185,3 +185,32 @@ def test_loss_sums_on_the_device_equal_python_float_sums():
             reference[k] = reference.get(k, 0.0) + float(v)
     assert sums.totals() == reference
     assert sums.sum.dtype == torch.float64 and sums.names == ["loss", "loss_cls", "kd_logits"]
+
+
+def test_graphed_model_off_cuda_is_the_model_and_compile_excludes_it():
+    """schedule.cuda_graph: GraphedModel replays graphs only on CUDA in training (tests/test_gpu.py -k
+    graphed); on the CPU a training step through it is the model's own, loss and gradients bitwise, and
+    nothing is captured. compile and cuda_graph together are refused."""
+    import copy
+    from detrdistill.trainers.config import ModelConfig
+    from detrdistill.trainers.engine import DetectionLoss
+    from detrdistill.trainers.graphed_model import GraphedModel
+    torch.manual_seed(0)
+    model = build_detector(ModelConfig(family="deformable_detr", backbone="resnet18", encoder_layers=1,
+                                       decoder_layers=2, num_queries=8, hidden_dim=32, num_heads=4, ffn_dim=32,
+                                       num_feature_levels=2, dropout=0.0), 3).train()
+    twin = copy.deepcopy(model)
+    images, mask = torch.randn(2, 3, 64, 80), torch.zeros(2, 64, 80, dtype=torch.bool)
+    mask[0, :, 70:] = True
+    targets = [{"labels": torch.tensor([1, 2]), "boxes": torch.tensor([[0.3, 0.4, 0.2, 0.3], [0.6, 0.5, 0.3, 0.2]])},
+               {"labels": torch.tensor([0]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])}]
+    wrapper = GraphedModel(twin)
+    losses = [DetectionLoss(SetCriterion(3))(m, images, mask, targets)["loss"] for m in (model, wrapper)]
+    for loss in losses:
+        loss.backward()
+    assert torch.equal(losses[0], losses[1])
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert (p.grad is None) == (q.grad is None) and (p.grad is None or torch.equal(p.grad, q.grad)), name
+    assert wrapper.graphs == {} and wrapper.seen == set()
+    with pytest.raises(ValueError, match="choose one"):
+        ScheduleConfig(compile=True, cuda_graph=True)

@@ -474,3 +474,129 @@ def test_graphed_teacher_in_a_distillation_step_gives_the_eager_losses_without_w
         assert eager.keys() == graph.keys()
         for k in eager:
             assert abs(eager[k] - graph[k]) <= 1e-5 * max(1.0, abs(eager[k])), (k, eager[k], graph[k])
+
+
+def _train_steps(forward_model, model, loss_fn, batches, amp: bool, check_sync_from=None):
+    """Steps as the engine runs them (autocast, backward, the weight copies' gradients to the master weights,
+    clipping, fused AdamW) -> the losses. From step `check_sync_from` on, each step runs under CUDA's sync
+    check and any wait for the GPU fails the test."""
+    import warnings
+    from detrdistill.trainers.bf16_weights import BF16Weights
+    params = [p for p in model.parameters() if p.requires_grad]
+    params += [p for p in getattr(loss_fn, "trainable", torch.nn.ModuleDict()).parameters()]
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    losses = []
+    for i, (images, mask, targets, upcoming) in enumerate(batches):
+        checked = check_sync_from is not None and i >= check_sync_from
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if checked:
+                torch.cuda.set_sync_debug_mode("warn")
+            try:
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                    out = loss_fn(forward_model, images, mask, targets, **({"upcoming": upcoming} if upcoming else {}))
+                opt.zero_grad(set_to_none=True)
+                out["loss"].backward()
+                if isinstance(forward_model, BF16Weights):
+                    forward_model.grads_to_master()
+                torch.nn.utils.clip_grad_norm_(params, 0.1)
+                opt.step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        waits = [f"{w.filename}:{w.lineno}: {w.message}" for w in caught if "synchroniz" in str(w.message)]
+        assert waits == [], (i, "\n".join(waits))
+        losses.append({k: float(v) for k, v in out.items() if torch.is_tensor(v) and v.dim() == 0})
+    return losses
+
+
+def _assert_same_training(eager_losses, graphed_losses, eager_model, graphed_model, tol):
+    for step, (a, b) in enumerate(zip(eager_losses, graphed_losses, strict=True)):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert abs(a[k] - b[k]) <= tol * max(1.0, abs(a[k])), (step, k, a[k], b[k])
+    ea, gr = eager_model.state_dict(), graphed_model.state_dict()
+    for k in ea:  # weights and batch norm statistics
+        err = (ea[k].double() - gr[k].double()).abs().max().item() if ea[k].numel() else 0.0
+        assert err <= tol * max(1.0, ea[k].double().abs().max().item()), (k, err)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_graphed_training_steps_equal_eager_steps(family, dtype):
+    """schedule.cuda_graph: the training forward and backward replayed from CUDA graphs (bf16: inside the bf16
+    weight copies, as the engine runs them) train as the eager steps do: the same losses step after step and
+    the same weights and batch norm statistics after six steps over two input shapes (each captured at its
+    second step; dropout 0). The graphed steps after capture wait for nothing."""
+    import copy
+    from detrdistill.trainers.bf16_weights import BF16Weights
+    from detrdistill.trainers.graphed_model import GraphedModel
+    torch.manual_seed(0)
+    eager = build_detector(small(family), 5).to(CUDA).train()
+    graphed = copy.deepcopy(eager)
+    a = [batch(CUDA, seed) for seed in range(4)]
+    b = [(im[:, :, :64, :96].contiguous(), m[:, :64, :96].contiguous(), t) for im, m, t in
+         (batch(CUDA, seed) for seed in range(4, 6))]
+    batches = [(*x, None) for x in (a[0], a[1], a[2], b[0], b[1], a[3])]
+    amp = dtype == "bf16"
+    wrapper = GraphedModel(graphed)
+    forwards = (BF16Weights(eager), BF16Weights(wrapper)) if amp else (eager, wrapper)
+    eager_losses = _train_steps(forwards[0], eager, DetectionLoss(SetCriterion(5)), batches, amp)
+    graphed_losses = _train_steps(forwards[1], graphed, DetectionLoss(SetCriterion(5)), batches, amp,
+                                  check_sync_from=5)  # a's graph again, after b's capture
+    assert wrapper.failed is None and len(wrapper.graphs) == 2
+    _assert_same_training(eager_losses, graphed_losses, eager, graphed, 1e-5 if dtype == "fp32" else 1e-3)
+
+
+def test_graphed_distillation_steps_equal_eager_steps():
+    """A DETRDistill step as the engine runs it on CUDA (teacher run ahead, bf16 weight copies) with
+    schedule.cuda_graph and teacher_cuda_graph: the student's forward and backward and the teacher's forward
+    replayed from graphs give the eager steps' losses and weights (the query-prior group goes through the
+    student's graph as an input), and once captured a step waits for nothing."""
+    import copy
+    from detrdistill.trainers.bf16_weights import BF16Weights
+    from detrdistill.trainers.distill.teacher_graph import GraphedTeacher
+    from detrdistill.trainers.graphed_model import GraphedModel
+    torch.manual_seed(0)
+    teacher = BF16Weights(build_detector(small("deformable_detr", "resnet34"), 5).to(CUDA), frozen=True)
+    eager = build_detector(small("deformable_detr"), 5).to(CUDA).train()
+    graphed = copy.deepcopy(eager)
+    data = [batch(CUDA, seed) for seed in range(6)]
+    batches = [(*data[i], data[i + 1][:2]) for i in range(5)]
+    results = []
+    for student, t in ((eager, teacher), (graphed, GraphedTeacher(teacher))):
+        torch.manual_seed(1)  # the feature adapters' init
+        loss_fn = DistillationLoss(t, SetCriterion(5), DistillConfig(method="detrdistill"), 64, 64, 2, 2,
+                                   student.config.levels).to(CUDA)
+        forward = BF16Weights(GraphedModel(student) if student is graphed else student)
+        results.append(_train_steps(forward, student, loss_fn, batches, amp=True,
+                                    check_sync_from=3 if student is graphed else None))
+        if student is graphed:
+            assert forward.model.failed is None and len(forward.model.graphs) == 1
+            assert t.failed is None and len(t.graphs) == 1
+    _assert_same_training(results[0], results[1], eager, graphed, 1e-3)
+
+
+def test_a_trial_with_cuda_graphs_trains_and_evaluates(tiny_data_root, tmp_path, monkeypatch):
+    """schedule.cuda_graph and teacher_cuda_graph in a distillation trial on CUDA (one input shape: a single
+    scale, no crop): both capture, nothing warns, and the trial ends with finite losses and AP."""
+    import warnings
+    from detrdistill.trainers.distill.teacher_graph import GraphedTeacher
+    from detrdistill.trainers.graphed_model import GraphedModel
+    captures = {"student": 0, "teacher": 0}
+    for cls, name in ((GraphedModel, "student"), (GraphedTeacher, "teacher")):
+        capture = cls._capture
+        monkeypatch.setattr(cls, "_capture", lambda self, *a, _c=capture, _n=name: (
+            captures.__setitem__(_n, captures[_n] + 1), _c(self, *a))[1])
+    config = _cuda_distill_trial(tiny_data_root, tmp_path, epochs=1)
+    augment = config.data.augment.model_copy(update={"scales": [96], "crop": False, "max_size": 200})
+    config = config.model_copy(update={
+        "data": config.data.model_copy(update={"augment": augment}),
+        "schedule": config.schedule.model_copy(update={"cuda_graph": True, "teacher_cuda_graph": True})})
+    reports = []
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*capture failed")  # a failed capture (cuda_graphs.py)
+        run_trial(config, tmp_path / "student", report=lambda m, c: reports.append(m), log=lambda s: None)
+    assert captures["student"] >= 1 and captures["teacher"] >= 1, captures
+    for key in ("train/kd_logits", "train/kd_feature", "train/kd_query_prior", "train/loss_det", "AP"):
+        assert key in reports[-1] and math.isfinite(reports[-1][key]), key
+

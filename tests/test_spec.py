@@ -692,8 +692,9 @@ def test_hashes_are_stable_and_ignore_the_name():
     assert trial_hash(config) == trial_hash(config.model_copy(update={"cpus": 3}))
     compiled = config.model_copy(update={"schedule": config.schedule.model_copy(update={"compile": True})})
     assert trial_hash(config) == trial_hash(compiled)  # a way to run it, not another trial
-    graphed = config.model_copy(update={"schedule": config.schedule.model_copy(update={"teacher_cuda_graph": True})})
-    assert trial_hash(config) == trial_hash(graphed)
+    for way in ("cuda_graph", "teacher_cuda_graph"):
+        graphed = config.model_copy(update={"schedule": config.schedule.model_copy(update={way: True})})
+        assert trial_hash(config) == trial_hash(graphed), way
     assert trial_hash(config) != trial_hash(config.model_copy(update={"seed": config.seed + 1}))
 
 

@@ -37,7 +37,7 @@ TRIAL_SECTIONS = ("data", "teacher", "student", "loss", "distill")  # what ablat
 TEACHER_SEED = 0  # one teacher per config, whatever the students' seeds: students are what the seeds measure
 # Excluded from the trial hash: they change how a trial runs, not what it trains.
 NON_SEMANTIC_FIELDS = {"name": True, "cpus": True, "overlap_teacher": True, "data": {"num_workers": True},
-                       "schedule": {"compile": True, "teacher_cuda_graph": True}}
+                       "schedule": {"compile": True, "cuda_graph": True, "teacher_cuda_graph": True}}
 # Model fields added after trials were first stored, with the default that keeps the old behaviour: left out
 # of the hash at that default, so upgrading detrdistill never retrains (or orphans) a finished trial.
 ADDED_MODEL_FIELDS = {"backbone_dilation": False, "finest_stride": None, "mixing_groups": 4, "mixing_in_points": 32,

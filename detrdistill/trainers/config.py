@@ -200,6 +200,13 @@ class ScheduleConfig(StrictModel):
         "GPU'). The first step of a new input "
         "shape compiles (minutes); from the second shape on, sizes compile as dynamic. With amp the compiled "
         "student runs on autocast alone (the compiler fuses its casts), not on bf16 weight copies."))
+    cuda_graph: bool = Field(False, description=(
+        "On CUDA, replay the student's training forward and backward from CUDA graphs captured per input shape "
+        "(the second time a shape comes; at most 2 kept): two launches instead of ~1500-2500, for GPU steps that "
+        "wait on their host; losses, matching and optimizer run as before. Pays off when batch shapes repeat "
+        "(fixed-size images, not DETR's multi-scale resize of varied aspect ratios); each graph keeps its "
+        "activations' memory. Same values as eager, but dropout draws other random numbers "
+        "(trainers/graphed_model.py). Not with `compile`."))
     teacher_cuda_graph: bool = Field(False, description=(
         "On CUDA, replay a distillation teacher's forward from a CUDA graph captured per input shape (the "
         "second time a shape comes; at most 8 kept): one launch instead of ~1000, for GPU steps that wait on "
@@ -207,6 +214,12 @@ class ScheduleConfig(StrictModel):
         "varied aspect ratios). Same values as the eager forward (distill/teacher_graph.py). Ignored with "
         "`compile`."))
     eval_every: int = Field(1, ge=1)  # evaluate every N epochs (and always after the last)
+
+    @model_validator(mode="after")
+    def _check(self) -> "ScheduleConfig":
+        if self.compile and self.cuda_graph:
+            raise ValueError("compile and cuda_graph both replace the eager training forward: choose one")
+        return self
 
 
 LayerMappingName = Literal["layerwise", "last", "first", "uniform", "final"]

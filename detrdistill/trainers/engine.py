@@ -26,6 +26,7 @@ from detrdistill.trainers.criterion import SetCriterion, float32_losses
 from detrdistill.trainers.data.batching import collate
 from detrdistill.trainers.data.coco import build_dataset
 from detrdistill.trainers.evaluate import evaluate
+from detrdistill.trainers.graphed_model import GraphedModel
 from detrdistill.trainers.matching import NonFiniteCostError
 from detrdistill.trainers.models import build_detector
 from detrdistill.trainers.models.constants import host_copies
@@ -167,7 +168,10 @@ def train_one_epoch(model, loss_fn, loader, optimizer, scheduler, device, config
     overlap = _overlap_teacher(loss_fn, config, device)
     # under autocast the eager model runs on bf16 copies of its weights: autocast's values, fewer operators
     copies = use_amp and compiled is None
-    forward_model = compiled if compiled is not None else BF16Weights(model) if copies else model
+    # schedule.cuda_graph: the training forward and backward replayed from CUDA graphs, inside the weight copies
+    # (which it reads as the weights); made per epoch, with the copies it reads
+    graphed = GraphedModel(model) if schedule.cuda_graph and compiled is None and device.type == "cuda" else model
+    forward_model = compiled if compiled is not None else BF16Weights(graphed) if copies else graphed
     start = time.perf_counter()
     checked = None
     for step, (images, mask, targets, upcoming) in enumerate(_device_batches(loader, device, lookahead=overlap)):

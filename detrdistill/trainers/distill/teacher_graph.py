@@ -10,71 +10,35 @@ and copies nothing from the host (its constants, e.g. deformable attention's lev
 `constants.cached_device_constant`, filled by the eager forward that precedes every capture). The values are
 the eager forward's: the same kernels on the same inputs (tests/test_gpu.py -k graph).
 
-A shape is captured the second time it comes: with multi-scale training most batch shapes come once, and a
-capture costs about two eager forwards (a warm-up on the capture stream and the capture itself). At most
-`max_graphs` graphs are kept, the least recently used dropped first. They share one memory pool, which is safe
-because they never run at once and each call copies its outputs out of the pool before returning.
+A shape is captured the second time it comes, at most `max_graphs` are kept (cuda_graphs.ShapeGraphs). They
+share one memory pool, which is safe because they never run at once and each call copies its outputs out of
+the pool before returning.
 """
-import warnings
-from collections import OrderedDict
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
+from detrdistill.trainers.cuda_graphs import ShapeGraphs, autocast_setting
 from detrdistill.trainers.models.output import map_tensors
 
 
-class GraphedTeacher(nn.Module):
+class GraphedTeacher(ShapeGraphs):
     """`teacher(images, mask)` without gradients on CUDA, replayed from a graph for an input shape seen before;
     otherwise (CPU, gradients on, a shape's first time) the teacher called as it is. Same output type."""
 
+    what = "teacher_cuda_graph (the teacher's forward)"
+
     def __init__(self, teacher: nn.Module, max_graphs: int = 8):
-        super().__init__()
+        super().__init__(max_graphs)
         self.teacher = teacher
-        self.max_graphs = max_graphs
-        self.graphs: OrderedDict = OrderedDict()  # input key -> _Graph, least recently used first
-        self.seen: set = set()  # input keys run once eagerly
-        self.failed: Optional[str] = None  # why a capture failed; the teacher then always runs eagerly
-        self._pool = None
-        self._stream = None
 
     def forward(self, images: Tensor, mask: Optional[Tensor] = None):
-        if images.device.type != "cuda" or torch.is_grad_enabled() or self.failed is not None:
-            return self.teacher(images, mask)
-        key = _input_key(images, mask)
-        graph = self.graphs.get(key)
-        if graph is None:
-            if key not in self.seen:  # the eager forward also makes the shape's constants and cuDNN's choices
-                self.seen.add(key)
-                return self.teacher(images, mask)
-            graph = self._capture(key, images, mask)
-            if graph is None:
-                return self.teacher(images, mask)
-        self.graphs.move_to_end(key)
-        return graph(images, mask)
-
-    def reset(self) -> None:
-        """Drop every graph: call it after changing the teacher's settings (e.g. its LayerNorms' output dtype) or
-        moving its weights, which the graphs read where they were at capture."""
-        self.graphs.clear()
-        self.seen.clear()
-
-    def _capture(self, key, images: Tensor, mask: Optional[Tensor]) -> Optional["_Graph"]:
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-            self._stream = torch.cuda.Stream(images.device)
-        try:
-            graph = _Graph(self.teacher, images, mask, self._pool, self._stream)
-        except Exception as e:  # an operator capture does not allow: the teacher runs as before, said once
-            self.failed = f"{type(e).__name__}: {e}"
-            warnings.warn(f"teacher_cuda_graph: capturing the teacher's forward failed ({self.failed}); it runs "
-                          "without graphs", RuntimeWarning, stacklevel=3)
-            return None
-        self.graphs[key] = graph
-        while len(self.graphs) > self.max_graphs:
-            self.graphs.popitem(last=False)  # its memory goes back to the shared pool
-        return graph
+        graph = None
+        if images.device.type == "cuda" and not torch.is_grad_enabled() and not self.failed:
+            graph = self._graph_for(_input_key(images, mask), images.device,
+                                    lambda pool, stream: _Graph(self.teacher, images, mask, pool, stream))
+        return graph(images, mask) if graph is not None else self.teacher(images, mask)
 
 
 class _Graph:
@@ -85,9 +49,7 @@ class _Graph:
         self.images = images.clone()
         self.mask = mask.clone() if mask is not None else None
         device = images.device
-        # autocast as the caller set it, its cast cache off: a cast cached during capture would live in the pool
-        amp = dict(device_type="cuda", dtype=torch.get_autocast_dtype("cuda"),
-                   enabled=torch.is_autocast_enabled("cuda"), cache_enabled=False)
+        amp = autocast_setting()  # the caller's, its cast cache off
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream), torch.autocast(**amp):  # the capture stream's own lazily made state
             teacher(self.images, self.mask)  # (cuBLAS's workspace for this stream) before capture
