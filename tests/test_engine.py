@@ -214,3 +214,40 @@ def test_graphed_model_off_cuda_is_the_model_and_compile_excludes_it():
     assert wrapper.graphs == {} and wrapper.seen == set()
     with pytest.raises(ValueError, match="choose one"):
         ScheduleConfig(compile=True, cuda_graph=True)
+
+
+def test_shape_graphs_capture_a_shape_the_second_time_keep_the_recent_ones_and_stop_when_shapes_vary():
+    """The capture policy of the CUDA-graph wrappers (cuda_graphs.ShapeGraphs), with captures that make labels:
+    a key's first call runs eagerly, its second captures, later ones replay; the least recently used graph goes
+    beyond max_graphs; a capture that raises, or keys cycling through more shapes than are kept (a capture
+    every few calls, each costing about two eager ones), stop capturing for good, with a warning."""
+    from detrdistill.trainers.cuda_graphs import ShapeGraphs
+    made = []
+
+    def capture(key):
+        return lambda: made.append(key) or f"graph {key} #{len(made)}"
+    cache = ShapeGraphs(max_graphs=2)
+    assert cache._graph_for("a", capture("a")) is None and made == []
+    assert cache._graph_for("a", capture("a")) == "graph a #1"
+    assert cache._graph_for("a", capture("a")) == "graph a #1" and made == ["a"]
+    for key in "bcb":
+        cache._graph_for(key, capture(key))
+        cache._graph_for(key, capture(key))
+    assert list(cache.graphs) == ["c", "b"] and made == ["a", "b", "c"] and cache.failed is None
+
+    def boom():
+        raise RuntimeError("operation not permitted when stream is capturing")
+    cache._graph_for("d", boom)
+    with pytest.warns(RuntimeWarning, match="capture failed: RuntimeError: operation not permitted"):
+        assert cache._graph_for("d", boom) is None
+    assert cache.failed and cache.graphs == {}
+
+    cycling = ShapeGraphs(max_graphs=1)
+    # two first calls run eagerly, then every call captures (the other key's graph just evicted), none replays
+    calls = [cycling._graph_for(key, capture(key)) for key in "ab" * (ShapeGraphs.THRASH_CAPTURES // 2 + 1)]
+    assert cycling.captures == ShapeGraphs.THRASH_CAPTURES and cycling.replays == 0 and cycling.failed is None
+    assert calls[:2] == [None, None] and None not in calls[2:]
+    with pytest.warns(RuntimeWarning, match="input shapes vary too much: 8 captures, 0 replays"):
+        assert cycling._graph_for("a", capture("a")) is None
+    assert cycling.graphs == {} and cycling._graph_for("b", capture("b")) is None
+    assert cycling.captures == ShapeGraphs.THRASH_CAPTURES

@@ -1,7 +1,7 @@
 """What the CUDA-graph wrappers share (graphed_model.GraphedModel, distill/teacher_graph.GraphedTeacher): one
 graph per input key, captured the second time the key comes, replayed after; at most `max_graphs` kept, the
-least recently used dropped first, all in one memory pool of the wrapper's own; a capture that fails warns once
-and leaves the wrapped module eager from then on.
+least recently used dropped first, all in one memory pool of the wrapper's own; a capture that fails, or keys
+that vary too much for graphs to pay, warn once and leave the wrapped module eager from then on.
 
 The second time, because DETR's multi-scale batches mostly come in shapes seen once, and a capture costs about
 two eager calls (a warm-up on the capture stream, the capture itself); the first call is eager and makes what a
@@ -23,9 +23,15 @@ CAPTURE_LOCK = threading.Lock()
 
 class ShapeGraphs(nn.Module):
     """Base of a wrapper: `self.graphs` (key -> captured graph), `self.seen` (keys run once eagerly),
-    `self.failed` (why a capture failed, or None)."""
+    `self.failed` (why capturing stopped, or None).
 
-    what = "the call"  # for the warning of a failed capture
+    Capturing stops too when keys vary too much for graphs to pay: after `THRASH_CAPTURES` captures with fewer
+    than `THRASH_REPLAYS` replays per capture (multi-scale batches cycling through more shapes than
+    `max_graphs`), since each capture costs about two eager calls."""
+
+    what = "the call"  # for the warning when capturing stops
+    THRASH_CAPTURES = 8
+    THRASH_REPLAYS = 4
 
     def __init__(self, max_graphs: int):
         super().__init__()
@@ -33,34 +39,50 @@ class ShapeGraphs(nn.Module):
         self.graphs: OrderedDict = OrderedDict()
         self.seen: set = set()
         self.failed: Optional[str] = None
+        self.captures = self.replays = 0
         self._pool = None
         self._stream = None
 
-    def _graph_for(self, key, device: torch.device, capture: Callable):
-        """The graph for `key`, capturing it now (`capture(pool, stream)`) if the key came before; None where the
-        call is to run eagerly (the key's first time, or captures failed)."""
+    def _graph_for(self, key, capture: Callable):
+        """The graph for `key`, capturing it now (`capture()`) if the key came before; None where the call is to
+        run eagerly (the key's first time, or capturing stopped)."""
+        if self.failed is not None:
+            return None
         graph = self.graphs.get(key)
         if graph is not None:
             self.graphs.move_to_end(key)
+            self.replays += 1
             return graph
         if key not in self.seen:
             self.seen.add(key)
             return None
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-            self._stream = torch.cuda.Stream(device)
+        if self.captures >= self.THRASH_CAPTURES and self.replays < self.THRASH_REPLAYS * self.captures:
+            self._stop(f"input shapes vary too much: {self.captures} captures, {self.replays} replays with at most "
+                       f"{self.max_graphs} graphs kept")
+            return None
         try:
             with CAPTURE_LOCK:
-                graph = capture(self._pool, self._stream)
+                graph = capture()
         except Exception as e:  # an operator capture does not allow: eager from now on, said once
-            self.failed = f"{type(e).__name__}: {e}"
-            warnings.warn(f"{self.what}: capture failed ({self.failed}); it runs without CUDA graphs",
-                          RuntimeWarning, stacklevel=4)
+            self._stop(f"capture failed: {type(e).__name__}: {e}")
             return None
+        self.captures += 1
         self.graphs[key] = graph
         while len(self.graphs) > self.max_graphs:
             self.graphs.popitem(last=False)  # its memory goes back to the pool
         return graph
+
+    def _capture_resources(self, device: torch.device) -> tuple:
+        """(memory pool, capture stream) of this wrapper's graphs, made on first use."""
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+            self._stream = torch.cuda.Stream(device)
+        return self._pool, self._stream
+
+    def _stop(self, why: str) -> None:
+        self.failed = why
+        self.graphs.clear()
+        warnings.warn(f"{self.what}: {why}; it runs without CUDA graphs from now on", RuntimeWarning, stacklevel=5)
 
     def reset(self) -> None:
         """Drop every graph: after changing the wrapped module's settings (e.g. its LayerNorms' output dtype) or

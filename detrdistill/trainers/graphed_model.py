@@ -44,8 +44,8 @@ class GraphedModel(ShapeGraphs):
         graph = None
         if images.device.type == "cuda" and torch.is_grad_enabled() and self.model.training and not self.failed:
             inputs = _flat_inputs(images, mask, queries)
-            graph = self._graph_for(_input_key(inputs), images.device,
-                                    lambda pool, stream: _StepGraph(self.model, inputs, pool, stream))
+            graph = self._graph_for(_input_key(inputs), lambda: _StepGraph(
+                self.model, inputs, *self._capture_resources(images.device)))
         return graph(inputs) if graph is not None else self.model(images, mask, queries=queries)
 
 

@@ -36,8 +36,8 @@ class GraphedTeacher(ShapeGraphs):
     def forward(self, images: Tensor, mask: Optional[Tensor] = None):
         graph = None
         if images.device.type == "cuda" and not torch.is_grad_enabled() and not self.failed:
-            graph = self._graph_for(_input_key(images, mask), images.device,
-                                    lambda pool, stream: _Graph(self.teacher, images, mask, pool, stream))
+            graph = self._graph_for(_input_key(images, mask), lambda: _Graph(
+                self.teacher, images, mask, *self._capture_resources(images.device)))
         return graph(images, mask) if graph is not None else self.teacher(images, mask)
 
 
