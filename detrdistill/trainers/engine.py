@@ -305,6 +305,9 @@ def run_trial(config: TrialConfig, workdir: Path, report: Optional[Report] = Non
     device = select_device(config.device)
     select_attention_kernels(device)
     seed_everything(config.seed)
+    graphs = [k for k in ("cuda_graph", "teacher_cuda_graph") if getattr(config.schedule, k)]
+    if graphs and device.type != "cuda":
+        log(f"[{config.name}] schedule.{' and '.join(graphs)}: CUDA only, the {device.type} runs eagerly")
 
     train_set, val_set, train_loader, val_loader, sampler_gen = build_loaders(config, device.type == "cuda")
     num_classes = train_set.num_classes
