@@ -606,9 +606,10 @@ def distill_table(args, dtypes, run):
           f"{'thread/floor':>12} {'kd solve':>8} {'alone':>7} {'serial':>7} {'landed':>7} {'waited':>7} {'t.wait':>7} {'gt.wait':>7} {'ops: distill':>12} {'floor':>6} "
           f"{'d/floor':>7}", flush=True)
     parts = ("student", "teacher_forward", "student_group", "distill", "distill_ahead", "distill_thread")
-    graphed = GRAPHED if args.teacher_graph else ()
     for family in args.families:
         for dtype in args.distill_dtypes or dtypes:
+            # a -graph dtype's teacher is graphed in every mode already
+            graphed = GRAPHED if args.teacher_graph and not dtype.endswith("-graph") else ()
             r = {m: v for (m, _), v in run([(family, m, dtype) for m in parts + graphed]).items()}
             if any("error" in r[m] for m in parts):
                 print(f"{family:18} {dtype:10} failed: {[r[m].get('error') for m in parts]}", flush=True)
