@@ -580,13 +580,15 @@ def test_a_trial_with_cuda_graphs_trains_and_evaluates(tiny_data_root, tmp_path,
     """schedule.cuda_graph and teacher_cuda_graph in a distillation trial on CUDA (one input shape: a single
     scale, no crop): both capture, nothing warns, and the trial ends with finite losses and AP."""
     import warnings
-    from detrdistill.trainers.distill.teacher_graph import GraphedTeacher
-    from detrdistill.trainers.graphed_model import GraphedModel
+    import detrdistill.trainers.distill.teacher_graph as teacher_graph
+    import detrdistill.trainers.graphed_model as graphed_model
     captures = {"student": 0, "teacher": 0}
-    for cls, name in ((GraphedModel, "student"), (GraphedTeacher, "teacher")):
-        capture = cls._capture
-        monkeypatch.setattr(cls, "_capture", lambda self, *a, _c=capture, _n=name: (
-            captures.__setitem__(_n, captures[_n] + 1), _c(self, *a))[1])
+    for module, name, label in ((graphed_model, "_StepGraph", "student"), (teacher_graph, "_Graph", "teacher")):
+        class Counted(getattr(module, name)):  # each capture counted
+            def __init__(self, *args, _label=label):
+                captures[_label] += 1
+                super().__init__(*args)
+        monkeypatch.setattr(module, name, Counted)
     config = _cuda_distill_trial(tiny_data_root, tmp_path, epochs=1)
     augment = config.data.augment.model_copy(update={"scales": [96], "crop": False, "max_size": 200})
     config = config.model_copy(update={
