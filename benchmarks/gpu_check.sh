@@ -13,11 +13,12 @@
 #           min each: two input shapes compile)
 # bf16      benchmarks/step.py at paper scale, ours only: fp32, bf16 (the engine's: bf16 weight copies, no cuDNN
 #           attention) and bf16-ln (the engine's bf16 with schedule.amp_layer_norm bfloat16: LayerNorm returning
-#           bf16, a bf16 residual stream, no cast of its outputs before each bf16 matrix product), and the three
-#           with the training forward and backward replayed from CUDA graphs (-graph: schedule.cuda_graph; the
-#           host then issues only losses, matching and optimizer, so the ratio is the GPU's), timed interleaved,
-#           each / fp32 and bf16*-graph / fp32-graph (~2.5 min; BF16_TIMEOUT, default 200 s; bf16-cudnn-sdp and
-#           bf16-nhwc, measured on 2026-11-27, did not help: step.py --dtypes takes them)
+#           bf16, a bf16 residual stream, no cast of its outputs before each bf16 matrix product), timed
+#           interleaved, each / fp32 (~1 min; BF16_TIMEOUT, default 120 s); then, in a process of its own (a CUDA
+#           error of a graph sticks to its process), fp32 beside the three with the training forward and
+#           backward replayed from CUDA graphs (-graph: schedule.cuda_graph; the host then issues only losses,
+#           matching and optimizer): fp32-graph / fp32 and bf16*-graph / fp32-graph (~1.5 min; BF16_GRAPH_TIMEOUT,
+#           default 120 s). bf16-cudnn-sdp and bf16-nhwc, measured on 2026-11-27, did not help (--dtypes takes them)
 # b8        Conditional DETR at batch 8 (scale paper_b8, fp32 / bf16 / bf16-ln, ~40 s): a batch-2 step waits on its
 #           host's launches, the same in both dtypes, so does bf16 win once the GPU has the work?
 # nolt      as bf16 (fp32 and bf16, Conditional DETR and AdaMixer) with DISABLE_ADDMM_CUDA_LT=1: PyTorch's
@@ -32,13 +33,13 @@
 #           thread dispatching CUDA operators, with the interpreter's switch interval at 5 ms and 0.1 ms (is the in-step
 #           KD solve, 36-53 ms on 2026-11-27's H200, slowed by waits for the GIL?); then
 #           benchmarks/step.py --distill at paper scale: distillation step vs the floor (DISTILL_DTYPES, default
-#           bf16 bf16-graph: the engine's amp on CUDA, eager and with the student's step and the teacher's forward
-#           replayed from CUDA graphs, schedule.cuda_graph and teacher_cuda_graph; fp32 was 1.07-1.20 on
-#           2026-11-27), in line, run ahead (the engine's CUDA default), with the teacher on a helper thread
-#           (overlap_teacher thread), and the "graphed" rows: the teacher's forward alone replayed from a CUDA
-#           graph (schedule.teacher_cuda_graph), alone and in the step run ahead; DISTILL_TIMEOUT (default
-#           360 s; 2026-11-27: ~140 s for two dtypes and five modes, now eight: ~230 s); DISTILL_SWITCH
-#           (e.g. 0.0001) sets the interpreter's switch interval for the table (step.py --switch-interval)
+#           bf16, the engine's amp on CUDA; fp32 was 1.07-1.20 on 2026-11-27), in line, run ahead (the engine's
+#           CUDA default) and with the teacher on a helper thread (overlap_teacher thread) (~1.5 min;
+#           DISTILL_TIMEOUT, default 200 s); then, in a process of its own, the same with CUDA graphs
+#           (DISTILL_GRAPH_DTYPES, default bf16-graph: the student's step and the teacher's forward replayed,
+#           schedule.cuda_graph and teacher_cuda_graph; an eager dtype there, e.g. bf16, gets "graphed" rows:
+#           the teacher's forward alone graphed) (~1.5 min; DISTILL_GRAPH_TIMEOUT, default 200 s); DISTILL_SWITCH
+#           (e.g. 0.0001) sets the interpreter's switch interval for both (step.py --switch-interval)
 # layout    our steps again with channels_last backbones (does bf16 then beat fp32 where it did not?)
 # matching  benchmarks/matching.py with the host's cores
 # compile   ours through torch.compile as the engine's schedule.compile does (COMPILE_FAMILIES, default Conditional
@@ -51,10 +52,10 @@
 # Each stage has its own time limit and writes its log under $OUT, so one that fails or runs long loses
 # nothing of the others. All stages together take far longer than one 10-minute device call; with a
 # 15-minute device budget (a machine's start takes ~45 s of it) run `tests bf16 distill` first (timeout_s
-# 560: the CUDA tests ~1.5 min, among them the sync-debug-mode checks of a distillation step and the CUDA-graph
-# tests; bf16 vs fp32 eager and graphed ~2.5 min, bf16-ln being the engine's amp with amp_layer_norm bfloat16
-# (#2); the solve beside a dispatching thread (gil_threads --solve) ~15 s; the distillation table for bf16 and
-# bf16-graph ~4 min, with the graphed teacher's rows, the columns `thread` (overlap_teacher "thread"), `landed` / `waited`
+# 560: the CUDA tests ~2.5 min, among them the sync-debug-mode checks of a distillation step and the CUDA-graph
+# tests; bf16 vs fp32 eager, then graphed, ~2.5 min, bf16-ln being the engine's amp with amp_layer_norm bfloat16
+# (#2); the solve beside a dispatching thread (gil_threads --solve) ~15 s; the distillation tables, eager bf16
+# then bf16-graph, ~3 min, with the columns `thread` (overlap_teacher "thread"), `landed` / `waited`
 # (the KD assignment's timing) and `alone` / `serial` (the step's KD problems solved again with nothing else running:
 # is the in-step solve slowed by the step's other threads?)), then `profile nolt` (~3 min) or
 # `tests-compiled` with what is left, on the still warm machine. The header's `numba` says whether the
@@ -95,10 +96,13 @@ if has tests-compiled; then
     done
 fi
 if has bf16; then
-    stamp "bf16 vs fp32, paper scale, ours only (interleaved), eager and replayed from CUDA graphs"
-    timeout ${BF16_TIMEOUT:-200} $PY benchmarks/step.py --scale paper --steps 10 --warmup 3 --ours-only \
-        --dtypes fp32 bf16 bf16-ln fp32-graph bf16-graph bf16-ln-graph \
-        --json "$OUT/bf16.json" 2>&1 | tee "$OUT/bf16.txt"
+    stamp "bf16 vs fp32, paper scale, ours only (interleaved)"
+    timeout ${BF16_TIMEOUT:-120} $PY benchmarks/step.py --scale paper --steps 10 --warmup 3 --ours-only \
+        --dtypes fp32 bf16 bf16-ln --json "$OUT/bf16.json" 2>&1 | tee "$OUT/bf16.txt"
+    # apart: a graph that went wrong (a CUDA error that sticks to the process) cannot take the eager rows with it
+    stamp "the same replayed from CUDA graphs (schedule.cuda_graph), beside eager fp32"
+    timeout ${BF16_GRAPH_TIMEOUT:-120} $PY benchmarks/step.py --scale paper --steps 10 --warmup 3 --ours-only \
+        --dtypes fp32 fp32-graph bf16-graph bf16-ln-graph --json "$OUT/bf16_graph.json" 2>&1 | tee "$OUT/bf16_graph.txt"
 fi
 if has b8; then
     stamp "bf16 vs fp32 at batch 8, Conditional DETR (the same launches, four times the GPU work)"
@@ -120,9 +124,13 @@ if has distill; then
     stamp "distillation step vs floor, paper scale"
     # torch threads (and so the KD solve's) = the host's CPUs, as a trial given the whole 1-GPU machine
     # (resources.cpus_per_trial) runs; "serial" in the table is the solve on one thread
-    timeout ${DISTILL_TIMEOUT:-360} $PY benchmarks/step.py --scale paper --steps 10 --warmup 3 --distill-only \
+    timeout ${DISTILL_TIMEOUT:-200} $PY benchmarks/step.py --scale paper --steps 10 --warmup 3 --distill-only \
+        --threads "$(nproc)" ${DISTILL_SWITCH:+--switch-interval $DISTILL_SWITCH} \
+        --dtypes ${DISTILL_DTYPES:-bf16} --json "$OUT/distill.json" 2>&1 | tee "$OUT/distill.txt"
+    stamp "the same with CUDA graphs (the student's step and the teacher's forward)"
+    timeout ${DISTILL_GRAPH_TIMEOUT:-200} $PY benchmarks/step.py --scale paper --steps 10 --warmup 3 --distill-only \
         --threads "$(nproc)" ${DISTILL_SWITCH:+--switch-interval $DISTILL_SWITCH} --teacher-graph \
-        --dtypes ${DISTILL_DTYPES:-bf16 bf16-graph} --json "$OUT/distill.json" 2>&1 | tee "$OUT/distill.txt"
+        --dtypes ${DISTILL_GRAPH_DTYPES:-bf16-graph} --json "$OUT/distill_graph.json" 2>&1 | tee "$OUT/distill_graph.txt"
 fi
 if has profile; then
     stamp "where a student step's time goes, paper scale (GPU busy / wall, top kernels)"
