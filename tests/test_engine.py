@@ -233,19 +233,19 @@ def test_shape_graphs_capture_a_shape_the_second_time_keep_the_recent_ones_and_s
     for key in "bcb":
         cache._graph_for(key, capture(key))
         cache._graph_for(key, capture(key))
-    assert list(cache.graphs) == ["c", "b"] and made == ["a", "b", "c"] and cache.failed is None
+    assert list(cache.graphs) == ["c", "b"] and made == ["a", "b", "c"] and cache.stopped is None
 
     def boom():
         raise RuntimeError("operation not permitted when stream is capturing")
     cache._graph_for("d", boom)
     with pytest.warns(RuntimeWarning, match="capture failed: RuntimeError: operation not permitted"):
         assert cache._graph_for("d", boom) is None
-    assert cache.failed and cache.graphs == {}
+    assert cache.stopped and cache.graphs == {}
 
     cycling = ShapeGraphs(max_graphs=1)
     # two first calls run eagerly, then every call captures (the other key's graph just evicted), none replays
     calls = [cycling._graph_for(key, capture(key)) for key in "ab" * (ShapeGraphs.THRASH_CAPTURES // 2 + 1)]
-    assert cycling.captures == ShapeGraphs.THRASH_CAPTURES and cycling.replays == 0 and cycling.failed is None
+    assert cycling.captures == ShapeGraphs.THRASH_CAPTURES and cycling.replays == 0 and cycling.stopped is None
     assert calls[:2] == [None, None] and None not in calls[2:]
     with pytest.warns(RuntimeWarning, match="input shapes vary too much: 8 captures, 0 replays"):
         assert cycling._graph_for("a", capture("a")) is None

@@ -427,13 +427,13 @@ def test_graphed_teacher_replays_the_eager_forward(family, dtype):
             expected = teacher(images, mask)
             _assert_outputs_close(expected, got, tol, (shape, used[shape]))
             kept.append((expected, got))
-        assert len(graphed.graphs) == 2 and graphed.failed is None
+        assert len(graphed.graphs) == 2 and graphed.stopped is None
         for i, (expected, got) in enumerate(kept):  # still their own values after every later replay
             _assert_outputs_close(expected, got, tol, ("kept", i))
         images, mask = inputs["a"][0][0][:1], inputs["a"][0][1][:1]  # a third shape: the oldest graph goes
         graphed(images, mask)
         graphed(images, mask)
-        assert len(graphed.graphs) == 2 and graphed.failed is None
+        assert len(graphed.graphs) == 2 and graphed.stopped is None
 
 
 def test_graphed_teacher_in_a_distillation_step_gives_the_eager_losses_without_waiting():
@@ -469,7 +469,7 @@ def test_graphed_teacher_in_a_distillation_step_gives_the_eager_losses_without_w
             out["loss"].backward()
             losses[mode].append({k: float(v) for k, v in out.items() if torch.is_tensor(v) and v.dim() == 0})
         if mode == "graph":
-            assert len(loss_fn.teacher.graphs) == 1 and loss_fn.teacher.failed is None
+            assert len(loss_fn.teacher.graphs) == 1 and loss_fn.teacher.stopped is None
     for eager, graph in zip(losses["eager"], losses["graph"]):
         assert eager.keys() == graph.keys()
         for k in eager:
@@ -543,7 +543,7 @@ def test_graphed_training_steps_equal_eager_steps(family, dtype):
     eager_losses = _train_steps(forwards[0], eager, DetectionLoss(SetCriterion(5)), batches, amp)
     graphed_losses = _train_steps(forwards[1], graphed, DetectionLoss(SetCriterion(5)), batches, amp,
                                   check_sync_from=5)  # a's graph again, after b's capture
-    assert wrapper.failed is None and len(wrapper.graphs) == 2
+    assert wrapper.stopped is None and len(wrapper.graphs) == 2
     _assert_same_training(eager_losses, graphed_losses, eager, graphed, 1e-5 if dtype == "fp32" else 1e-3)
 
 
@@ -571,8 +571,8 @@ def test_graphed_distillation_steps_equal_eager_steps():
         results.append(_train_steps(forward, student, loss_fn, batches, amp=True,
                                     check_sync_from=3 if student is graphed else None))
         if student is graphed:
-            assert forward.model.failed is None and len(forward.model.graphs) == 1
-            assert t.failed is None and len(t.graphs) == 1
+            assert forward.model.stopped is None and len(forward.model.graphs) == 1
+            assert t.stopped is None and len(t.graphs) == 1
     _assert_same_training(results[0], results[1], eager, graphed, 1e-3)
 
 

@@ -23,7 +23,7 @@ CAPTURE_LOCK = threading.Lock()
 
 class ShapeGraphs(nn.Module):
     """Base of a wrapper: `self.graphs` (key -> captured graph), `self.seen` (keys run once eagerly),
-    `self.failed` (why capturing stopped, or None).
+    `self.stopped` (why capturing stopped, or None).
 
     Capturing stops too when keys vary too much for graphs to pay: after `THRASH_CAPTURES` captures with fewer
     than `THRASH_REPLAYS` replays per capture (multi-scale batches cycling through more shapes than
@@ -38,7 +38,7 @@ class ShapeGraphs(nn.Module):
         self.max_graphs = max_graphs
         self.graphs: OrderedDict = OrderedDict()
         self.seen: set = set()
-        self.failed: Optional[str] = None
+        self.stopped: Optional[str] = None
         self.captures = self.replays = 0
         self._pool = None
         self._stream = None
@@ -46,7 +46,7 @@ class ShapeGraphs(nn.Module):
     def _graph_for(self, key, capture: Callable):
         """The graph for `key`, capturing it now (`capture()`) if the key came before; None where the call is to
         run eagerly (the key's first time, or capturing stopped)."""
-        if self.failed is not None:
+        if self.stopped is not None:
             return None
         graph = self.graphs.get(key)
         if graph is not None:
@@ -80,7 +80,7 @@ class ShapeGraphs(nn.Module):
         return self._pool, self._stream
 
     def _stop(self, why: str) -> None:
-        self.failed = why
+        self.stopped = why
         self.graphs.clear()
         warnings.warn(f"{self.what}: {why}; it runs without CUDA graphs from now on", RuntimeWarning, stacklevel=5)
 

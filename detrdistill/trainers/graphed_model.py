@@ -42,7 +42,7 @@ class GraphedModel(ShapeGraphs):
 
     def forward(self, images: Tensor, mask: Optional[Tensor] = None, queries: Optional[QueryGroup] = None):
         graph = None
-        if images.device.type == "cuda" and torch.is_grad_enabled() and self.model.training and not self.failed:
+        if images.device.type == "cuda" and torch.is_grad_enabled() and self.model.training and not self.stopped:
             inputs = _flat_inputs(images, mask, queries)
             graph = self._graph_for(_input_key(inputs), lambda: _StepGraph(
                 self.model, inputs, *self._capture_resources(images.device)))

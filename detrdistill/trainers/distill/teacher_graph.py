@@ -35,7 +35,7 @@ class GraphedTeacher(ShapeGraphs):
 
     def forward(self, images: Tensor, mask: Optional[Tensor] = None):
         graph = None
-        if images.device.type == "cuda" and not torch.is_grad_enabled() and not self.failed:
+        if images.device.type == "cuda" and not torch.is_grad_enabled() and not self.stopped:
             graph = self._graph_for(_input_key(images, mask), lambda: _Graph(
                 self.teacher, images, mask, *self._capture_resources(images.device)))
         return graph(images, mask) if graph is not None else self.teacher(images, mask)
