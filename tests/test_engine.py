@@ -251,3 +251,22 @@ def test_shape_graphs_capture_a_shape_the_second_time_keep_the_recent_ones_and_s
         assert cycling._graph_for("a", capture("a")) is None
     assert cycling.graphs == {} and cycling._graph_for("b", capture("b")) is None
     assert cycling.captures == ShapeGraphs.THRASH_CAPTURES
+
+
+def test_loaders_pad_batches_to_the_size_divisor(tiny_data_root):
+    """data.pad_size_divisor: every training and validation batch is padded up to multiples of it (few batch
+    shapes, for CUDA graphs), the padding marked in the mask; 1 (the default) pads to the largest image only."""
+    from detrdistill.trainers.engine import build_loaders
+    config = tiny_trial(tiny_data_root)  # multi-scale: 80 or 96 px and the crop branch's sizes
+    shapes = {}
+    for divisor in (1, 64):
+        data = config.data.model_copy(update={"pad_size_divisor": divisor, "num_workers": 0})
+        _, _, train, val, gen = build_loaders(config.model_copy(update={"data": data}))
+        gen.manual_seed(0)
+        batches = list(train) + list(val)
+        shapes[divisor] = {tuple(images.shape[-2:]) for images, _, _ in batches}
+        for images, mask, _ in batches:
+            assert mask.shape == images.shape[:1] + images.shape[-2:]
+            assert all(s % divisor == 0 for s in images.shape[-2:])
+            assert not images.masked_select(mask[:, None]).any()  # padding is zeros and marked
+    assert shapes[64] == {(128, 128)} and len(shapes[1]) > 1

@@ -701,7 +701,7 @@ def test_hashes_are_stable_and_ignore_the_name():
 def test_hashes_survive_upgrades():
     """Pinned: the store is found by these hashes, so a release that changes them silently retrains every
     finished trial. A new config field must leave them alone at its default (spec.ADDED_MODEL_FIELDS,
-    ADDED_SCHEDULE_FIELDS)."""
+    ADDED_SCHEDULE_FIELDS, ADDED_DATA_FIELDS)."""
     config = TrialConfig(data=DataConfig(root="data/x"), teacher=TeacherConfig(),
                          distill=DistillConfig(method="detrdistill"))
     assert (trial_hash(config), trial_hash(config, "trial:abc")) == ("e3aae6a9a042", "3bea5aa5e688")
@@ -711,6 +711,8 @@ def test_hashes_survive_upgrades():
     assert trial_hash(local) not in ("e3aae6a9a042", "3bea5aa5e688")
     norms = config.model_copy(update={"schedule": config.schedule.model_copy(update={"amp_layer_norm": "bfloat16"})})
     assert trial_hash(norms) not in ("e3aae6a9a042", "3bea5aa5e688")  # other numerics: another trial
+    padded = config.model_copy(update={"data": config.data.model_copy(update={"pad_size_divisor": 128})})
+    assert trial_hash(padded) not in ("e3aae6a9a042", "3bea5aa5e688")  # other inputs: another trial
 
 
 @pytest.mark.parametrize("change", [

@@ -43,6 +43,7 @@ NON_SEMANTIC_FIELDS = {"name": True, "cpus": True, "overlap_teacher": True, "dat
 ADDED_MODEL_FIELDS = {"backbone_dilation": False, "finest_stride": None, "mixing_groups": 4, "mixing_in_points": 32,
                       "mixing_out_points": 128, "attention_init": "xavier"}
 ADDED_SCHEDULE_FIELDS = {"amp_layer_norm": "float32"}  # the same for schedule fields
+ADDED_DATA_FIELDS = {"pad_size_divisor": 1}  # and data fields
 
 
 # ---------------------------------------------------------------------------------------------- the schema
@@ -1119,9 +1120,10 @@ def trial_hash(config: TrialConfig, teacher_ref: Optional[str] = None) -> str:
         for key, default in ADDED_MODEL_FIELDS.items():
             if key in model and model[key] == default:
                 del model[key]
-    for key, default in ADDED_SCHEDULE_FIELDS.items():
-        if key in payload["schedule"] and payload["schedule"][key] == default:
-            del payload["schedule"][key]
+    for section, added in (("schedule", ADDED_SCHEDULE_FIELDS), ("data", ADDED_DATA_FIELDS)):
+        for key, default in added.items():
+            if key in payload[section] and payload[section][key] == default:
+                del payload[section][key]
     if teacher_ref is not None and payload.get("teacher") is not None:
         payload["teacher"]["checkpoint"] = teacher_ref
     text = json.dumps(payload, sort_keys=True, separators=(",", ":"))

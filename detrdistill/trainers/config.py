@@ -158,6 +158,11 @@ class DataConfig(StrictModel):
     synthetic_min_size: float = Field(0.08, gt=0, lt=0.65)  # smallest object / shorter side: larger is easier
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     num_workers: int = Field(2, ge=0)
+    pad_size_divisor: int = Field(1, ge=1, description=(
+        "Pad each batch's height and width up to a multiple of this (MMDetection's pad_size_divisor, "
+        "Detectron2's SIZE_DIVISIBILITY); 1 pads to the batch's largest image, as DETR does. A coarse divisor "
+        "(e.g. 128) puts DETR's multi-scale batches in few shapes, which CUDA graphs need (schedule.cuda_graph, "
+        "teacher_cuda_graph), for more padded pixels."))
     limit_train: Optional[int] = Field(None, ge=1)  # use only the first N training images (debug, overfit)
     limit_val: Optional[int] = Field(None, ge=1)
 
@@ -204,15 +209,15 @@ class ScheduleConfig(StrictModel):
         "On CUDA, replay the student's training forward and backward from CUDA graphs captured per input shape "
         "(the second time a shape comes; at most 2 kept): two launches instead of ~1500-2500, for GPU steps that "
         "wait on their host; losses, matching and optimizer run as before. Pays off when batch shapes repeat "
-        "(fixed-size images, not DETR's multi-scale resize of varied aspect ratios); each graph keeps its "
-        "activations' memory. Same values as eager, but dropout draws other random numbers "
+        "(fixed-size images, or a coarse data.pad_size_divisor; it stops when they vary too much); each graph "
+        "keeps its activations' memory. Same values as eager, but dropout draws other random numbers "
         "(trainers/graphed_model.py). Not with `compile`."))
     teacher_cuda_graph: bool = Field(False, description=(
         "On CUDA, replay a distillation teacher's forward from a CUDA graph captured per input shape (the "
         "second time a shape comes; at most 8 kept): one launch instead of ~1000, for GPU steps that wait on "
-        "their host. Pays off when batch shapes repeat (fixed-size images, not DETR's multi-scale resize of "
-        "varied aspect ratios). Same values as the eager forward (distill/teacher_graph.py). Ignored with "
-        "`compile`."))
+        "their host. Pays off when batch shapes repeat (fixed-size images, or a coarse data.pad_size_divisor; "
+        "it stops when they vary too much). Same values as the eager forward (distill/teacher_graph.py). "
+        "Ignored with `compile`."))
     eval_every: int = Field(1, ge=1)  # evaluate every N epochs (and always after the last)
 
     @model_validator(mode="after")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import random
 import time
+from functools import partial
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -272,11 +273,12 @@ def build_loaders(config: TrialConfig, pin_memory: bool = False):
     (from pageable memory CUDA may first wait for the stream's queued kernels)."""
     train_set, val_set = build_dataset(config.data, "train"), build_dataset(config.data, "val")
     sampler_gen = torch.Generator()
+    batch = partial(collate, pad_multiple=config.data.pad_size_divisor)
     train_loader = DataLoader(train_set, batch_size=config.schedule.batch_size,
-                              sampler=RandomSampler(train_set, generator=sampler_gen), collate_fn=collate,
+                              sampler=RandomSampler(train_set, generator=sampler_gen), collate_fn=batch,
                               num_workers=config.data.num_workers, drop_last=False, pin_memory=pin_memory)
     val_loader = DataLoader(val_set, batch_size=config.schedule.batch_size, sampler=SequentialSampler(val_set),
-                            collate_fn=collate, num_workers=config.data.num_workers, pin_memory=pin_memory)
+                            collate_fn=batch, num_workers=config.data.num_workers, pin_memory=pin_memory)
     return train_set, val_set, train_loader, val_loader, sampler_gen
 
 
