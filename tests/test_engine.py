@@ -270,3 +270,31 @@ def test_loaders_pad_batches_to_the_size_divisor(tiny_data_root):
             assert all(s % divisor == 0 for s in images.shape[-2:])
             assert not images.masked_select(mask[:, None]).any()  # padding is zeros and marked
     assert shapes[64] == {(128, 128)} and len(shapes[1]) > 1
+
+
+@pytest.mark.parametrize("family", ["conditional_detr", "deformable_detr", "adamixer"])
+def test_a_forward_copies_nothing_from_the_host_at_a_shape_seen_before(family, monkeypatch):
+    """What a CUDA graph capture needs of a forward besides never waiting (tests/test_fake_cuda.py): no copy from
+    the host, whose buffer a replay would read again. The constants a forward makes (deformable attention's level
+    sizes, AdaMixer's scales) are cached per shape: at a shape seen before, a training forward with the extra
+    query group and an evaluation forward copy nothing (at a new one, the families with constants do)."""
+    from detrdistill.trainers.config import ModelConfig
+    from detrdistill.trainers.models import constants
+    from detrdistill.trainers.models.output import QueryGroup
+    copies = []
+    copy = constants.host_to_device
+    monkeypatch.setattr(constants, "host_to_device", lambda t, d: (copies.append(tuple(t.shape)), copy(t, d))[1])
+    kw = dict(family=family, backbone="resnet18", decoder_layers=2, num_queries=6, hidden_dim=32, num_heads=4,
+              ffn_dim=32, dropout=0.0)
+    if family != "adamixer":
+        kw.update(encoder_layers=1, num_feature_levels=2)
+    model = build_detector(ModelConfig(**kw), 3)
+    images, mask = torch.randn(2, 3, 72, 88), torch.zeros(2, 72, 88, dtype=torch.bool)  # a shape no other test uses
+    mask[1, :, 80:] = True
+    group = QueryGroup(**{k: v.detach() for k, v in vars(model(images, mask).queries).items() if v is not None})
+    first = len(copies)
+    assert first > 0 or family == "conditional_detr"
+    model.train()(images, mask, queries=group).logits.sum().backward()
+    with torch.no_grad():
+        model.eval()(images, mask)
+    assert copies[first:] == []
