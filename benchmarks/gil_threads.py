@@ -16,9 +16,10 @@ where ~4 ms were expected on its 16 cores). The step's assignments are solved on
 solver's pool, `lsap`, each thread running a GIL-free kernel between short stretches of Python) while the
 step's thread dispatches operators, releasing the GIL at each and taking it back at once: a thread that waits
 for the GIL may then get it only when the interpreter forces a switch (sys.getswitchinterval(), 5 ms by
-default). Times `solve_assignments` on 12 random 300 x 300 problems (float32 views of one array, as the KD's) (--solve-threads threads) alone, and again
-while this thread dispatches tiny operators on --device, with the switch interval at 5 ms and at 0.1 ms; and how
-many operators this thread got through meanwhile (us an operator).
+default). Times `solve_assignments` on 12 random 300 x 300 problems (float32 views of one array, as the KD's)
+on --solve-threads threads alone, and again while this thread dispatches tiny operators on --device, with the
+switch interval at 5 ms and at 0.1 ms; and how many operators this thread got through meanwhile (us an
+operator).
 """
 import argparse
 import os

@@ -91,6 +91,13 @@ class ShapeGraphs(nn.Module):
         self.seen.clear()
 
 
+def input_key(inputs: list) -> tuple:
+    """What a graph is captured for: each input's shape, strides, dtype and device (None: absent), and the
+    caller's CUDA autocast setting."""
+    return tuple(None if t is None else (tuple(t.shape), t.stride(), t.dtype, t.device) for t in inputs) + \
+        (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
+
+
 def autocast_setting() -> dict:
     """The caller's CUDA autocast setting with its cast cache off, for a capture: a cast cached during capture
     would live in the graph's pool."""

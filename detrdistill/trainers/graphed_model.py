@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from detrdistill.trainers.cuda_graphs import ShapeGraphs, autocast_setting
+from detrdistill.trainers.cuda_graphs import ShapeGraphs, autocast_setting, input_key
 from detrdistill.trainers.models.output import QueryGroup, map_tensors, tensors_in
 
 
@@ -42,9 +42,9 @@ class GraphedModel(ShapeGraphs):
 
     def forward(self, images: Tensor, mask: Optional[Tensor] = None, queries: Optional[QueryGroup] = None):
         graph = None
-        if images.device.type == "cuda" and torch.is_grad_enabled() and self.model.training and not self.stopped:
+        if images.device.type == "cuda" and torch.is_grad_enabled() and self.model.training:
             inputs = _flat_inputs(images, mask, queries)
-            graph = self._graph_for(_input_key(inputs), lambda: _StepGraph(
+            graph = self._graph_for(input_key(inputs), lambda: _StepGraph(
                 self.model, inputs, *self._capture_resources(images.device)))
         return graph(inputs) if graph is not None else self.model(images, mask, queries=queries)
 
@@ -135,12 +135,6 @@ class _Replay(torch.autograd.Function):
 def _flat_inputs(images: Tensor, mask: Optional[Tensor], queries: Optional[QueryGroup]) -> list:
     """[images, mask, (queries' position, content, boxes)]: None where absent."""
     return [images, mask] + ([] if queries is None else [queries.position, queries.content, queries.boxes])
-
-
-def _input_key(inputs: list) -> tuple:
-    """What a graph is captured for: the inputs' shapes, strides, dtypes and device, and the autocast setting."""
-    return tuple(None if t is None else (tuple(t.shape), t.stride(), t.dtype, t.device) for t in inputs) + \
-        (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
 
 
 def _running_statistics(model: nn.Module) -> list:

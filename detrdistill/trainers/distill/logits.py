@@ -85,9 +85,10 @@ def _solve_split(cost: Tensor, positive: Tensor) -> tuple[list, list]:
 def _pairwise_loss(x, bs, p, bt, matches, background: bool = False) -> Tensor:
     """x [P, B, N_S, C], bs [P, B, N_S, 4], p [P, B, N_T, C], bt [P, B, N_T, 4]; matches ordered (pair, image)
     -> the terms (class, L1, GIoU) [3]. Each term: per layer pair, summed over its matched pairs (and classes /
-    coordinates) and divided by their number; then summed over layer pairs. All pairs in one batched computation: each match weighted by
-    1 / its layer pair's match count (from the host's indices: torch.bincount on a GPU reads its input's min
-    and max back to the host, a wait for every kernel queued before it), then one sum."""
+    coordinates) and divided by their number; then summed over layer pairs. All pairs in one batched
+    computation: each match weighted by 1 / its layer pair's match count (from the host's indices:
+    torch.bincount on a GPU reads its input's min and max back to the host, a wait for every kernel queued
+    before it), then one sum."""
     P, B = x.shape[:2]
     per_pair = [matches[k * B:(k + 1) * B] for k in range(P)]
     pair, image, s, t = flat_matches(per_pair, B, x.device)

@@ -146,7 +146,6 @@ class DistillationLoss:
         criterion, scale = self.criterion, self.cfg.query_prior.weight
         if teacher_indices is None:
             return criterion(s_pred, targets, indices=student_indices), None
-        qp_indices = query_prior_indices(teacher_indices, self.mapping)
         # other query counts, or indices for another depth (the criterion's own call then names the mismatch)
         if group.logits.shape[2:] != s_pred.logits.shape[2:] or len(student_indices) != s_pred.num_layers:
             return (criterion(s_pred, targets, indices=student_indices),
@@ -154,6 +153,6 @@ class DistillationLoss:
         layers = s_pred.num_layers
         terms = criterion.layer_losses(torch.cat([s_pred.logits, group.logits.float()]),
                                        torch.cat([s_pred.boxes, group.boxes.float()]), targets,
-                                       list(student_indices) + qp_indices)
+                                       list(student_indices) + query_prior_indices(teacher_indices, self.mapping))
         return (criterion.summed({k: v[:layers] for k, v in terms.items()}),
                 query_prior_total({k: v[layers:] for k, v in terms.items()}, criterion, scale))

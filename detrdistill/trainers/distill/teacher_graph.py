@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from detrdistill.trainers.cuda_graphs import ShapeGraphs, autocast_setting
+from detrdistill.trainers.cuda_graphs import ShapeGraphs, autocast_setting, input_key
 from detrdistill.trainers.models.output import map_tensors
 
 
@@ -35,8 +35,8 @@ class GraphedTeacher(ShapeGraphs):
 
     def forward(self, images: Tensor, mask: Optional[Tensor] = None):
         graph = None
-        if images.device.type == "cuda" and not torch.is_grad_enabled() and not self.stopped:
-            graph = self._graph_for(_input_key(images, mask), lambda: _Graph(
+        if images.device.type == "cuda" and not torch.is_grad_enabled():
+            graph = self._graph_for(input_key([images, mask]), lambda: _Graph(
                 self.teacher, images, mask, *self._capture_resources(images.device)))
         return graph(images, mask) if graph is not None else self.teacher(images, mask)
 
@@ -68,9 +68,3 @@ class _Graph:
         # out of the pool: the next replay (this graph's or another's) overwrites it; parameters pass through
         return map_tensors(lambda t: t if isinstance(t, nn.Parameter) else t.clone(), self.output)
 
-
-def _input_key(images: Tensor, mask: Optional[Tensor]) -> tuple:
-    """What a graph is captured for: the inputs' shapes, dtypes, layout and device, and the autocast setting."""
-    return (tuple(images.shape), images.stride(), images.dtype, images.device,
-            None if mask is None else (tuple(mask.shape), mask.stride(), mask.dtype),
-            torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
