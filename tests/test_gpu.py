@@ -478,13 +478,14 @@ def test_graphed_teacher_in_a_distillation_step_gives_the_eager_losses_without_w
 
 def _train_steps(forward_model, model, loss_fn, batches, amp: bool, check_sync_from=None):
     """Steps as the engine runs them (autocast, backward, the weight copies' gradients to the master weights,
-    clipping, fused AdamW) -> the losses. From step `check_sync_from` on, each step runs under CUDA's sync
-    check and any wait for the GPU fails the test."""
+    clipping, AdamW: fused on CUDA) on the model's device -> the losses. From step `check_sync_from` on, each
+    step runs under CUDA's sync check and any wait for the GPU fails the test."""
     import warnings
     from detrdistill.trainers.bf16_weights import BF16Weights
     params = [p for p in model.parameters() if p.requires_grad]
     params += [p for p in getattr(loss_fn, "trainable", torch.nn.ModuleDict()).parameters()]
-    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    device = params[0].device
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
     losses = []
     for i, (images, mask, targets, upcoming) in enumerate(batches):
         checked = check_sync_from is not None and i >= check_sync_from
@@ -493,7 +494,7 @@ def _train_steps(forward_model, model, loss_fn, batches, amp: bool, check_sync_f
             if checked:
                 torch.cuda.set_sync_debug_mode("warn")
             try:
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                     out = loss_fn(forward_model, images, mask, targets, **({"upcoming": upcoming} if upcoming else {}))
                 opt.zero_grad(set_to_none=True)
                 out["loss"].backward()
@@ -502,10 +503,11 @@ def _train_steps(forward_model, model, loss_fn, batches, amp: bool, check_sync_f
                 torch.nn.utils.clip_grad_norm_(params, 0.1)
                 opt.step()
             finally:
-                torch.cuda.set_sync_debug_mode("default")
+                if checked:
+                    torch.cuda.set_sync_debug_mode("default")
         waits = [f"{w.filename}:{w.lineno}: {w.message}" for w in caught if "synchroniz" in str(w.message)]
         assert waits == [], (i, "\n".join(waits))
-        losses.append({k: float(v) for k, v in out.items() if torch.is_tensor(v) and v.dim() == 0})
+        losses.append({k: v.item() for k, v in out.items() if torch.is_tensor(v) and v.dim() == 0})
     return losses
 
 

@@ -43,6 +43,11 @@ class ShapeGraphs(nn.Module):
         self._pool = None
         self._stream = None
 
+    @staticmethod
+    def capturable(device: torch.device) -> bool:
+        """Whether calls on `device` are captured (tests/graph_emulation.py lets the CPU's be)."""
+        return device.type == "cuda"
+
     def _graph_for(self, key, capture: Callable):
         """The graph for `key`, capturing it now (`capture()`) if the key came before; None where the call is to
         run eagerly (the key's first time, or capturing stopped)."""
@@ -92,9 +97,10 @@ class ShapeGraphs(nn.Module):
 
 
 def input_key(inputs: list) -> tuple:
-    """What a graph is captured for: each input's shape, strides, dtype and device (None: absent), and the
-    caller's CUDA autocast setting."""
-    return tuple(None if t is None else (tuple(t.shape), t.stride(), t.dtype, t.device) for t in inputs) + \
+    """What a graph is captured for: each input's shape, dtype and device (None: absent), and the caller's CUDA
+    autocast setting. Not its strides: an input is copied into the graph's own buffer (e.g. the teacher's
+    query group, views of one embedding from an eager forward, copies from a replayed one)."""
+    return tuple(None if t is None else (tuple(t.shape), t.dtype, t.device) for t in inputs) + \
         (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
 
 

@@ -170,8 +170,8 @@ def train_one_epoch(model, loss_fn, loader, optimizer, scheduler, device, config
     # under autocast the eager model runs on bf16 copies of its weights: autocast's values, fewer operators
     copies = use_amp and compiled is None
     # schedule.cuda_graph: the training forward and backward replayed from CUDA graphs, inside the weight copies
-    # (which it reads as the weights); made per epoch, with the copies it reads
-    graphed = GraphedModel(model) if schedule.cuda_graph and compiled is None and device.type == "cuda" else model
+    # (which it reads as the weights); made per epoch, with the copies it reads; off CUDA it calls the model
+    graphed = GraphedModel(model) if schedule.cuda_graph and compiled is None else model
     forward_model = compiled if compiled is not None else BF16Weights(graphed) if copies else graphed
     start = time.perf_counter()
     checked = None

@@ -5,7 +5,8 @@ issues one by one, and bf16 shortens the GPU's part of a step but not the host's
 the host"). Here the forward and the backward of one input shape are each captured once as a CUDA graph and
 then replayed, one launch each; between them the losses, the matching and (after) the optimizer run as
 before. The values are the eager step's: the same kernels on the same inputs (tests/test_gpu.py -k
-graphed_training); dropout draws other random numbers (the graph's own offsets in the same generator).
+graphed_training; on the CPU with emulated graphs, tests/test_graph_emulation.py); dropout draws other random
+numbers (the graph's own offsets in the same generator).
 
 How, as torch.cuda.make_graphed_callables does it, with three differences: the detector's structured output
 (DetectorOutput) is rebuilt around the replayed tensors; an input shape is captured the second time it comes
@@ -21,6 +22,7 @@ Memory: a graph keeps its forward's saved activations (an eager step frees them 
 gradients; the graphs of all shapes share one memory pool, which is safe because a step replays its forward and
 then its backward before any other graph runs (every step of a training loop does).
 """
+import contextlib
 from typing import Optional
 
 import torch
@@ -42,7 +44,7 @@ class GraphedModel(ShapeGraphs):
 
     def forward(self, images: Tensor, mask: Optional[Tensor] = None, queries: Optional[QueryGroup] = None):
         graph = None
-        if images.device.type == "cuda" and torch.is_grad_enabled() and self.model.training:
+        if self.capturable(images.device) and torch.is_grad_enabled() and self.model.training:
             inputs = _flat_inputs(images, mask, queries)
             graph = self._graph_for(input_key(inputs), lambda: _StepGraph(
                 self.model, inputs, *self._capture_resources(images.device)))
@@ -67,7 +69,8 @@ class _StepGraph:
                 with torch.autocast(**amp):
                     out = self._forward()
                 diff = [t for t in tensors_in(out) if t.requires_grad and t.is_floating_point()]
-                torch.autograd.grad(diff, self.weights, [torch.zeros_like(t) for t in diff], allow_unused=True)
+                with _no_autocast():
+                    torch.autograd.grad(diff, self.weights, [torch.zeros_like(t) for t in diff], allow_unused=True)
                 del out, diff
         torch.cuda.current_stream(device).wait_stream(stream)
         _restore(statistics)  # the warm-up's updates of batch norm's running statistics undone
@@ -82,7 +85,10 @@ class _StepGraph:
         self.outputs = [t for t, r in zip(leaves, self.replayed) if r]
         self.differentiable = [t.requires_grad and t.is_floating_point() for t in self.outputs]
         self.grad_outputs = [torch.empty_like(t) for t, d in zip(self.outputs, self.differentiable) if d]
-        with torch.cuda.graph(self.bwd, pool=pool, stream=stream, capture_error_mode="thread_local"):
+        # outside autocast, as an eager step's backward runs (this is inside the caller's forward, under its
+        # autocast, which would cast the backward's matmuls to bf16, those of float32 regions too)
+        with torch.cuda.graph(self.bwd, pool=pool, stream=stream, capture_error_mode="thread_local"), \
+                _no_autocast():
             grads = torch.autograd.grad([t for t, d in zip(self.outputs, self.differentiable) if d], self.weights,
                                         self.grad_outputs, allow_unused=True)
         self.grads = [(w, g) for w, g in zip(self.weights, grads) if g is not None]
@@ -135,6 +141,13 @@ class _Replay(torch.autograd.Function):
 def _flat_inputs(images: Tensor, mask: Optional[Tensor], queries: Optional[QueryGroup]) -> list:
     """[images, mask, (queries' position, content, boxes)]: None where absent."""
     return [images, mask] + ([] if queries is None else [queries.position, queries.content, queries.boxes])
+
+
+@contextlib.contextmanager
+def _no_autocast():
+    """Autocast off on either device (an eager step's backward runs outside it)."""
+    with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
+        yield
 
 
 def _running_statistics(model: nn.Module) -> list:

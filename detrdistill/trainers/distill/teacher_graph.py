@@ -8,7 +8,8 @@ teacher's kernels fill the GPU's idle time between the student's.
 What capture needs of a forward: it never waits for the GPU (tests/test_fake_cuda.py checks every family's)
 and copies nothing from the host (its constants, e.g. deformable attention's level sizes, come from
 `constants.cached_device_constant`, filled by the eager forward that precedes every capture). The values are
-the eager forward's: the same kernels on the same inputs (tests/test_gpu.py -k graph).
+the eager forward's: the same kernels on the same inputs (tests/test_gpu.py -k graph; on the CPU with emulated
+graphs, tests/test_graph_emulation.py).
 
 A shape is captured the second time it comes, at most `max_graphs` are kept (cuda_graphs.ShapeGraphs). They
 share one memory pool, which is safe because they never run at once and each call copies its outputs out of
@@ -35,7 +36,7 @@ class GraphedTeacher(ShapeGraphs):
 
     def forward(self, images: Tensor, mask: Optional[Tensor] = None):
         graph = None
-        if images.device.type == "cuda" and not torch.is_grad_enabled():
+        if self.capturable(images.device) and not torch.is_grad_enabled():
             graph = self._graph_for(input_key([images, mask]), lambda: _Graph(
                 self.teacher, images, mask, *self._capture_resources(images.device)))
         return graph(images, mask) if graph is not None else self.teacher(images, mask)
