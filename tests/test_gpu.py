@@ -478,14 +478,19 @@ def test_graphed_teacher_in_a_distillation_step_gives_the_eager_losses_without_w
 
 def _train_steps(forward_model, model, loss_fn, batches, amp: bool, check_sync_from=None):
     """Steps as the engine runs them (autocast, backward, the weight copies' gradients to the master weights,
-    clipping, AdamW: fused on CUDA) on the model's device -> the losses. From step `check_sync_from` on, each
-    step runs under CUDA's sync check and any wait for the GPU fails the test."""
+    clipping, an optimizer step) on the model's device -> the losses. From step `check_sync_from` on, each
+    step runs under CUDA's sync check and any wait for the GPU fails the test.
+
+    SGD, not the engine's AdamW: Adam's first steps move a weight by about lr whatever the size of its gradient,
+    so the rounding noise of a gradient that is zero in theory (an attention key's bias) would move two runs
+    apart by lr wherever their kernels round differently (a graph's backward takes each output's gradient in
+    the output's layout); SGD moves weights by lr times the gradient, differences included."""
     import warnings
     from detrdistill.trainers.bf16_weights import BF16Weights
     params = [p for p in model.parameters() if p.requires_grad]
     params += [p for p in getattr(loss_fn, "trainable", torch.nn.ModuleDict()).parameters()]
     device = params[0].device
-    opt = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
+    opt = torch.optim.SGD(params, lr=1e-2)
     losses = []
     for i, (images, mask, targets, upcoming) in enumerate(batches):
         checked = check_sync_from is not None and i >= check_sync_from
