@@ -62,6 +62,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 
 FAMILIES = ["conditional_detr", "deformable_detr", "adamixer"]
 HF_FAMILIES = {"conditional_detr", "deformable_detr"}
@@ -349,15 +350,23 @@ def measure_group(configs, scale_name, steps, warmup, channels_last=False, compi
         try:
             step = _hf(family, scale, device, dtype) if mode == "transformers" else \
                 _ours(family, scale, device, dtype, mode, channels_last, compiled)
-            for w in range(warmup):
-                t0 = time.perf_counter()
-                step()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", RuntimeWarning)
+                for w in range(warmup):
+                    t0 = time.perf_counter()
+                    step()
+                    _sync(device)
+                    if w == 0:
+                        results[i]["first_s"] = time.perf_counter() - t0  # with --compile: the compilation
+                # a compiled model's kernels are not aten operators: no count
+                results[i]["ops"] = -1 if compiled else count_ops(step)
                 _sync(device)
-                if w == 0:
-                    results[i]["first_s"] = time.perf_counter() - t0  # with --compile: the compilation
-            # a compiled model's kernels are not aten operators: no count
-            results[i]["ops"] = -1 if compiled else count_ops(step)
-            _sync(device)
+            # a CUDA-graph wrapper that stopped capturing (a failed capture, e.g. out of memory) runs eagerly:
+            # said beside the numbers, which are then not the graphs' (cuda_graphs.ShapeGraphs._stop)
+            stopped = [str(w.message) for w in caught if "without CUDA graphs" in str(w.message)]
+            if stopped:
+                results[i]["graphs_stopped"] = stopped[0][:300]
+                print(f"{family} {mode} {dtype}: {stopped[0][:300]}", file=sys.stderr, flush=True)
         except Exception as e:  # this configuration failed (e.g. out of memory): keep the others
             results[i] = {"error": f"{type(e).__name__}: {e}"[:200]}
             step = None
