@@ -24,7 +24,7 @@ from torch.utils._pytree import tree_leaves
 
 # operators whose CUDA kernels hand a result to the host (the host waits): refused in capture
 HOST_READS = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2", "unique_dim",
-              "unique_consecutive", "equal", "is_nonzero", "item"}
+              "unique_consecutive", "equal", "is_nonzero"}
 _capturing = threading.local()
 
 

@@ -583,19 +583,26 @@ def test_graphed_distillation_steps_equal_eager_steps():
     _assert_same_training(results[0], results[1], eager, graphed, 1e-3)
 
 
-def test_a_trial_with_cuda_graphs_trains_and_evaluates(tiny_data_root, tmp_path, monkeypatch):
-    """schedule.cuda_graph and teacher_cuda_graph in a distillation trial on CUDA (one input shape: a single
-    scale, no crop): both capture, nothing warns, and the trial ends with finite losses and AP."""
-    import warnings
+def count_captures(monkeypatch) -> dict:
+    """{"student": captures of GraphedModel's step graphs, "teacher": of GraphedTeacher's}, counted from now on
+    (the wrappers a trial makes itself included)."""
     import detrdistill.trainers.distill.teacher_graph as teacher_graph
     import detrdistill.trainers.graphed_model as graphed_model
     captures = {"student": 0, "teacher": 0}
     for module, name, label in ((graphed_model, "_StepGraph", "student"), (teacher_graph, "_Graph", "teacher")):
-        class Counted(getattr(module, name)):  # each capture counted
+        class Counted(getattr(module, name)):
             def __init__(self, *args, _label=label):
                 captures[_label] += 1
                 super().__init__(*args)
         monkeypatch.setattr(module, name, Counted)
+    return captures
+
+
+def test_a_trial_with_cuda_graphs_trains_and_evaluates(tiny_data_root, tmp_path, monkeypatch):
+    """schedule.cuda_graph and teacher_cuda_graph in a distillation trial on CUDA (one input shape: a single
+    scale, no crop): both capture, nothing warns, and the trial ends with finite losses and AP."""
+    import warnings
+    captures = count_captures(monkeypatch)
     config = _cuda_distill_trial(tiny_data_root, tmp_path, epochs=1)
     augment = config.data.augment.model_copy(update={"scales": [96], "crop": False, "max_size": 200})
     config = config.model_copy(update={

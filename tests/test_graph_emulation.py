@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from graph_emulation import emulated_cuda_graphs
-from test_gpu import FAMILIES, _assert_same_training, _train_steps, batch, small
+from test_gpu import FAMILIES, _assert_same_training, _train_steps, batch, count_captures, small
 from detrdistill.trainers.bf16_weights import BF16Weights
 from detrdistill.trainers.config import DistillConfig
 from detrdistill.trainers.criterion import SetCriterion
@@ -154,18 +154,10 @@ def test_emulated_trial_with_both_graphs_trains_and_evaluates_as_the_eager_trial
     and teacher_cuda_graph, the graphs emulated: both capture (the student once per epoch, its wrapper made per
     epoch), nothing warns, and the trial ends with the eager trial's losses, weights and AP (as close as in the
     tests above; thread: the teacher run ahead and captured by the helper thread)."""
-    import detrdistill.trainers.distill.teacher_graph as teacher_graph
-    import detrdistill.trainers.graphed_model as graphed_model
     from conftest import tiny_distill_trial
     from detrdistill.trainers.checkpoint import load_checkpoint
     from detrdistill.trainers.engine import run_trial
-    captures = {"student": 0, "teacher": 0}
-    for module, name, label in ((graphed_model, "_StepGraph", "student"), (teacher_graph, "_Graph", "teacher")):
-        class Counted(getattr(module, name)):
-            def __init__(self, *args, _label=label):
-                captures[_label] += 1
-                super().__init__(*args)
-        monkeypatch.setattr(module, name, Counted)
+    captures = count_captures(monkeypatch)
     config = tiny_distill_trial(tiny_data_root, tmp_path_factory)
     augment = config.data.augment.model_copy(update={"scales": [96], "crop": False, "max_size": 96})
     config = config.model_copy(update={

@@ -89,12 +89,6 @@ class ShapeGraphs(nn.Module):
         self.graphs.clear()
         warnings.warn(f"{self.what}: {why}; it runs without CUDA graphs from now on", RuntimeWarning, stacklevel=5)
 
-    def reset(self) -> None:
-        """Drop every graph: after changing the wrapped module's settings (e.g. its LayerNorms' output dtype) or
-        moving its weights, which the graphs read where they were at capture."""
-        self.graphs.clear()
-        self.seen.clear()
-
 
 def input_key(inputs: list) -> tuple:
     """What a graph is captured for: each input's shape, dtype and device (None: absent), and the caller's CUDA
