@@ -9,7 +9,9 @@ Image sizes go through the real training transforms (trainers/data/transforms.py
 `collate` pads it; the shapes are then fed to the real capture policy (trainers/cuda_graphs.ShapeGraphs: a shape
 captured the second time it comes, at most K graphs kept, capturing stopped when shapes vary too much), with
 captures that make nothing. Reported per divisor: distinct batch shapes, padded pixels over image pixels, and
-per K the share of steps that would replay a graph and whether capturing stopped (at which step).
+per K the share of steps that would replay a graph and whether capturing stopped (at which step). Two batch
+orders: `random` (DETR's sampler) and `grouped` (MMDetection 2's GroupSampler, in DETRDistill's official code:
+each batch drawn from images of one orientation, landscape or not, of the original image).
 
 Without --coco the sizes are drawn from an assumed COCO-like mix (COCO images are at most 640 px on the longer
 side, mostly 4:3): longer side 640, shorter side 480 (55%), 427 (20%), 360 (8%) or uniform in 240-640 (17%),
@@ -65,6 +67,17 @@ def batch_shapes(sizes: list, batch: int, divisor: int) -> list:
     return shapes
 
 
+def grouped_order(sizes: list, batch: int, gen: torch.Generator) -> list:
+    """Image indices in GroupSampler's order: each orientation's images (landscape: w > h) shuffled and cut
+    into batches (a group's last partial batch dropped), the batches shuffled together."""
+    batches = []
+    for landscape in (True, False):
+        group = [i for i, (h, w) in enumerate(sizes) if (w > h) == landscape]
+        group = [group[int(j)] for j in torch.randperm(len(group), generator=gen)]
+        batches += [group[j:j + batch] for j in range(0, len(group) - batch + 1, batch)]
+    return [i for j in torch.randperm(len(batches), generator=gen) for i in batches[int(j)]]
+
+
 def policy(shapes: list, max_graphs: int) -> dict:
     """The capture policy over the shapes: replayed steps, captures, and the step where capturing stopped."""
     import warnings
@@ -89,6 +102,8 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--divisors", type=int, nargs="+", default=[1, 32, 128, 256])
     ap.add_argument("--graphs", type=int, nargs="+", default=[2, 8], help="graphs kept (student 2, teacher 8)")
+    ap.add_argument("--orders", nargs="+", choices=("random", "grouped"), default=["random", "grouped"],
+                    help="batch orders: DETR's random sampler, MMDetection 2's GroupSampler (by orientation)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     gen = torch.Generator().manual_seed(args.seed)
@@ -100,15 +115,17 @@ def main(argv=None):
     else:
         sizes = coco_like_sizes(args.images, gen)
         source = "the assumed COCO-like mix"
-    augmented = augmented_sizes(sizes, args.seed)
+    augmented = augmented_sizes(sizes, args.seed)  # sizes are drawn at random: their order is random already
+    orders = {"random": augmented, "grouped": [augmented[i] for i in grouped_order(sizes, args.batch, gen)]}
     print(f"{args.images} images from {source}, DETR's training augmentation, batch {args.batch}", flush=True)
-    print(f"{'divisor':>7} {'shapes':>6} {'padded px':>9} " +
+    print(f"{'order':7s} {'divisor':>7} {'shapes':>6} {'padded px':>9} " +
           " ".join(f"{f'K={k}: replayed':>14} {'captures':>8} {'stopped':>7}" for k in args.graphs))
-    for divisor in args.divisors:
-        shapes = batch_shapes(augmented, args.batch, divisor)
-        image_px = [sum(h * w for h, w in augmented[i:i + args.batch]) for i in range(0, len(augmented), args.batch)]
+    for order, divisor in ((o, d) for o in args.orders for d in args.divisors):
+        epoch = orders[order]
+        shapes = batch_shapes(epoch, args.batch, divisor)
+        image_px = [sum(h * w for h, w in epoch[i:i + args.batch]) for i in range(0, len(epoch), args.batch)]
         padded = statistics.mean(args.batch * h * w / px for (h, w), px in zip(shapes, image_px))
-        row = f"{divisor:7d} {len(set(shapes)):6d} {padded:9.2f} "
+        row = f"{order:7s} {divisor:7d} {len(set(shapes)):6d} {padded:9.2f} "
         for k in args.graphs:
             p = policy(shapes, k)
             stopped = f"step {p['stopped_at']}" if p["stopped_at"] else "no"

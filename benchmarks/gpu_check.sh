@@ -4,11 +4,12 @@
 #                                [profile-distill] [layout]
 #                                [matching] [compile] [distill-compile] [kd]
 #   (stages run in this order; default: tests step distill layout matching compile kd)
-# tests     the CUDA tests (tests/test_gpu.py: CUDA == CPU forward and KD terms, bf16 steps, teacher run-ahead
-#           and thread, CUDA graphs (the teacher's forward, the student's training step: replays equal to eager, a
-#           DETRDistill step and a trial with both), a whole amp trial, no host waits in a
-#           distillation step or a trial's epoch under CUDA's sync check), all but the compiled-step test (~1-1.5
-#           min; TESTS_TIMEOUT, default 200 s)
+# tests     the CUDA tests (tests/test_gpu.py), all but the compiled-step test, in two pytest runs: first those of
+#           CUDA graphs (the teacher's forward, the student's training step: replays equal to eager, a DETRDistill
+#           step and a trial with both; TESTS_GRAPH_TIMEOUT, default 120 s), then the rest (CUDA == CPU forward
+#           and KD terms, bf16 steps, teacher run-ahead and thread, a whole amp trial, no host waits in a
+#           distillation step or a trial's epoch under CUDA's sync check; TESTS_TIMEOUT, default 150 s); each
+#           log ends with its slowest tests
 # tests-compiled  the compiled-step test (inductor), one family per pytest run, each with its own limit (~1.5-3
 #           min each: two input shapes compile)
 # bf16      benchmarks/step.py at paper scale, ours only: fp32, bf16 (the engine's: bf16 weight copies, no cuDNN
@@ -29,17 +30,17 @@
 # profile-distill  the same for the DETRDistill step run ahead (Conditional DETR, Deformable DETR; fp32,
 #           bf16-ln): how busy the GPU is, and the host's waits among its top operators (~2 min)
 # step      benchmarks/step.py at paper scale: ours vs transformers, fp32 and bf16
-# distill   first benchmarks/gil_threads.py --solve: 12 assignments solved on the pool's threads alone and beside a
-#           thread dispatching CUDA operators, with the interpreter's switch interval at 5 ms and 0.1 ms (is the in-step
-#           KD solve, 36-53 ms on 2026-11-27's H200, slowed by waits for the GIL?); then
-#           benchmarks/step.py --distill at paper scale: distillation step vs the floor (DISTILL_DTYPES, default
-#           bf16, the engine's amp on CUDA; fp32 was 1.07-1.20 on 2026-11-27), in line, run ahead (the engine's
-#           CUDA default) and with the teacher on a helper thread (overlap_teacher thread) (~1.5 min;
-#           DISTILL_TIMEOUT, default 200 s); then, in a process of its own, the same with CUDA graphs
+# distill   benchmarks/step.py --distill at paper scale: distillation step vs the floor, first with CUDA graphs
 #           (DISTILL_GRAPH_DTYPES, default bf16-graph: the student's step and the teacher's forward replayed,
 #           schedule.cuda_graph and teacher_cuda_graph; an eager dtype there, e.g. bf16, gets "graphed" rows:
-#           the teacher's forward alone graphed) (~1.5 min; DISTILL_GRAPH_TIMEOUT, default 200 s); DISTILL_SWITCH
-#           (e.g. 0.0001) sets the interpreter's switch interval for both (step.py --switch-interval)
+#           the teacher's forward alone graphed) (~2 min; DISTILL_GRAPH_TIMEOUT, default 200 s); then
+#           benchmarks/gil_threads.py --solve: 12 assignments solved on the pool's threads alone and beside a
+#           thread dispatching CUDA operators, with the interpreter's switch interval at 5 ms and 0.1 ms (is the
+#           in-step KD solve, 36-53 ms on 2026-11-27's H200, slowed by waits for the GIL?); then the table eager
+#           (DISTILL_DTYPES, default bf16, the engine's amp on CUDA; fp32 was 1.07-1.20 on 2026-11-27), in line,
+#           run ahead (the engine's CUDA default) and with the teacher on a helper thread (overlap_teacher
+#           thread) (~1.5 min; DISTILL_TIMEOUT, default 200 s). DISTILL_SWITCH (e.g. 0.0001) sets the
+#           interpreter's switch interval for both tables (step.py --switch-interval)
 # layout    our steps again with channels_last backbones (does bf16 then beat fp32 where it did not?)
 # matching  benchmarks/matching.py with the host's cores
 # compile   ours through torch.compile as the engine's schedule.compile does (COMPILE_FAMILIES, default Conditional
@@ -52,10 +53,10 @@
 # Each stage has its own time limit and writes its log under $OUT, so one that fails or runs long loses
 # nothing of the others. All stages together take far longer than one 10-minute device call; with a
 # 15-minute device budget (a machine's start takes ~45 s of it) run `tests bf16 distill` first (timeout_s
-# 560: the CUDA tests ~2.5 min, among them the sync-debug-mode checks of a distillation step and the CUDA-graph
-# tests; bf16 vs fp32 eager, then graphed, ~2.5 min, bf16-ln being the engine's amp with amp_layer_norm bfloat16
-# (#2); the solve beside a dispatching thread (gil_threads --solve) ~15 s; the distillation tables, eager bf16
-# then bf16-graph, ~3 min, with the columns `thread` (overlap_teacher "thread"), `landed` / `waited`
+# 560: the CUDA tests ~2.5 min, the CUDA-graph tests first, then the rest, among them the sync-debug-mode
+# checks of a distillation step; bf16 vs fp32 eager, then graphed, ~2.5 min, bf16-ln being the engine's amp with amp_layer_norm bfloat16
+# (#2); the distillation tables, bf16-graph then eager bf16 with the solve beside a dispatching thread
+# (gil_threads --solve, ~15 s) between them, ~3.5 min, with the columns `thread` (overlap_teacher "thread"), `landed` / `waited`
 # (the KD assignment's timing) and `alone` / `serial` (the step's KD problems solved again with nothing else running:
 # is the in-step solve slowed by the step's other threads?)), then `profile nolt` (~3 min) or
 # `tests-compiled` with what is left, on the still warm machine. The header's `numba` says whether the
@@ -79,9 +80,15 @@ stamp() { echo "== $1 ($(( $(date +%s) - t0 )) s since start) =="; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 $PY -c "import os, torch, torchvision, transformers; from detrdistill.trainers import lsap; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'transformers', transformers.__version__, 'cpus', os.cpu_count(), 'torch threads', torch.get_num_threads(), 'OMP_NUM_THREADS', os.environ.get('OMP_NUM_THREADS'), 'numba (the parallel assignment solver)', lsap.available() and lsap._numba.__version__)" | tee -a "$OUT/gpu.txt"
 if has tests; then
-    stamp tests
-    timeout ${TESTS_TIMEOUT:-200} $PY -m pytest -q -p no:cacheprovider -m gpu -rf -k "not compiled" tests/test_gpu.py \
-        > "$OUT/tests.txt" 2>&1
+    # the CUDA-graph tests first, in a run of their own: never run on a GPU before 2026-11-28, and what the bf16
+    # and distill stages' -graph rows stand on; then the rest, so that a limit reached by one leaves the other's
+    stamp "tests: CUDA graphs"
+    timeout ${TESTS_GRAPH_TIMEOUT:-120} $PY -m pytest -q -p no:cacheprovider -m gpu -rf --durations=8 \
+        -k "graph and not compiled" tests/test_gpu.py > "$OUT/tests-graph.txt" 2>&1 || echo "graph tests: exit $?"
+    grep -E "^(FAILED|ERROR)|passed|failed|^E " "$OUT/tests-graph.txt" | cut -c1-600 | head -40
+    stamp "tests: the rest"
+    timeout ${TESTS_TIMEOUT:-150} $PY -m pytest -q -p no:cacheprovider -m gpu -rf --durations=8 \
+        -k "not graph and not compiled" tests/test_gpu.py > "$OUT/tests.txt" 2>&1 || echo "tests: exit $?"
     grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.txt" | cut -c1-600
 fi
 if has tests-compiled; then
@@ -119,18 +126,19 @@ if has step; then
     timeout 240 $PY benchmarks/step.py --scale paper --steps 10 --warmup 3 --json "$OUT/step.json" 2>&1 | tee "$OUT/step.txt"
 fi
 if has distill; then
-    stamp "two threads issuing CUDA operators vs one (overlap_teacher thread); the KD solve beside a dispatching thread"
-    timeout 90 $PY benchmarks/gil_threads.py --device cuda --sizes 4 65536 --solve 2>&1 | tee "$OUT/gil.txt"
-    stamp "distillation step vs floor, paper scale"
     # torch threads (and so the KD solve's) = the host's CPUs, as a trial given the whole 1-GPU machine
-    # (resources.cpus_per_trial) runs; "serial" in the table is the solve on one thread
-    timeout ${DISTILL_TIMEOUT:-200} $PY benchmarks/step.py --scale paper --steps 10 --warmup 3 --distill-only \
-        --threads "$(nproc)" ${DISTILL_SWITCH:+--switch-interval $DISTILL_SWITCH} \
-        --dtypes ${DISTILL_DTYPES:-bf16} --json "$OUT/distill.json" 2>&1 | tee "$OUT/distill.txt"
-    stamp "the same with CUDA graphs (the student's step and the teacher's forward)"
+    # (resources.cpus_per_trial) runs; "serial" in the table is the solve on one thread. The graphed table
+    # first (in a process of its own: a CUDA error of a graph sticks to its process): #3's open question
+    stamp "distillation step vs floor, paper scale, with CUDA graphs (the student's step and the teacher's forward)"
     timeout ${DISTILL_GRAPH_TIMEOUT:-200} $PY benchmarks/step.py --scale paper --steps 10 --warmup 3 --distill-only \
         --threads "$(nproc)" ${DISTILL_SWITCH:+--switch-interval $DISTILL_SWITCH} --teacher-graph \
         --dtypes ${DISTILL_GRAPH_DTYPES:-bf16-graph} --json "$OUT/distill_graph.json" 2>&1 | tee "$OUT/distill_graph.txt"
+    stamp "the KD solve beside a dispatching thread; two threads issuing CUDA operators vs one (overlap_teacher thread)"
+    timeout 90 $PY benchmarks/gil_threads.py --device cuda --sizes 4 65536 --solve 2>&1 | tee "$OUT/gil.txt"
+    stamp "distillation step vs floor, paper scale, eager"
+    timeout ${DISTILL_TIMEOUT:-200} $PY benchmarks/step.py --scale paper --steps 10 --warmup 3 --distill-only \
+        --threads "$(nproc)" ${DISTILL_SWITCH:+--switch-interval $DISTILL_SWITCH} \
+        --dtypes ${DISTILL_DTYPES:-bf16} --json "$OUT/distill.json" 2>&1 | tee "$OUT/distill.txt"
 fi
 if has profile; then
     stamp "where a student step's time goes, paper scale (GPU busy / wall, top kernels)"
