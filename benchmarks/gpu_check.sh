@@ -79,17 +79,18 @@ t0=$(date +%s)
 stamp() { echo "== $1 ($(( $(date +%s) - t0 )) s since start) =="; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 $PY -c "import os, torch, torchvision, transformers; from detrdistill.trainers import lsap; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'transformers', transformers.__version__, 'cpus', os.cpu_count(), 'torch threads', torch.get_num_threads(), 'OMP_NUM_THREADS', os.environ.get('OMP_NUM_THREADS'), 'numba (the parallel assignment solver)', lsap.available() and lsap._numba.__version__)" | tee -a "$OUT/gpu.txt"
+cuda_tests() {  # cuda_tests LOG LIMIT FILTER: the CUDA tests of tests/test_gpu.py that FILTER (-k) selects
+    timeout "$2" $PY -m pytest -q -p no:cacheprovider -m gpu -rf --durations=8 -k "$3" tests/test_gpu.py \
+        > "$OUT/$1" 2>&1 || echo "$1: exit $?"
+    grep -E "^(FAILED|ERROR)|passed|failed|^E " "$OUT/$1" | cut -c1-600 | head -40
+}
 if has tests; then
     # the CUDA-graph tests first, in a run of their own: never run on a GPU before 2026-11-28, and what the bf16
     # and distill stages' -graph rows stand on; then the rest, so that a limit reached by one leaves the other's
     stamp "tests: CUDA graphs"
-    timeout ${TESTS_GRAPH_TIMEOUT:-120} $PY -m pytest -q -p no:cacheprovider -m gpu -rf --durations=8 \
-        -k "graph and not compiled" tests/test_gpu.py > "$OUT/tests-graph.txt" 2>&1 || echo "graph tests: exit $?"
-    grep -E "^(FAILED|ERROR)|passed|failed|^E " "$OUT/tests-graph.txt" | cut -c1-600 | head -40
+    cuda_tests tests-graph.txt ${TESTS_GRAPH_TIMEOUT:-120} "graph and not compiled"
     stamp "tests: the rest"
-    timeout ${TESTS_TIMEOUT:-150} $PY -m pytest -q -p no:cacheprovider -m gpu -rf --durations=8 \
-        -k "not graph and not compiled" tests/test_gpu.py > "$OUT/tests.txt" 2>&1 || echo "tests: exit $?"
-    grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.txt" | cut -c1-600
+    cuda_tests tests.txt ${TESTS_TIMEOUT:-150} "not graph and not compiled"
 fi
 if has tests-compiled; then
     stamp "compiled-step CUDA tests"
