@@ -54,11 +54,12 @@
 # nothing of the others. All stages together take far longer than one 10-minute device call; with a
 # 15-minute device budget (a machine's start takes ~45 s of it) run `tests bf16 distill` first (timeout_s
 # 560: the CUDA tests ~2.5 min, the CUDA-graph tests first, then the rest, among them the sync-debug-mode
-# checks of a distillation step; bf16 vs fp32 eager, then graphed, ~2.5 min, bf16-ln being the engine's amp with amp_layer_norm bfloat16
-# (#2); the distillation tables, bf16-graph then eager bf16 with the solve beside a dispatching thread
-# (gil_threads --solve, ~15 s) between them, ~3.5 min, with the columns `thread` (overlap_teacher "thread"), `landed` / `waited`
-# (the KD assignment's timing) and `alone` / `serial` (the step's KD problems solved again with nothing else running:
-# is the in-step solve slowed by the step's other threads?)), then `profile nolt` (~3 min) or
+# checks of a distillation step; bf16 vs fp32 eager, then graphed, ~2.5 min, bf16-ln being the engine's amp
+# with amp_layer_norm bfloat16 (#2); the distillation tables, bf16-graph then eager bf16 with the solve beside
+# a dispatching thread (gil_threads --solve, ~15 s) between them, ~3.5 min, with the columns `thread`
+# (overlap_teacher "thread"), `landed` / `waited` (the KD assignment's timing) and `alone` / `serial` (the
+# step's KD problems solved again with nothing else running: is the in-step solve slowed by the step's other
+# threads?)), then `profile nolt` (~3 min) or
 # `tests-compiled` with what is left, on the still warm machine. The header's `numba` says whether the
 # parallel assignment solver runs there (else scipy, one problem after another). Needs no network: pydantic
 # and pycocotools travel as wheels in .whl/ (see README).
@@ -83,6 +84,12 @@ cuda_tests() {  # cuda_tests LOG LIMIT FILTER: the CUDA tests of tests/test_gpu.
     timeout "$2" $PY -m pytest -q -p no:cacheprovider -m gpu -rf --durations=8 -k "$3" tests/test_gpu.py \
         > "$OUT/$1" 2>&1 || echo "$1: exit $?"
     grep -E "^(FAILED|ERROR)|passed|failed|^E " "$OUT/$1" | cut -c1-600 | head -40
+}
+distill_table() {  # distill_table NAME LIMIT DTYPES [step.py options]: step.py's distillation table at paper scale
+    local name=$1 limit=$2 dtypes=$3; shift 3
+    timeout "$limit" $PY benchmarks/step.py --scale paper --steps 10 --warmup 3 --distill-only \
+        --threads "$(nproc)" ${DISTILL_SWITCH:+--switch-interval $DISTILL_SWITCH} "$@" \
+        --dtypes $dtypes --json "$OUT/$name.json" 2>&1 | tee "$OUT/$name.txt"
 }
 if has tests; then
     # the CUDA-graph tests first, in a run of their own: never run on a GPU before 2026-11-28, and what the bf16
@@ -131,15 +138,11 @@ if has distill; then
     # (resources.cpus_per_trial) runs; "serial" in the table is the solve on one thread. The graphed table
     # first (in a process of its own: a CUDA error of a graph sticks to its process): #3's open question
     stamp "distillation step vs floor, paper scale, with CUDA graphs (the student's step and the teacher's forward)"
-    timeout ${DISTILL_GRAPH_TIMEOUT:-200} $PY benchmarks/step.py --scale paper --steps 10 --warmup 3 --distill-only \
-        --threads "$(nproc)" ${DISTILL_SWITCH:+--switch-interval $DISTILL_SWITCH} --teacher-graph \
-        --dtypes ${DISTILL_GRAPH_DTYPES:-bf16-graph} --json "$OUT/distill_graph.json" 2>&1 | tee "$OUT/distill_graph.txt"
+    distill_table distill_graph ${DISTILL_GRAPH_TIMEOUT:-200} "${DISTILL_GRAPH_DTYPES:-bf16-graph}" --teacher-graph
     stamp "the KD solve beside a dispatching thread; two threads issuing CUDA operators vs one (overlap_teacher thread)"
     timeout 90 $PY benchmarks/gil_threads.py --device cuda --sizes 4 65536 --solve 2>&1 | tee "$OUT/gil.txt"
     stamp "distillation step vs floor, paper scale, eager"
-    timeout ${DISTILL_TIMEOUT:-200} $PY benchmarks/step.py --scale paper --steps 10 --warmup 3 --distill-only \
-        --threads "$(nproc)" ${DISTILL_SWITCH:+--switch-interval $DISTILL_SWITCH} \
-        --dtypes ${DISTILL_DTYPES:-bf16} --json "$OUT/distill.json" 2>&1 | tee "$OUT/distill.txt"
+    distill_table distill ${DISTILL_TIMEOUT:-200} "${DISTILL_DTYPES:-bf16}"
 fi
 if has profile; then
     stamp "where a student step's time goes, paper scale (GPU busy / wall, top kernels)"
