@@ -24,7 +24,7 @@ MODES = ("fp32", "bf16", "bf16-ln")
 
 def run(family: str, seed: int, mode: str, data_root: Path) -> dict:
     import torch
-    from detrdistill.trainers import engine
+    from trainers import engine
     from test_learning import small_config
     config = small_config(family, data_root)
     schedule = config.schedule.model_copy(update={"amp": mode != "fp32",

@@ -43,8 +43,8 @@ def coco_like_sizes(n: int, gen: torch.Generator) -> list:
 
 def augmented_sizes(sizes: list, seed: int) -> list:
     """(h, w) of each image after the training transforms."""
-    from detrdistill.trainers.config import AugmentConfig
-    from detrdistill.trainers.data.transforms import make_transforms
+    from trainers.config import AugmentConfig
+    from trainers.data.transforms import make_transforms
     torch.manual_seed(seed)
     transforms = make_transforms(AugmentConfig(), train=True)
     out = []
@@ -81,7 +81,7 @@ def grouped_order(sizes: list, batch: int, gen: torch.Generator) -> list:
 def policy(shapes: list, max_graphs: int) -> dict:
     """The capture policy over the shapes: replayed steps, captures, and the step where capturing stopped."""
     import warnings
-    from detrdistill.trainers.cuda_graphs import ShapeGraphs
+    from trainers.cuda_graphs import ShapeGraphs
     graphs = ShapeGraphs(max_graphs)
     replayed, stopped_at = 0, None
     with warnings.catch_warnings():

@@ -104,7 +104,7 @@ class OperatorCount(TorchDispatchMode):
 
 def _caller() -> str:
     """The innermost frame of this project's code: file, line and source."""
-    frames = [f for f in traceback.extract_stack() if "/detrdistill/" in f.filename]
+    frames = [f for f in traceback.extract_stack() if any(f"/{pkg}/" in f.filename for pkg in ("trainers", "orchestrator"))]
     if not frames:
         return "?"
     f = frames[-1]
@@ -152,8 +152,8 @@ def as_the_engine_runs(model, dtype: str, frozen: bool = False):
     """`model` as the engine runs it in `dtype` (a step.py dtype, or one ending in -plain: autocast alone):
     bf16 norms for -ln, and for the dtypes that have them bf16 weight copies, made now as before a trial's
     first step (frozen: a teacher's)."""
-    from detrdistill.trainers.bf16_weights import BF16Weights
-    from detrdistill.trainers.models.transformer_layers import set_bf16_layer_norm
+    from trainers.bf16_weights import BF16Weights
+    from trainers.models.transformer_layers import set_bf16_layer_norm
     set_bf16_layer_norm(model, "-ln" in dtype)
     if dtype not in COPIES:
         return model
@@ -164,7 +164,7 @@ def as_the_engine_runs(model, dtype: str, frozen: bool = False):
 
 def build(family: str, scale: dict, dtype: str):
     """A fake-CUDA detector as the engine runs it in `dtype`, and its input -> a call of one forward."""
-    from detrdistill.trainers.models import build_detector
+    from trainers.models import build_detector
     model = build_detector(_model_config(family, scale, scale["backbone"]), scale["classes"]).train()
     forward = as_the_engine_runs(model, dtype)
     images = torch.randn(scale["batch"], 3, scale["height"], scale["width"])

@@ -59,7 +59,7 @@ def measure(torch, size, device, n):
 def solve_beside_dispatch(torch, device, problems, threads, interval):
     """-> (solve seconds, us an operator of this thread meanwhile, or None alone) with the given switch interval;
     interval None: the solve alone."""
-    from detrdistill.trainers.matching import solve_assignments
+    from trainers.matching import solve_assignments
     took = {}
 
     def solve():

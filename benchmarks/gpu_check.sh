@@ -79,7 +79,7 @@ has() { [[ " $stages " == *" $1 "* ]]; }
 t0=$(date +%s)
 stamp() { echo "== $1 ($(( $(date +%s) - t0 )) s since start) =="; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-$PY -c "import os, torch, torchvision, transformers; from detrdistill.trainers import lsap; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'transformers', transformers.__version__, 'cpus', os.cpu_count(), 'torch threads', torch.get_num_threads(), 'OMP_NUM_THREADS', os.environ.get('OMP_NUM_THREADS'), 'numba (the parallel assignment solver)', lsap.available() and lsap._numba.__version__)" | tee -a "$OUT/gpu.txt"
+$PY -c "import os, torch, torchvision, transformers; from trainers import lsap; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'transformers', transformers.__version__, 'cpus', os.cpu_count(), 'torch threads', torch.get_num_threads(), 'OMP_NUM_THREADS', os.environ.get('OMP_NUM_THREADS'), 'numba (the parallel assignment solver)', lsap.available() and lsap._numba.__version__)" | tee -a "$OUT/gpu.txt"
 cuda_tests() {  # cuda_tests LOG LIMIT FILTER: the CUDA tests of tests/test_gpu.py that FILTER (-k) selects
     timeout "$2" $PY -m pytest -q -p no:cacheprovider -m gpu -rf --durations=8 -k "$3" tests/test_gpu.py \
         > "$OUT/$1" 2>&1 || echo "$1: exit $?"

@@ -31,8 +31,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from detrdistill.trainers import lsap  # noqa: E402
-from detrdistill.trainers.matching import solve_assignments  # noqa: E402
+from trainers import lsap  # noqa: E402
+from trainers.matching import solve_assignments  # noqa: E402
 
 N_CLASSES = 91
 
@@ -43,8 +43,8 @@ def random_costs(rng, n_problems, n):
 
 def kd_costs(seed, layers, batch, n):
     """[L * B] KD cost matrices built like the real ones (float32, on the CPU)."""
-    from detrdistill.trainers.config import LogitsKDConfig
-    from detrdistill.trainers.distill.logits import kd_cost
+    from trainers.config import LogitsKDConfig
+    from trainers.distill.logits import kd_cost
     g = torch.Generator().manual_seed(seed)
     t_logits = torch.randn(layers, batch, n, N_CLASSES, generator=g) * 1.5 - 4.5   # background everywhere
     for b in range(batch):                                                          # ~7 objects per image
@@ -65,7 +65,7 @@ def kd_costs(seed, layers, batch, n):
 def compile_times() -> tuple[float, float]:
     """Seconds to make the kernel callable in a fresh process: with an empty numba cache, then cached."""
     code = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r}); "
-            "import time; t = time.perf_counter(); from detrdistill.trainers import lsap; lsap.warm_up(); "
+            "import time; t = time.perf_counter(); from trainers import lsap; lsap.warm_up(); "
             "print(time.perf_counter() - t)")
     with tempfile.TemporaryDirectory() as cache:
         env = dict(os.environ, NUMBA_CACHE_DIR=cache)

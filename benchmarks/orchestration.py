@@ -20,11 +20,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from detrdistill.orchestrator import scheduler
-from detrdistill.orchestrator.plan import build_plan
-from detrdistill.orchestrator.spec import parse_spec
-from detrdistill.trainers.data.synthetic import make_synthetic
-from detrdistill.trainers.engine import run_trial
+from orchestrator import scheduler
+from orchestrator.plan import build_plan
+from orchestrator.spec import parse_spec
+from trainers.data.synthetic import make_synthetic
+from trainers.engine import run_trial
 
 SPEC = """name: overhead
 data: {{format: coco, root: {root}, num_workers: 0,

@@ -18,9 +18,9 @@ import traceback
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from detrdistill.orchestrator.plan import build_plan, read_result
-from detrdistill.orchestrator.spec import load_spec
-from detrdistill.orchestrator.store_trial import train_in_store
+from orchestrator.plan import build_plan, read_result
+from orchestrator.spec import load_spec
+from orchestrator.store_trial import train_in_store
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 

@@ -124,7 +124,7 @@ def _inputs(scale, device):
 
 
 def _model_config(family, scale, backbone):
-    from detrdistill.trainers.config import ModelConfig
+    from trainers.config import ModelConfig
     kw = dict(family=family, backbone=backbone, decoder_layers=scale["dec"], num_queries=scale["queries"],
               hidden_dim=scale["hidden"], backbone_norm=scale.get("norm", "auto"))
     if family != "adamixer":
@@ -138,7 +138,7 @@ def _calibrate_frozen_bn(model, images):
     norm leave a deep ResNet unnormalised: a ResNet-101's C5 reaches ~1e5 at 400x533, its Conditional DETR's
     boxes degenerate and the KD cost turns NaN, and a step times overflowing values."""
     import torch
-    from detrdistill.trainers.models.backbone import FrozenBatchNorm2d
+    from trainers.models.backbone import FrozenBatchNorm2d
 
     def calibrate(module, inputs):
         x = inputs[0].float()
@@ -181,10 +181,10 @@ def _train_step(loss_fn, model, params, images, mask, targets, device, dtype, ah
     CUDA, so the teacher's next forward is queued while the KD assignment is solved. weight_copies and dtype
     bf16: the model runs on bf16 copies of its weights (BF16Weights), as the engine runs ours."""
     import torch
-    from detrdistill.trainers.bf16_weights import BF16Weights
+    from trainers.bf16_weights import BF16Weights
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)  # as the engine (and for transformers' model too)
     kw = {"upcoming": (images, mask)} if ahead else {}
-    from detrdistill.trainers.graphed_model import GraphedModel
+    from trainers.graphed_model import GraphedModel
     copies = weight_copies and dtype in COPIES
     forward_model = GraphedModel(model) if dtype.endswith("-graph") else model  # as the engine: inside the copies
     forward_model = BF16Weights(forward_model) if copies else forward_model
@@ -203,7 +203,7 @@ def _train_step(loss_fn, model, params, images, mask, targets, device, dtype, ah
 def _ours(family, scale, device, dtype, mode, channels_last=False, compiled=False):
     """One configuration's step (or teacher forward), with the attention kernels the engine selects (or, for
     -cudnn-sdp, PyTorch's default) set at each call: configurations timed interleaved may differ in it."""
-    from detrdistill.trainers.engine import select_attention_kernels
+    from trainers.engine import select_attention_kernels
     run = _build_ours(family, scale, device, dtype, mode, channels_last, compiled)
 
     def step():
@@ -214,12 +214,12 @@ def _ours(family, scale, device, dtype, mode, channels_last=False, compiled=Fals
 
 def _build_ours(family, scale, device, dtype, mode, channels_last=False, compiled=False):
     import torch
-    from detrdistill.trainers.config import DistillConfig
-    from detrdistill.trainers.criterion import SetCriterion
-    from detrdistill.trainers.distill.objective import DistillationLoss
-    from detrdistill.trainers.engine import DetectionLoss
-    from detrdistill.trainers.models import build_detector
-    from detrdistill.trainers.models.transformer_layers import set_bf16_layer_norm
+    from trainers.config import DistillConfig
+    from trainers.criterion import SetCriterion
+    from trainers.distill.objective import DistillationLoss
+    from trainers.engine import DetectionLoss
+    from trainers.models import build_detector
+    from trainers.models.transformer_layers import set_bf16_layer_norm
     images, mask, targets = _inputs(scale, device)
     amp = dtype.startswith("bf16")
     model = build_detector(_model_config(family, scale, scale["backbone"]), scale["classes"]).to(device).train()
@@ -232,7 +232,7 @@ def _build_ours(family, scale, device, dtype, mode, channels_last=False, compile
     if compiled:  # the whole detector one graph (no graph breaks in any family); matching and losses stay eager.
         # bf16 runs plain autocast then: swapping weight copies in would break the graph's guards, and the
         # compiler fuses autocast's casts into its kernels anyway
-        from detrdistill.trainers.engine import compile_model
+        from trainers.engine import compile_model
         model = compile_model(model)  # as the engine compiles with schedule.compile
     criterion = SetCriterion(scale["classes"])
     if mode == "student":
@@ -246,14 +246,14 @@ def _build_ours(family, scale, device, dtype, mode, channels_last=False, compile
         teacher.backbone.to(memory_format=torch.channels_last)
     if compiled and mode != "student_group":  # as the engine with schedule.compile: the teacher compiled too,
         # on autocast alone (the extra-group measurement caches one teacher output: nothing to compile there)
-        from detrdistill.trainers.engine import compile_model
+        from trainers.engine import compile_model
         teacher = compile_model(teacher)
     elif dtype in COPIES and not compiled:  # as the engine: the frozen teacher on bf16 copies of its weights
-        from detrdistill.trainers.bf16_weights import BF16Weights
+        from trainers.bf16_weights import BF16Weights
         teacher = BF16Weights(teacher, frozen=True)
     if (mode in GRAPHED or dtype.endswith("-graph")) and not compiled:  # as the engine with
         # schedule.teacher_cuda_graph (the warm-up steps capture)
-        from detrdistill.trainers.distill.teacher_graph import GraphedTeacher
+        from trainers.distill.teacher_graph import GraphedTeacher
         teacher = GraphedTeacher(teacher)
     if mode in ("teacher_forward", "teacher_graph"):
         teacher.eval()
@@ -279,8 +279,8 @@ def _hf(family, scale, device, dtype):
     import torch
     from transformers import ConditionalDetrConfig, ConditionalDetrForObjectDetection, DeformableDetrConfig, \
         DeformableDetrForObjectDetection
-    from detrdistill.trainers.engine import select_attention_kernels
-    from detrdistill.trainers.models.hf_backbone import hf_resnet_config
+    from trainers.engine import select_attention_kernels
+    from trainers.models.hf_backbone import hf_resnet_config
     levels = 1 if family == "conditional_detr" else 4
     out_features = ["stage4"] if levels == 1 else ["stage2", "stage3", "stage4"]
     common = dict(backbone_config=hf_resnet_config(scale["backbone"], out_features=out_features),
@@ -414,7 +414,7 @@ def _solve_alone(problems) -> dict:
     """The step's KD problems solved again with nothing else running: {"alone": with the step's threads,
     "serial": on one thread} (medians of 3). "kd solve" well above "alone" means the step's other work
     (its host threads, the GIL) slowed the solve; "alone" near "serial", that it found no parallelism."""
-    from detrdistill.trainers.matching import solve_assignments
+    from trainers.matching import solve_assignments
 
     def timed(**kw):
         runs = []
@@ -431,7 +431,7 @@ def _time_kd_solve() -> dict:
     solver; "landed": from the term's start until its cost is on the host (the GPU's lag behind this thread);
     "waited": this thread blocked in the term's finish() for the assignment (what run-ahead did not hide);
     "gt_waited": blocked collecting the assignments to the ground truth (student's and teacher's)."""
-    from detrdistill.trainers.distill import logits
+    from trainers.distill import logits
     # the unwrapped functions, also when an earlier measurement in this process wrapped them already
     solve = getattr(logits, "_untimed_solve_assignments", logits.solve_assignments)
     start = getattr(logits, "_untimed_start_on_host", logits.start_on_host)
@@ -456,7 +456,7 @@ def _time_kd_solve() -> dict:
     logits.solve_assignments, logits.start_on_host = timed_solve, timed_start
     # the ground-truth assignments (the student's, the teacher's for the query prior): how long this thread
     # blocked collecting them
-    from detrdistill.trainers import matching
+    from trainers import matching
     gt_start = getattr(matching, "_untimed_start_on_host", matching.start_on_host)
     matching._untimed_start_on_host = gt_start
     matching.start_on_host = lambda job, *tensors: _timed_wait(gt_start(job, *tensors), times, "gt_waited")

@@ -4,9 +4,9 @@ import os
 import pytest
 import torch
 
-from detrdistill.trainers.config import (AugmentConfig, DataConfig, DistillConfig, ModelConfig, ScheduleConfig,
+from trainers.config import (AugmentConfig, DataConfig, DistillConfig, ModelConfig, ScheduleConfig,
                                         TeacherConfig, TrialConfig)
-from detrdistill.trainers.data.synthetic import make_synthetic
+from trainers.data.synthetic import make_synthetic
 
 TINY_SIZE = 96
 
@@ -54,7 +54,7 @@ def tiny_trial(root, family="conditional_detr", epochs=2, **overrides) -> TrialC
 def tiny_distill_trial(root, tmp_path_factory, method="detrdistill") -> TrialConfig:
     """A one-epoch tiny distillation trial; its teacher (a one-epoch tiny trial) is trained once per test
     session, in <basetemp>/kd-teacher."""
-    from detrdistill.trainers.engine import run_trial
+    from trainers.engine import run_trial
     teacher_dir = tmp_path_factory.getbasetemp() / "kd-teacher"
     if not (teacher_dir / "checkpoint.pt").exists():
         run_trial(tiny_trial(root, epochs=1), teacher_dir, log=lambda s: None)
@@ -85,7 +85,7 @@ def tracking_uri(tmp_path, mlflow_db_template):
 def ray_cluster():
     """One local Ray per test module (starting one takes seconds); the scheduler uses it as it is."""
     import ray
-    from detrdistill.orchestrator.scheduler import start_ray
+    from orchestrator.scheduler import start_ray
     start_ray()
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()

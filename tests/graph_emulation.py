@@ -136,7 +136,7 @@ class _Stream:
 
 def emulated_cuda_graphs(monkeypatch):
     """Patch torch.cuda's graph and stream calls with the emulation and let ShapeGraphs capture on the CPU."""
-    from detrdistill.trainers.cuda_graphs import ShapeGraphs
+    from trainers.cuda_graphs import ShapeGraphs
     monkeypatch.setattr(ShapeGraphs, "capturable", staticmethod(lambda device: device.type == "cpu"))
     monkeypatch.setattr(torch.cuda, "CUDAGraph", EmulatedGraph)
     monkeypatch.setattr(torch.cuda, "graph", _graph)

@@ -8,12 +8,12 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from detrdistill.trainers.config import AugmentConfig, DataConfig, ModelConfig, ScheduleConfig, TrialConfig
-from detrdistill.trainers.checkpoint import load_detector
-from detrdistill.trainers.engine import run_trial
-from detrdistill.trainers.models import QueryGroup, build_detector
-from detrdistill.trainers.models.adamixer import AdaMixer
-from detrdistill.trainers.models.adamixer_ops import (AdaptiveSamplingMixing, channel_mixing, sample_3d,
+from trainers.config import AugmentConfig, DataConfig, ModelConfig, ScheduleConfig, TrialConfig
+from trainers.checkpoint import load_detector
+from trainers.engine import run_trial
+from trainers.models import QueryGroup, build_detector
+from trainers.models.adamixer import AdaMixer
+from trainers.models.adamixer_ops import (AdaptiveSamplingMixing, channel_mixing, sample_3d,
                                                      sampling_points, spatial_mixing)
 
 C, D = 3, 32

@@ -3,8 +3,8 @@ import pytest
 import torch
 import torchvision
 
-from detrdistill.trainers.config import ModelConfig
-from detrdistill.trainers.models.backbone import Backbone, FrozenBatchNorm2d, dilate_last_stage
+from trainers.config import ModelConfig
+from trainers.models.backbone import Backbone, FrozenBatchNorm2d, dilate_last_stage
 
 
 def test_norm_auto_follows_pretrained_weights(tmp_path):

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from detrdistill.trainers.distill.baselines import (FGDLoss, FitNetLoss, MGDLoss, build_baseline,
+from trainers.distill.baselines import (FGDLoss, FitNetLoss, MGDLoss, build_baseline,
                                                     foreground_background_masks)
 
 B, D_S, D_T = 2, 6, 8

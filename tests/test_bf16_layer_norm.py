@@ -6,12 +6,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from detrdistill.trainers.bf16_weights import BF16Weights
-from detrdistill.trainers.config import ScheduleConfig
-from detrdistill.trainers.criterion import SetCriterion
-from detrdistill.trainers.engine import DetectionLoss
-from detrdistill.trainers.models import build_detector
-from detrdistill.trainers.models.transformer_layers import LayerNorm, layer_norm, set_bf16_layer_norm
+from trainers.bf16_weights import BF16Weights
+from trainers.config import ScheduleConfig
+from trainers.criterion import SetCriterion
+from trainers.engine import DetectionLoss
+from trainers.models import build_detector
+from trainers.models.transformer_layers import LayerNorm, layer_norm, set_bf16_layer_norm
 from test_bf16_weights import autocast
 from test_gpu import FAMILIES, batch, small
 
@@ -114,7 +114,7 @@ def test_the_engine_switches_student_and_teacher_only_under_amp(tiny_data_root, 
     """On the CPU amp is off, so the option changes nothing; with amp forced on (the CPU's bf16 autocast) the
     student and the teacher get bf16 norms and the trial trains other weights than with float32 norms."""
     from conftest import tiny_distill_trial
-    from detrdistill.trainers import engine
+    from trainers import engine
     config = tiny_distill_trial(tiny_data_root, tmp_path_factory)
     seen = []
     original = engine.set_bf16_layer_norm

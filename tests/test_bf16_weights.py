@@ -7,13 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from detrdistill.trainers.bf16_weights import BF16Weights
-from detrdistill.trainers.config import DistillConfig
-from detrdistill.trainers.criterion import SetCriterion
-from detrdistill.trainers.distill.objective import DistillationLoss
-from detrdistill.trainers.engine import DetectionLoss
-from detrdistill.trainers.models import build_detector
-from detrdistill.trainers.models.transformer_layers import LayerNorm, set_bf16_layer_norm
+from trainers.bf16_weights import BF16Weights
+from trainers.config import DistillConfig
+from trainers.criterion import SetCriterion
+from trainers.distill.objective import DistillationLoss
+from trainers.engine import DetectionLoss
+from trainers.models import build_detector
+from trainers.models.transformer_layers import LayerNorm, set_bf16_layer_norm
 from test_gpu import FAMILIES, batch, small
 
 CPU = torch.device("cpu")
@@ -156,7 +156,7 @@ def test_amp_distillation_trial_is_bitwise_the_plain_autocast_trial(tiny_data_ro
     """The engine's bf16 path (student and teacher on weight copies), forced on the CPU's autocast, trains
     bitwise the weights plain autocast trains."""
     from conftest import tiny_distill_trial
-    from detrdistill.trainers import bf16_weights, engine
+    from trainers import bf16_weights, engine
     config = tiny_distill_trial(tiny_data_root, tmp_path_factory)
     config = config.model_copy(update={"model": config.model.model_copy(update={"dropout": 0.0})})
     monkeypatch.setattr(engine, "amp_enabled", lambda schedule, device: schedule.amp)

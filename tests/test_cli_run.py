@@ -14,9 +14,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import tiny_spec
-from detrdistill.orchestrator.cli import main
-from detrdistill.orchestrator.plan import build_plan
-from detrdistill.orchestrator.spec import load_spec
+from orchestrator.cli import main
+from orchestrator.plan import build_plan
+from orchestrator.spec import load_spec
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -92,7 +92,7 @@ def test_ctrl_c_then_resume_runs_only_what_had_not_finished(ray_cluster, tiny_da
                                 "ablate: {student.schedule.epochs: [1, 3]}\n")
     short, long = build_plan(load_spec("int.yaml"), "runs").nodes.values()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    driver = subprocess.Popen([sys.executable, "-m", "detrdistill.orchestrator.cli", "run", "int.yaml",
+    driver = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "run", "int.yaml",
                                "--tracking-uri", tracking_uri, "--ray-address", ray_cluster],
                               cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     short_done, long_checkpoint = tmp_path / "runs" / short.hash / "result.json", \

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from detrdistill.orchestrator.cli import main
-from detrdistill.orchestrator.spec import expand_trials, load_spec
+from orchestrator.cli import main
+from orchestrator.spec import expand_trials, load_spec
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted((REPO / "experiments").glob("*.yaml"))
@@ -120,7 +120,7 @@ def test_validate_writes_nothing(workdir, capsys):
 
 def run_cli(cwd: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1"}
-    return subprocess.run([sys.executable, "-m", "detrdistill.orchestrator.cli", *args], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=60)
 
 
@@ -135,7 +135,7 @@ def test_as_a_program(workdir):
 
 
 def test_validate_imports_no_heavy_framework(workdir):
-    code = ("import sys; from detrdistill.orchestrator.cli import main; main(['validate', 'good.yaml']); "
+    code = ("import sys; from orchestrator.cli import main; main(['validate', 'good.yaml']); "
             "print(sorted(m for m in ('torch', 'ray', 'mlflow', 'optuna') if m in sys.modules))")
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1"}
     result = subprocess.run([sys.executable, "-c", code], cwd=workdir, env=env, capture_output=True, text=True,

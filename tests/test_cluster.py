@@ -14,9 +14,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import tiny_spec
-from detrdistill.orchestrator.cli import main
-from detrdistill.orchestrator.plan import build_plan
-from detrdistill.orchestrator.spec import load_spec
+from orchestrator.cli import main
+from orchestrator.plan import build_plan
+from orchestrator.spec import load_spec
 
 BIN = Path(sys.executable).parent
 
@@ -95,7 +95,7 @@ def ray_head(tmp_path_factory):
 
 def driver(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
     """`detrdistill ARGS` in a fresh process (a driver of its own, as on a cluster's login node)."""
-    return subprocess.run([sys.executable, "-m", "detrdistill.orchestrator.cli", *args], cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], cwd=cwd,
                           env=user_env(**env), capture_output=True, text=True, timeout=600)
 
 
@@ -219,12 +219,12 @@ def test_token_mode_is_not_set_once_ray_is_imported(monkeypatch):
     it starts later would demand a token this process does not send (its start fails). Before the import
     (the CLI's own process) it is set."""
     import ray  # noqa: F401 - imported, as in a test or notebook that calls main()
-    from detrdistill.orchestrator.cluster import use_ray_token_auth
+    from orchestrator.cluster import use_ray_token_auth
     monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
     monkeypatch.setenv("RAY_AUTH_TOKEN", "0" * 64)  # a token at hand
     use_ray_token_auth("127.0.0.1:6379")
     assert "RAY_AUTH_MODE" not in os.environ
-    probe = ("import os; from detrdistill.orchestrator.cluster import use_ray_token_auth; "
+    probe = ("import os; from orchestrator.cluster import use_ray_token_auth; "
              "use_ray_token_auth('127.0.0.1:6379'); print(os.environ.get('RAY_AUTH_MODE'))")
     fresh = subprocess.run([sys.executable, "-c", probe], env=user_env(RAY_AUTH_TOKEN="0" * 64),
                            capture_output=True, text=True, check=True)

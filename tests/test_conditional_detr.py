@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from detrdistill.trainers.config import ModelConfig
-from detrdistill.trainers.models import DetectorOutput, QueryGroup, build_detector
+from trainers.config import ModelConfig
+from trainers.models import DetectorOutput, QueryGroup, build_detector
 
 D = 32
 
@@ -127,8 +127,8 @@ def test_local_attention_init_is_a_kernel_around_the_reference_point():
     """attention_init 'local': head k's spatial term q_sine . k_pos equals gain^2 * sum over frequencies f in
     k..k+band-1 of cos(w_f (r_y - p_y)) + cos(w_f (r_x - p_x)) (float64, by hand), so it peaks at the
     reference point r; later layers start with the same kernel (query_scale = identity)."""
-    from detrdistill.trainers.models.conditional_detr import LOCAL_GAIN
-    from detrdistill.trainers.models.position_encoding import sine_box_encoding, sine_position_encoding
+    from trainers.models.conditional_detr import LOCAL_GAIN
+    from trainers.models.position_encoding import sine_box_encoding, sine_position_encoding
     d, heads, H, W = 64, 4, 6, 8
     torch.manual_seed(0)
     config = ModelConfig(family="conditional_detr", backbone="resnet18", encoder_layers=0, decoder_layers=2,
@@ -186,7 +186,7 @@ def test_attention_bias_is_the_bool_masks_attention_in_an_aligned_layout():
     memory-efficient CUDA kernel takes without copying); multi-head attention with it equals PyTorch's
     attention with the bool mask, padded keys and blocked query pairs alike."""
     import torch.nn.functional as F
-    from detrdistill.trainers.models.transformer_layers import attention_bias, multi_head_attention
+    from trainers.models.transformer_layers import attention_bias, multi_head_attention
     g = torch.Generator().manual_seed(0)
     B, N, S, h, dq = 2, 5, 13, 2, 4
     padded = torch.zeros(B, S, dtype=torch.bool)

@@ -4,9 +4,9 @@ import math
 import pytest
 import torch
 
-from detrdistill.trainers.config import LossConfig
-from detrdistill.trainers.criterion import SetCriterion
-from detrdistill.trainers.models.output import DecoderPredictions
+from trainers.config import LossConfig
+from trainers.criterion import SetCriterion
+from trainers.models.output import DecoderPredictions
 
 ALPHA, GAMMA = 0.25, 2.0
 
@@ -141,7 +141,7 @@ def _boxes(n, seed):
 def test_elementwise_giou_values_and_gradients_against_references():
     """The hand-written GIoU (box_ops._ElementwiseGIoU): values against the plain float64 formula, gradients
     w.r.t. both boxes against finite differences (gradcheck) and against autograd through the plain formula."""
-    from detrdistill.trainers.box_ops import elementwise_giou
+    from trainers.box_ops import elementwise_giou
     a = _boxes(200, 0)
     b = torch.cat([_boxes(100, 1), a[100:] + 0.05 * (torch.rand(100, 4, dtype=torch.float64) - 0.5)])  # half near a
     a, b = a.requires_grad_(), b.requires_grad_()
@@ -170,7 +170,7 @@ def test_elementwise_giou_values_and_gradients_against_references():
 
 def test_elementwise_giou_of_a_box_with_itself_is_one_with_a_zero_gradient():
     """Every edge ties there; GIoU is at its maximum, and autograd's split of tied edges gives zero."""
-    from detrdistill.trainers.box_ops import elementwise_giou
+    from trainers.box_ops import elementwise_giou
     a = _boxes(10, 5).requires_grad_()
     giou = elementwise_giou(a, a.detach())
     giou.sum().backward()
@@ -181,7 +181,7 @@ def test_pairwise_iou_and_giou_against_the_formula_and_the_elementwise_giou():
     """batched_pairwise_{iou,giou} over leading dims: every pair against the float64 formula; the pairs on the
     diagonal bitwise equal to elementwise_giou of the same boxes in float32 (the matching cost and the loss
     agree on what a box pair's GIoU is)."""
-    from detrdistill.trainers.box_ops import batched_pairwise_giou, batched_pairwise_iou, elementwise_giou
+    from trainers.box_ops import batched_pairwise_giou, batched_pairwise_iou, elementwise_giou
     a, b = _boxes(2 * 3 * 7, 6).view(2, 3, 7, 4), _boxes(3 * 5, 7).view(3, 5, 4)  # b broadcast over a's dim 0
     giou, iou = batched_pairwise_giou(a, b), batched_pairwise_iou(a, b)
     assert giou.shape == iou.shape == (2, 3, 7, 5)
@@ -202,8 +202,8 @@ def test_pairwise_iou_and_giou_against_the_formula_and_the_elementwise_giou():
 def test_weighted_sum_equals_the_sum_of_products_with_their_gradient():
     """weighted_sum (a dot product with the weights copied to the device once) against the plain sum, values
     and gradient; the weights' tensor is made once per values and reused."""
-    from detrdistill.trainers.criterion import weighted_sum
-    from detrdistill.trainers.models.constants import cached_device_constant
+    from trainers.criterion import weighted_sum
+    from trainers.models.constants import cached_device_constant
     values = torch.tensor([0.5, -2.0, 3.25], dtype=torch.float64, requires_grad=True)
     total = weighted_sum(values, [2.0, 5.0, 0.5])
     assert total.item() == 2.0 * 0.5 + 5.0 * -2.0 + 0.5 * 3.25

@@ -10,10 +10,10 @@ from PIL import Image
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from detrdistill.trainers.config import AugmentConfig, DataConfig
-from detrdistill.trainers.data import (SYNTHETIC_CLASSES, CocoDetection, DatasetError, build_dataset, collate,
+from trainers.config import AugmentConfig, DataConfig
+from trainers.data import (SYNTHETIC_CLASSES, CocoDetection, DatasetError, build_dataset, collate,
                                        make_synthetic, make_transforms, to_model_input)
-from detrdistill.trainers.data.transforms import RandomSizeCrop, RemoveEmptyBoxes
+from trainers.data.transforms import RandomSizeCrop, RemoveEmptyBoxes
 
 
 def write_coco(root: Path, images, annotations, categories=None, files=True):
@@ -307,7 +307,7 @@ def test_build_dataset_generates_once_and_refuses_other_parameters(tmp_path):
 
 
 def test_ensure_synthetic_reuses_and_refuses_other_parameters(tmp_path):
-    from detrdistill.trainers.data import ensure_synthetic
+    from trainers.data import ensure_synthetic
     root = tmp_path / "easy"
     ensure_synthetic(root, train=3, val=1, seed=0, image_size=48, max_objects=2, min_size=0.3, progress=None)
     stamp = (root / "train" / "000000.jpg").stat().st_mtime_ns

@@ -4,9 +4,9 @@ import copy
 import pytest
 import torch
 
-from detrdistill.trainers.config import ModelConfig
-from detrdistill.trainers.models import QueryGroup, build_detector
-from detrdistill.trainers.models.deformable_detr import DeformableDETR
+from trainers.config import ModelConfig
+from trainers.models import QueryGroup, build_detector
+from trainers.models.deformable_detr import DeformableDETR
 
 C, D = 3, 32
 

@@ -7,16 +7,16 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from conftest import tiny_distill_trial, tiny_trial
-from detrdistill.trainers.config import DistillConfig, FeatureKDConfig, LogitsKDConfig, ModelConfig
-from detrdistill.trainers.criterion import SetCriterion
-from detrdistill.trainers.distill.feature import feature_adapters, feature_distillation
-from detrdistill.trainers.distill.logits import kd_cost, logits_distillation, match_to_teacher
-from detrdistill.trainers.distill.mapping import layer_mapping
-from detrdistill.trainers.distill.objective import DistillationLoss
-from detrdistill.trainers.distill.query_prior import query_prior_loss
-from detrdistill.trainers.engine import DetectionLoss, run_trial
-from detrdistill.trainers.models import build_detector
-from detrdistill.trainers.models.output import DecoderPredictions
+from trainers.config import DistillConfig, FeatureKDConfig, LogitsKDConfig, ModelConfig
+from trainers.criterion import SetCriterion
+from trainers.distill.feature import feature_adapters, feature_distillation
+from trainers.distill.logits import kd_cost, logits_distillation, match_to_teacher
+from trainers.distill.mapping import layer_mapping
+from trainers.distill.objective import DistillationLoss
+from trainers.distill.query_prior import query_prior_loss
+from trainers.engine import DetectionLoss, run_trial
+from trainers.models import build_detector
+from trainers.models.output import DecoderPredictions
 
 
 # -- reference helpers, float64 and loop-based -------------------------------------------------------------
@@ -293,7 +293,7 @@ def test_losses_run_in_float32_under_bf16_autocast(method):
     """bf16 autocast covers the detector forwards only: the detection loss and the KD terms (their matrix
     products included: the KD cost's class term, the feature mask's cosines, the adapters) are the float32
     computation on the same detector outputs - under autocast they would round through bf16."""
-    from detrdistill.trainers.distill.logits import start_logits_distillation
+    from trainers.distill.logits import start_logits_distillation
     teacher, student = _tiny_model(), _tiny_model(seed=1).train()
     objective = _objective(teacher, student) if method == "detrdistill" else DistillationLoss(
         teacher, SetCriterion(4), DistillConfig(method=method), 64, 64, 2, 2, student.config.levels)
@@ -363,8 +363,8 @@ def test_teacher_run_ahead_gives_the_same_losses_and_gradients(monkeypatch):
     batch is issued by its own helper thread, beside the step. Every way the losses and gradients are bitwise
     those of the plain order, and the teacher runs once per batch, not twice."""
     import threading
-    import detrdistill.trainers.distill.logits as logits_module
-    import detrdistill.trainers.matching as matching_module
+    import trainers.distill.logits as logits_module
+    import trainers.matching as matching_module
     teacher = _tiny_model()
     calls, events, solvers, teacher_threads = [], [], set(), []
     batches = [torch.randn(2, 3, 64, 80, generator=torch.Generator().manual_seed(i)) for i in range(3)]
@@ -431,8 +431,8 @@ def test_no_assignment_is_collected_before_the_next_teachers_forward_is_queued(m
     after: the teacher's next forward and the other terms are queued without the host waiting. The solves
     themselves ran on the helper thread (the GPU's way, forced here on the CPU)."""
     import threading
-    import detrdistill.trainers.distill.logits as logits_module
-    import detrdistill.trainers.matching as matching_module
+    import trainers.distill.logits as logits_module
+    import trainers.matching as matching_module
     monkeypatch.setattr(matching_module, "solve_in_background", lambda device: True)
     events, solvers = [], set()
 
@@ -533,9 +533,9 @@ def test_teacher_thread_reports_the_teachers_error_at_the_next_step():
 def test_kd_solve_in_the_background_matches_and_reports_errors_as_in_line(monkeypatch, split):
     """The helper thread's assignment is the in-line one (both splits), and a NaN prediction still ends the
     step with the matching's NonFiniteCostError, raised where the caller collects the result."""
-    import detrdistill.trainers.distill.logits as logits_module
-    import detrdistill.trainers.matching as matching_module
-    from detrdistill.trainers.matching import NonFiniteCostError
+    import trainers.distill.logits as logits_module
+    import trainers.matching as matching_module
+    from trainers.matching import NonFiniteCostError
     g = torch.Generator().manual_seed(0)
     s = DecoderPredictions(torch.randn(2, 2, 7, 4, generator=g), torch.rand(2, 2, 7, 4, generator=g) * 0.5 + 0.2,
                            torch.randn(2, 2, 7, 8, generator=g))
@@ -558,7 +558,7 @@ def test_kd_solve_in_the_background_matches_and_reports_errors_as_in_line(monkey
 def test_teacher_run_ahead_in_training_is_bitwise_the_plain_run(tiny_data_root, tmp_path_factory, monkeypatch):
     """The engine hands the objective the next batch when overlap_teacher is on; with no random draws in the
     model (dropout 0) the trained weights are bitwise those of a run without it. "auto" is off on the CPU."""
-    from detrdistill.trainers.engine import _overlap_teacher
+    from trainers.engine import _overlap_teacher
     base = tiny_distill_trial(tiny_data_root, tmp_path_factory)
     base = base.model_copy(update={"model": base.model.model_copy(update={"dropout": 0.0})})
     cpu = torch.device("cpu")
@@ -586,7 +586,7 @@ def test_compiled_distillation_compiles_student_and_teacher(tiny_data_root, tmp_
     """schedule.compile in a distillation trial: the student and the teacher both run compiled (dynamo's
     eager backend here: the same operators, so the trained weights are bitwise the eager run's)."""
     from torch._dynamo.utils import counters
-    import detrdistill.trainers.engine as engine
+    import trainers.engine as engine
     config = tiny_distill_trial(tiny_data_root, tmp_path_factory)
     eager_dir = tmp_path_factory.mktemp("kd-eager")
     run_trial(config, eager_dir, log=lambda s: None)
@@ -652,9 +652,9 @@ def test_teacher_cuda_graph_wraps_the_teacher_which_the_cpu_calls_as_it_is(tiny_
     """schedule.teacher_cuda_graph: the objective's teacher is a GraphedTeacher (frozen, in eval mode like any
     teacher); off CUDA it calls the teacher as it is, output for output (the graphs themselves:
     tests/test_gpu.py -k graph)."""
-    from detrdistill.trainers.distill import build_distillation_loss
-    from detrdistill.trainers.distill.teacher_graph import GraphedTeacher
-    from detrdistill.trainers.models.output import tensors_in
+    from trainers.distill import build_distillation_loss
+    from trainers.distill.teacher_graph import GraphedTeacher
+    from trainers.models.output import tensors_in
     config = tiny_distill_trial(tiny_data_root, tmp_path_factory)
     cpu = torch.device("cpu")
     plain = build_distillation_loss(config, SetCriterion(10), 10, cpu)
@@ -673,7 +673,7 @@ def test_teacher_cuda_graph_wraps_the_teacher_which_the_cpu_calls_as_it_is(tiny_
 
 
 def test_map_tensors_rebuilds_an_output_with_every_tensor_mapped():
-    from detrdistill.trainers.models.output import map_tensors, tensors_in
+    from trainers.models.output import map_tensors, tensors_in
     model = build_detector(ModelConfig(family="deformable_detr", backbone="resnet18", encoder_layers=1,
                                        decoder_layers=2, num_queries=5, hidden_dim=32, num_heads=4, ffn_dim=32,
                                        num_feature_levels=2), 3).eval()

@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from conftest import tiny_trial
-from detrdistill.trainers.checkpoint import load_checkpoint, load_detector
-from detrdistill.trainers.config import ScheduleConfig
-from detrdistill.trainers.criterion import SetCriterion
-from detrdistill.trainers.engine import NonFiniteLossError, lr_factor, param_groups, run_trial
-from detrdistill.trainers.models import build_detector
+from trainers.checkpoint import load_checkpoint, load_detector
+from trainers.config import ScheduleConfig
+from trainers.criterion import SetCriterion
+from trainers.engine import NonFiniteLossError, lr_factor, param_groups, run_trial
+from trainers.models import build_detector
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
@@ -60,7 +60,7 @@ def test_compiled_training_is_wired_and_trains_the_same_weights(tiny_data_root, 
     backend (the graph runs the same operators; inductor would compile for minutes here), the weights are
     bitwise those of the eager run."""
     from torch._dynamo.utils import counters
-    import detrdistill.trainers.engine as engine
+    import trainers.engine as engine
     config = tiny_trial(tiny_data_root, epochs=2)
     run_trial(config, tmp_path / "eager", log=_quiet)
     calls = []
@@ -92,8 +92,8 @@ def test_a_non_finite_loss_stops_at_its_step_with_the_weights_before_it(tiny_dat
     the backward): a NaN loss at step 3 fails the epoch naming step 3, and its update was skipped on the
     device (the optimizer's found_inf), so model and optimizer state are those after step 2."""
     import itertools
-    from detrdistill.trainers.engine import DetectionLoss, build_loaders, train_one_epoch
-    from detrdistill.trainers.models import build_detector
+    from trainers.engine import DetectionLoss, build_loaders, train_one_epoch
+    from trainers.models import build_detector
     config = tiny_trial(tiny_data_root, epochs=1)
     torch.manual_seed(0)
     train_set, _, loader, _, _ = build_loaders(config)
@@ -144,7 +144,7 @@ def test_checkpoint_rebuilds_the_trained_detector(tiny_data_root, tmp_path):
 
 
 def test_param_groups_follow_the_recipe():
-    from detrdistill.trainers.config import ModelConfig
+    from trainers.config import ModelConfig
     model = build_detector(ModelConfig(family="deformable_detr", backbone="resnet18", backbone_norm="frozen_bn",
                                        encoder_layers=1,
                                        decoder_layers=1, num_queries=5, hidden_dim=64, num_feature_levels=2), 3)
@@ -172,7 +172,7 @@ def test_lr_schedule_warmup_then_step_decay():
 def test_loss_sums_on_the_device_equal_python_float_sums():
     """The epoch's loss sums stay on the device (no sync per step) and are the same numbers as summing each
     term's float() in Python: float32 values convert exactly and both add in float64 in the same order."""
-    from detrdistill.trainers.engine import LossSums
+    from trainers.engine import LossSums
     g = torch.Generator().manual_seed(0)
     sums, reference = LossSums(), {}
     for step in range(200):
@@ -192,9 +192,9 @@ def test_graphed_model_off_cuda_is_the_model_and_compile_excludes_it():
     graphed); on the CPU a training step through it is the model's own, loss and gradients bitwise, and
     nothing is captured. compile and cuda_graph together are refused."""
     import copy
-    from detrdistill.trainers.config import ModelConfig
-    from detrdistill.trainers.engine import DetectionLoss
-    from detrdistill.trainers.graphed_model import GraphedModel
+    from trainers.config import ModelConfig
+    from trainers.engine import DetectionLoss
+    from trainers.graphed_model import GraphedModel
     torch.manual_seed(0)
     model = build_detector(ModelConfig(family="deformable_detr", backbone="resnet18", encoder_layers=1,
                                        decoder_layers=2, num_queries=8, hidden_dim=32, num_heads=4, ffn_dim=32,
@@ -221,7 +221,7 @@ def test_shape_graphs_capture_a_shape_the_second_time_keep_the_recent_ones_and_s
     a key's first call runs eagerly, its second captures, later ones replay; the least recently used graph goes
     beyond max_graphs; a capture that raises, or keys cycling through more shapes than are kept (a capture
     every few calls, each costing about two eager ones), stop capturing for good, with a warning."""
-    from detrdistill.trainers.cuda_graphs import ShapeGraphs
+    from trainers.cuda_graphs import ShapeGraphs
     made = []
 
     def capture(key):
@@ -256,7 +256,7 @@ def test_shape_graphs_capture_a_shape_the_second_time_keep_the_recent_ones_and_s
 def test_loaders_pad_batches_to_the_size_divisor(tiny_data_root):
     """data.pad_size_divisor: every training and validation batch is padded up to multiples of it (few batch
     shapes, for CUDA graphs), the padding marked in the mask; 1 (the default) pads to the largest image only."""
-    from detrdistill.trainers.engine import build_loaders
+    from trainers.engine import build_loaders
     config = tiny_trial(tiny_data_root)  # multi-scale: 80 or 96 px and the crop branch's sizes
     shapes = {}
     for divisor in (1, 64):
@@ -278,9 +278,9 @@ def test_a_forward_copies_nothing_from_the_host_at_a_shape_seen_before(family, m
     the host, whose buffer a replay would read again. The constants a forward makes (deformable attention's level
     sizes, AdaMixer's scales) are cached per shape: at a shape seen before, a training forward with the extra
     query group and an evaluation forward copy nothing (at a new one, the families with constants do)."""
-    from detrdistill.trainers.config import ModelConfig
-    from detrdistill.trainers.models import constants
-    from detrdistill.trainers.models.output import QueryGroup
+    from trainers.config import ModelConfig
+    from trainers.models import constants
+    from trainers.models.output import QueryGroup
     copies = []
     copy = constants.host_to_device
     monkeypatch.setattr(constants, "host_to_device", lambda t, d: (copies.append(tuple(t.shape)), copy(t, d))[1])

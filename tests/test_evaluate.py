@@ -6,9 +6,9 @@ import torch
 from pycocotools.coco import COCO
 from torch import nn
 
-from detrdistill.trainers.evaluate import METRICS, coco_evaluate, evaluate
-from detrdistill.trainers.models.output import DecoderPredictions
-from detrdistill.trainers.postprocess import postprocess
+from trainers.evaluate import METRICS, coco_evaluate, evaluate
+from trainers.models.output import DecoderPredictions
+from trainers.postprocess import postprocess
 
 CATEGORIES = [3, 7, 11, 20]  # label -> category id; 20 has no annotations
 IMAGES = {1: (480, 640), 2: (300, 400), 3: (200, 200)}  # id -> (h, w); image 3 has no annotations

@@ -43,7 +43,7 @@ def _student_and_teacher_forward(family, dtype, decoder_layers=2, encoder_layers
     """On fake CUDA: a frozen teacher's forward, then the student's with the teacher's queries as an extra
     group, both as the engine runs them in `dtype` (fp32: amp off) -> (student output, operator count of the
     student's). teacher_count: a list that receives the teacher forward's count."""
-    from detrdistill.trainers.models import build_detector
+    from trainers.models import build_detector
     update = {"decoder_layers": decoder_layers} | ({} if family == "adamixer" else {"encoder_layers": encoder_layers})
     config = small(family).model_copy(update=update)
     amp = dtype != "fp32"

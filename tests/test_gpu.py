@@ -9,15 +9,15 @@ import pytest
 import torch
 
 from conftest import tiny_trial
-from detrdistill.trainers.config import DistillConfig, ModelConfig
-from detrdistill.trainers.criterion import SetCriterion
-from detrdistill.trainers.distill.objective import DistillationLoss
-from detrdistill.trainers.engine import DetectionLoss, run_trial
-from detrdistill.trainers.models import build_detector
-from detrdistill.trainers.models.output import tensors_in
-from detrdistill.trainers.models.transformer_layers import set_bf16_layer_norm
+from trainers.config import DistillConfig, ModelConfig
+from trainers.criterion import SetCriterion
+from trainers.distill.objective import DistillationLoss
+from trainers.engine import DetectionLoss, run_trial
+from trainers.models import build_detector
+from trainers.models.output import tensors_in
+from trainers.models.transformer_layers import set_bf16_layer_norm
 from test_ms_deform_attn import SHAPES, random_inputs, reference_core
-from detrdistill.trainers.models.ms_deform_attn import ms_deform_attn_core
+from trainers.models.ms_deform_attn import ms_deform_attn_core
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 FAMILIES = ["conditional_detr", "deformable_detr", "adamixer"]
@@ -64,7 +64,7 @@ def test_ms_deform_attn_core_on_cuda_equals_float64_loop():
 def test_host_to_device_does_not_wait_for_queued_kernels():
     """The step's small host -> GPU copies (constants, matched indices, a pinned batch) go through pinned
     memory: the host returns while earlier kernels still run, and the values arrive."""
-    from detrdistill.trainers.models.constants import device_constant, host_to_device
+    from trainers.models.constants import device_constant, host_to_device
     host_to_device(torch.arange(6), CUDA)  # the pinned-memory cache's first blocks (allocating them may sync)
     device_constant([[0.0, 0.0]], torch.zeros(1, device=CUDA))
     torch.cuda.synchronize()
@@ -117,7 +117,7 @@ def test_bf16_weight_copies_on_cuda_give_autocast_values(family):
     """BF16Weights on CUDA (the engine's bf16 path): the forward is bitwise plain autocast's, and a step's
     gradients match it (CUDA backward kernels may sum in another order; the CPU test is bitwise). A forward
     failure names the first module whose output differs, and whether plain autocast itself repeats bitwise."""
-    from detrdistill.trainers.bf16_weights import BF16Weights
+    from trainers.bf16_weights import BF16Weights
     torch.manual_seed(0)
     model = build_detector(small(family), 5).to(CUDA).train()
     wrapper = BF16Weights(model)
@@ -165,7 +165,7 @@ def test_compiled_training_forward_on_cuda_equals_eager(family):
     near-tied inputs, bilinear sampling's gradient jumps at pixel boundaries - so a last-bit difference moves
     some parameters' gradients by percents in the eager model too (measured on the CPU: Conditional DETR's
     2nd-stage conv 22%, AdaMixer's mixing generator 1.6%, by that nudge)."""
-    from detrdistill.trainers.engine import compile_model
+    from trainers.engine import compile_model
     torch.manual_seed(0)
     model = build_detector(small(family), 5).train()
     with torch.no_grad():  # off the initial grid: sampling offsets start at zero weight, so every sampling
@@ -284,7 +284,7 @@ def test_teacher_run_ahead_on_cuda_gives_the_plain_losses():
 def _cuda_distill_trial(tiny_data_root, tmp_path, epochs: int):
     """A tiny Deformable DETR distillation trial on CUDA, its teacher trained first (one epoch), with a data
     worker (so that the engine runs the teacher ahead, its CUDA default)."""
-    from detrdistill.trainers.config import TeacherConfig
+    from trainers.config import TeacherConfig
     teacher = tiny_trial(tiny_data_root, "deformable_detr", epochs=1, device="cuda")
     run_trial(teacher, tmp_path / "teacher", log=lambda s: None)
     config = tiny_trial(tiny_data_root, "deformable_detr", epochs=epochs, device="cuda",
@@ -334,7 +334,7 @@ def test_a_distillation_trial_on_cuda_waits_for_the_gpu_only_at_its_log_lines(ti
     the GPU only where it reads the loss sums (for a log line, and the epoch's means), never inside a step."""
     import inspect
     import warnings
-    import detrdistill.trainers.engine as engine
+    import trainers.engine as engine
     config = _cuda_distill_trial(tiny_data_root, tmp_path, epochs=2)
     train_one_epoch, caught, logs = engine.train_one_epoch, [], []
 
@@ -405,8 +405,8 @@ def test_graphed_teacher_replays_the_eager_forward(family, dtype):
     the same input (bf16: on bf16 weight copies under autocast, as the engine runs a teacher). An output kept
     from an earlier call is not overwritten by later replays (outputs leave the pool), and at most max_graphs
     graphs are kept."""
-    from detrdistill.trainers.bf16_weights import BF16Weights
-    from detrdistill.trainers.distill.teacher_graph import GraphedTeacher
+    from trainers.bf16_weights import BF16Weights
+    from trainers.distill.teacher_graph import GraphedTeacher
     torch.manual_seed(0)
     teacher = build_detector(small(family, "resnet34"), 5).to(CUDA).eval()
     if dtype == "bf16":
@@ -442,8 +442,8 @@ def test_graphed_teacher_in_a_distillation_step_gives_the_eager_losses_without_w
     capture happens inside a step, while the helper thread solves the step's assignments), and once captured
     a step queues everything without the host waiting for the GPU."""
     import warnings
-    from detrdistill.trainers.bf16_weights import BF16Weights
-    from detrdistill.trainers.distill.teacher_graph import GraphedTeacher
+    from trainers.bf16_weights import BF16Weights
+    from trainers.distill.teacher_graph import GraphedTeacher
     torch.manual_seed(0)
     teacher = BF16Weights(build_detector(small("deformable_detr", "resnet34"), 5).to(CUDA), frozen=True)
     batches = [batch(CUDA, seed) for seed in range(5)]
@@ -486,7 +486,7 @@ def _train_steps(forward_model, model, loss_fn, batches, amp: bool, check_sync_f
     apart by lr wherever their kernels round differently (a graph's backward takes each output's gradient in
     the output's layout); SGD moves weights by lr times the gradient, differences included."""
     import warnings
-    from detrdistill.trainers.bf16_weights import BF16Weights
+    from trainers.bf16_weights import BF16Weights
     params = [p for p in model.parameters() if p.requires_grad]
     params += [p for p in getattr(loss_fn, "trainable", torch.nn.ModuleDict()).parameters()]
     device = params[0].device
@@ -535,8 +535,8 @@ def test_graphed_training_steps_equal_eager_steps(family, dtype):
     the same weights and batch norm statistics after six steps over two input shapes (each captured at its
     second step; dropout 0). The graphed steps after capture wait for nothing."""
     import copy
-    from detrdistill.trainers.bf16_weights import BF16Weights
-    from detrdistill.trainers.graphed_model import GraphedModel
+    from trainers.bf16_weights import BF16Weights
+    from trainers.graphed_model import GraphedModel
     torch.manual_seed(0)
     eager = build_detector(small(family), 5).to(CUDA).train()
     graphed = copy.deepcopy(eager)
@@ -560,9 +560,9 @@ def test_graphed_distillation_steps_equal_eager_steps():
     replayed from graphs give the eager steps' losses and weights (the query-prior group goes through the
     student's graph as an input), and once captured a step waits for nothing."""
     import copy
-    from detrdistill.trainers.bf16_weights import BF16Weights
-    from detrdistill.trainers.distill.teacher_graph import GraphedTeacher
-    from detrdistill.trainers.graphed_model import GraphedModel
+    from trainers.bf16_weights import BF16Weights
+    from trainers.distill.teacher_graph import GraphedTeacher
+    from trainers.graphed_model import GraphedModel
     torch.manual_seed(0)
     teacher = BF16Weights(build_detector(small("deformable_detr", "resnet34"), 5).to(CUDA), frozen=True)
     eager = build_detector(small("deformable_detr"), 5).to(CUDA).train()
@@ -586,8 +586,8 @@ def test_graphed_distillation_steps_equal_eager_steps():
 def count_captures(monkeypatch) -> dict:
     """{"student": captures of GraphedModel's step graphs, "teacher": of GraphedTeacher's}, counted from now on
     (the wrappers a trial makes itself included)."""
-    import detrdistill.trainers.distill.teacher_graph as teacher_graph
-    import detrdistill.trainers.graphed_model as graphed_model
+    import trainers.distill.teacher_graph as teacher_graph
+    import trainers.graphed_model as graphed_model
     captures = {"student": 0, "teacher": 0}
     for module, name, label in ((graphed_model, "_StepGraph", "student"), (teacher_graph, "_Graph", "teacher")):
         class Counted(getattr(module, name)):

@@ -12,15 +12,15 @@ import torch
 
 from graph_emulation import emulated_cuda_graphs
 from test_gpu import FAMILIES, _assert_same_training, _train_steps, batch, count_captures, small
-from detrdistill.trainers.bf16_weights import BF16Weights
-from detrdistill.trainers.config import DistillConfig
-from detrdistill.trainers.criterion import SetCriterion
-from detrdistill.trainers.distill.objective import DistillationLoss
-from detrdistill.trainers.distill.teacher_graph import GraphedTeacher
-from detrdistill.trainers.engine import DetectionLoss
-from detrdistill.trainers.graphed_model import GraphedModel
-from detrdistill.trainers.models import build_detector
-from detrdistill.trainers.models.output import tensors_in
+from trainers.bf16_weights import BF16Weights
+from trainers.config import DistillConfig
+from trainers.criterion import SetCriterion
+from trainers.distill.objective import DistillationLoss
+from trainers.distill.teacher_graph import GraphedTeacher
+from trainers.engine import DetectionLoss
+from trainers.graphed_model import GraphedModel
+from trainers.models import build_detector
+from trainers.models.output import tensors_in
 
 CPU = torch.device("cpu")
 
@@ -155,8 +155,8 @@ def test_emulated_trial_with_both_graphs_trains_and_evaluates_as_the_eager_trial
     epoch), nothing warns, and the trial ends with the eager trial's losses, weights and AP (as close as in the
     tests above; thread: the teacher run ahead and captured by the helper thread)."""
     from conftest import tiny_distill_trial
-    from detrdistill.trainers.checkpoint import load_checkpoint
-    from detrdistill.trainers.engine import run_trial
+    from trainers.checkpoint import load_checkpoint
+    from trainers.engine import run_trial
     captures = count_captures(monkeypatch)
     config = tiny_distill_trial(tiny_data_root, tmp_path_factory)
     augment = config.data.augment.model_copy(update={"scales": [96], "crop": False, "max_size": 96})

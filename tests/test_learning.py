@@ -6,8 +6,8 @@
 """
 import pytest
 
-from detrdistill.trainers.config import AugmentConfig, DataConfig, ModelConfig, ScheduleConfig, TrialConfig
-from detrdistill.trainers.engine import run_trial
+from trainers.config import AugmentConfig, DataConfig, ModelConfig, ScheduleConfig, TrialConfig
+from trainers.engine import run_trial
 
 pytestmark = pytest.mark.slow
 
@@ -80,9 +80,9 @@ def small_config(family, root) -> TrialConfig:
 @pytest.mark.parametrize("family", ["conditional_detr", "deformable_detr", "adamixer"])
 def test_small_config_learns_in_minutes(family, data_96_easy, tmp_path):
     """The trained model's val AP must be far above the untrained one's (same config, no training)."""
-    from detrdistill.trainers.engine import build_loaders, select_device
-    from detrdistill.trainers.evaluate import evaluate
-    from detrdistill.trainers.models import build_detector
+    from trainers.engine import build_loaders, select_device
+    from trainers.evaluate import evaluate
+    from trainers.models import build_detector
     config = small_config(family, data_96_easy)
     trained = run_trial(config, tmp_path, log=lambda s: None)
     _, val_set, _, val_loader, _ = build_loaders(config)

@@ -1,4 +1,4 @@
-"""The parallel assignment solver (detrdistill.trainers.lsap) against scipy, brute force and the contract of
+"""The parallel assignment solver (trainers.lsap) against scipy, brute force and the contract of
 solve_assignments. The kernel mirrors scipy's algorithm operation for operation, so its assignments are
 asserted equal to scipy's everywhere, ties included (integer costs); the total cost is checked as well."""
 import itertools
@@ -11,8 +11,8 @@ from scipy.optimize import linear_sum_assignment
 
 pytest.importorskip("numba")
 
-from detrdistill.trainers import lsap  # noqa: E402
-from detrdistill.trainers.matching import solve_assignments  # noqa: E402
+from trainers import lsap  # noqa: E402
+from trainers.matching import solve_assignments  # noqa: E402
 
 
 def _shapes():

@@ -6,8 +6,8 @@ import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from detrdistill.trainers.matching import HungarianMatcher, solve_assignments
-from detrdistill.trainers.models.output import DecoderPredictions
+from trainers.matching import HungarianMatcher, solve_assignments
+from trainers.models.output import DecoderPredictions
 
 W_CLS, W_L1, W_GIOU, ALPHA, GAMMA = 2.0, 5.0, 2.0, 0.25, 2.0
 
@@ -125,7 +125,7 @@ def test_solve_assignments_rejects_non_finite(bad):
 
 
 def test_cost_matrix_equals_formula():
-    from detrdistill.trainers.matching import pad_targets
+    from trainers.matching import pad_targets
     g = torch.Generator().manual_seed(2)
     targets = make_targets(g, [3, 1], 4)
     logits, boxes = torch.randn(2, 5, 4, generator=g) * 4, random_boxes(g, 2, 5).float()
@@ -140,7 +140,7 @@ def test_cost_matrix_equals_formula():
 def test_pad_targets_pads_once_per_batch_and_again_when_the_targets_change():
     """A step's three paddings of one batch are one (the same tensors back); other target tensors, or the same
     ones modified in place, are padded anew, with their values."""
-    from detrdistill.trainers.matching import pad_targets
+    from trainers.matching import pad_targets
     targets = [{"labels": torch.tensor([3, 1]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2], [0.3, 0.3, 0.1, 0.1]])},
                {"labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4)}]
     labels, boxes, sizes = first = pad_targets(targets, "cpu")

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from detrdistill.trainers.models.ms_deform_attn import MSDeformAttn, ms_deform_attn_core
+from trainers.models.ms_deform_attn import MSDeformAttn, ms_deform_attn_core
 
 SHAPES = [(6, 5), (3, 4), (1, 2)]
 

@@ -7,13 +7,13 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from detrdistill.trainers.criterion import SetCriterion  # noqa: E402
-from detrdistill.trainers.models import from_transformers  # noqa: E402
-from detrdistill.trainers.models.backbone import Backbone  # noqa: E402
-from detrdistill.trainers.models.conditional_detr import ConditionalDETR  # noqa: E402
-from detrdistill.trainers.models.hf_conditional_detr import model_config_from_hf  # noqa: E402
-from detrdistill.trainers.models.output import DecoderPredictions  # noqa: E402
-from detrdistill.trainers.models.hf_backbone import (backbone_name_from_hf, convert_hf_resnet,  # noqa: E402
+from trainers.criterion import SetCriterion  # noqa: E402
+from trainers.models import from_transformers  # noqa: E402
+from trainers.models.backbone import Backbone  # noqa: E402
+from trainers.models.conditional_detr import ConditionalDETR  # noqa: E402
+from trainers.models.hf_conditional_detr import model_config_from_hf  # noqa: E402
+from trainers.models.output import DecoderPredictions  # noqa: E402
+from trainers.models.hf_backbone import (backbone_name_from_hf, convert_hf_resnet,  # noqa: E402
                                                      hf_resnet_config)
 
 TOL = 1e-4

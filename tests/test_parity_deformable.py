@@ -6,8 +6,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from detrdistill.trainers.models.hf_backbone import hf_resnet_config  # noqa: E402
-from detrdistill.trainers.models.hf_deformable_detr import convert_deformable_detr  # noqa: E402
+from trainers.models.hf_backbone import hf_resnet_config  # noqa: E402
+from trainers.models.hf_deformable_detr import convert_deformable_detr  # noqa: E402
 
 TOL = 1e-4
 STAGES = ["stage2", "stage3", "stage4"]
@@ -87,7 +87,7 @@ def test_converted_model_matches_transformers(backbone, d, enc, dec, heads, leve
 
 
 def test_through_save_pretrained(tmp_path):
-    from_transformers = pytest.importorskip("detrdistill.trainers.models.hf_import").from_transformers
+    from_transformers = pytest.importorskip("trainers.models.hf_import").from_transformers
     hf = hf_model(seed=3, levels=4, enc=1, dec=2)
     hf.save_pretrained(tmp_path)
     ours = from_transformers(tmp_path)

@@ -2,8 +2,8 @@
 from pathlib import Path
 
 from conftest import TINY_MODEL, tiny_spec
-from detrdistill.orchestrator.plan import CHECKPOINT, DOWNLOADS, build_plan, spec_text, write_result
-from detrdistill.orchestrator.spec import expand_trials, load_spec, parse_spec
+from orchestrator.plan import CHECKPOINT, DOWNLOADS, build_plan, spec_text, write_result
+from orchestrator.spec import expand_trials, load_spec, parse_spec
 
 GRID = ("distill: {method: detrdistill}\n"
         "ablate:\n  distill.method: [none, detrdistill]\n  distill.logits.weight: [0.5, 1.0]\n"

@@ -10,10 +10,10 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 from conftest import tiny_spec
-from detrdistill.orchestrator import tables
-from detrdistill.orchestrator.cli import main
-from detrdistill.orchestrator.plan import PID, build_plan, read_result
-from detrdistill.orchestrator.spec import load_spec
+from orchestrator import tables
+from orchestrator.cli import main
+from orchestrator.plan import PID, build_plan, read_result
+from orchestrator.spec import load_spec
 
 DISTIL = "distill: {method: detrdistill}\nablate: {distill.method: [none, detrdistill]}\n" \
          "table: {rows: [distill.method], metrics: [AP, AP50], baseline: {distill.method: none}}\n"
@@ -118,7 +118,7 @@ def test_progress_messages_do_not_let_ray_oversubscribe_cpus(ray_cluster):
     """A task blocked in ray.get lends its CPU to another task; `send` must not block, or more one-CPU trials
     run at once than there are CPUs (3 on 2 CPUs with ray.util.queue's Queue.put). Messages keep their order."""
     import ray
-    from detrdistill.orchestrator.scheduler import Mailbox, send
+    from orchestrator.scheduler import Mailbox, send
 
     cpus = int(ray.cluster_resources()["CPU"])
     mailbox = Mailbox.remote()
@@ -151,7 +151,7 @@ def test_ctrl_c_after_the_last_trial_finished_still_ends_with_the_table(ray_clus
                                                                         monkeypatch, tracking_uri, capsys):
     """A Ctrl-C that lands in the loop step where the last trial finishes has nothing left to interrupt: the
     run must end normally (exit 0, the table written), not as interrupted with no table."""
-    from detrdistill.orchestrator import scheduler
+    from orchestrator import scheduler
     monkeypatch.chdir(tmp_path)
     Path("c.yaml").write_text(tiny_spec(tiny_data_root, "late-ctrl-c", teacher=False, student_epochs=1))
     task_done = scheduler._Driver._task_done
@@ -176,7 +176,7 @@ def test_ctrl_c_after_the_last_trial_finished_still_ends_with_the_table(ray_clus
 def test_ctrl_c_in_the_trial_loop_raises_a_flag_not_an_exception():
     """The first SIGINT must not interrupt whatever the driver is doing (an MLflow write half done leaves
     SQLite locked, and the interrupted trials could then not be marked); the second stops at once."""
-    from detrdistill.orchestrator.scheduler import _ctrl_c_deferred
+    from orchestrator.scheduler import _ctrl_c_deferred
     before = signal.getsignal(signal.SIGINT)
     with _ctrl_c_deferred() as ctrl_c:
         assert not ctrl_c.pressed
@@ -196,7 +196,7 @@ def test_ctrl_c_in_the_trial_loop_raises_a_flag_not_an_exception():
 
 
 def test_a_gpu_trial_gets_its_share_of_the_node_cpus_and_a_cpu_trial_one():
-    from detrdistill.orchestrator.scheduler import trial_cpus
+    from orchestrator.scheduler import trial_cpus
     one_gpu_host = [{"CPU": 16.0, "GPU": 1.0}]
     assert trial_cpus(one_gpu_host, 1.0) == 16
     assert trial_cpus(one_gpu_host, 0.5) == 8  # two trials share the GPU and its CPUs
@@ -208,8 +208,8 @@ def test_a_gpu_trial_gets_its_share_of_the_node_cpus_and_a_cpu_trial_one():
 
 RESOLVE = """
 import json, sys, ray
-from detrdistill.orchestrator.scheduler import resolve_resources
-from detrdistill.orchestrator.spec import parse_spec
+from orchestrator.scheduler import resolve_resources
+from orchestrator.spec import parse_spec
 ray.init(num_cpus=12, num_gpus=2, include_dashboard=False)  # logical GPUs: Ray schedules by the numbers
 out = {}
 for name, extra in [("default", ""), ("half", "resources: {gpus_per_trial: 0.5}\\n"),
@@ -235,7 +235,7 @@ def test_default_resources_resolve_on_a_cluster_with_gpus(tiny_data_root, tmp_pa
 
 
 def test_default_resources_on_this_cpu_cluster_are_one_cpu_no_gpu(ray_cluster, tiny_data_root):
-    from detrdistill.orchestrator.scheduler import resolve_resources
-    from detrdistill.orchestrator.spec import parse_spec
+    from orchestrator.scheduler import resolve_resources
+    from orchestrator.spec import parse_spec
     resolved = resolve_resources(parse_spec(tiny_spec(tiny_data_root, "res", teacher=False))).resources
     assert (resolved.gpus_per_trial, resolved.cpus_per_trial) == (0.0, 1)

@@ -14,10 +14,10 @@ import optuna
 from mlflow.tracking import MlflowClient
 
 from conftest import tiny_spec
-from detrdistill.orchestrator.cli import main
-from detrdistill.orchestrator.plan import build_plan
-from detrdistill.orchestrator.search import max_overlap
-from detrdistill.orchestrator.spec import load_spec
+from orchestrator.cli import main
+from orchestrator.plan import build_plan
+from orchestrator.search import max_overlap
+from orchestrator.spec import load_spec
 
 KD_SEARCH = """distill: {method: detrdistill}
 search:
@@ -167,7 +167,7 @@ def test_tune_runs_without_optunas_already_reported_warning_only():
     that one warning is silenced while Tune runs, any other still shows, and nothing is silenced after."""
     import warnings
     from optuna._warnings import optuna_warn
-    from detrdistill.orchestrator.search import _quiet_tune
+    from orchestrator.search import _quiet_tune
     again = "The reported value is ignored because this `step=1` is already reported."
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

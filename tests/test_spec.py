@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from detrdistill.orchestrator.spec import (PlannedTrial, SpecError, SpecProblem, expand_trials, load_spec,
+from orchestrator.spec import (PlannedTrial, SpecError, SpecProblem, expand_trials, load_spec,
                                            parse_spec, point_spec, search_cells, teacher_trial, trial_hash,
                                            validate_spec)
-from detrdistill.trainers.config import DataConfig, DistillConfig, TeacherConfig, TrialConfig
+from trainers.config import DataConfig, DistillConfig, TeacherConfig, TrialConfig
 
 
 @pytest.fixture(autouse=True)

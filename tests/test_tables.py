@@ -9,10 +9,10 @@ import json
 
 import pytest
 
-from detrdistill.orchestrator import tables
-from detrdistill.orchestrator.plan import spec_text
-from detrdistill.orchestrator.spec import parse_spec
-from detrdistill.orchestrator.tracking import TAG, Tracker
+from orchestrator import tables
+from orchestrator.plan import spec_text
+from orchestrator.spec import parse_spec
+from orchestrator.tracking import TAG, Tracker
 
 SPEC = """name: depth
 description: student depth
