@@ -27,7 +27,8 @@ from trainers.data.synthetic import make_synthetic
 from trainers.engine import run_trial
 
 SPEC = """name: overhead
-data: {{format: coco, root: {root}, num_workers: 0,
+runtime: {{data_workers: 0}}
+data: {{format: coco, root: {root},
        augment: {{scales: [64], max_size: 64, crop: false, test_size: 64}}}}
 student:
   model: {{family: conditional_detr, backbone: resnet18, encoder_layers: 1, decoder_layers: 1, num_queries: 10,

@@ -30,7 +30,7 @@ def train_node(node_hash: str, config_json: dict, workdir: str, threads: int) ->
     each epoch."""
     import torch
     torch.set_num_threads(threads)
-    config_json = {**config_json, "cpus": threads}
+    config_json = {**config_json, "runtime": {**config_json.get("runtime", {}), "threads": threads}}
     name, t0 = config_json["name"], time.time()
 
     def on_event(kind, payload):

@@ -126,7 +126,7 @@ def teacher_plan(specs: Mapping[str, Spec], store: Path | str = DEFAULT_STORE) -
 
 def _dispatchable(config: TrialConfig, spec: Spec) -> TrialConfig:
     config = config.model_copy(deep=True)
-    config.cpus = spec.resources.cpus_per_trial
+    config.runtime.threads = spec.resources.cpus_per_trial
     config.data.root = _absolute(config.data.root)
     config.model.backbone_weights = _absolute(config.model.backbone_weights)
     config.init_checkpoint = _absolute(config.init_checkpoint)

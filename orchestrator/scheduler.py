@@ -353,7 +353,7 @@ def run_experiment(spec: Spec, options: Optional[RunOptions] = None, parent_run_
         spec = resolve_resources(spec)
         gpus = spec.resources.gpus_per_trial
         for node in plan.nodes.values():  # torch threads = the CPUs Ray gives the trial
-            node.config.cpus = spec.resources.cpus_per_trial
+            node.config.runtime.threads = spec.resources.cpus_per_trial
         problem = check_resources(spec, gpus)
         if problem:
             outcome.exit_code, outcome.message = EXIT_INVALID, problem

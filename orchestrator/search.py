@@ -87,7 +87,7 @@ def suggest(trial, key: str, param: SearchParam) -> Any:
 
 def resolve_point(cell: SearchCell, point: dict[str, Any], store: Path, tracking_uri: Optional[str]) -> dict:
     """The Tune config of a sampled point: the resolved TrialConfig (JSON) and its hash, exactly as an ablation
-    of the point's spec would plan it (absolute paths, the teacher's checkpoint, torch threads = cpus); or
+    of the point's spec would plan it (absolute paths, the teacher's checkpoint, torch threads = cpus_per_trial); or
     `_invalid` with the reason when the point makes an impossible trial."""
     try:
         plan = build_plan(point_spec(cell, point), store, tracking_uri)

@@ -25,7 +25,7 @@ from typing import Annotated, Any, Literal, Optional, Sequence, Union, get_args,
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from trainers.config import (DataConfig, DistillConfig, LossConfig, ModelConfig, ScheduleConfig,
+from trainers.config import (DataConfig, DistillConfig, LossConfig, ModelConfig, RuntimeConfig, ScheduleConfig,
                                          StrictModel, TeacherConfig, TrialConfig)
 from trainers.distill.mapping import layer_mapping  # plain Python: no torch at validation time
 
@@ -36,8 +36,7 @@ SafeName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")]
 TRIAL_SECTIONS = ("data", "teacher", "student", "loss", "distill")  # what ablate and variants may change
 TEACHER_SEED = 0  # one teacher per config, whatever the students' seeds: students are what the seeds measure
 # Excluded from the trial hash: they change how a trial runs, not what it trains.
-NON_SEMANTIC_FIELDS = {"name": True, "cpus": True, "overlap_teacher": True, "data": {"num_workers": True},
-                       "schedule": {"compile": True, "cuda_graph": True, "teacher_cuda_graph": True}}
+NON_SEMANTIC_FIELDS = {"name": True, "runtime": True}
 # Model fields added after trials were first stored, with the default that keeps the old behaviour: left out
 # of the hash at that default, so upgrading detrdistill never retrains (or orphans) a finished trial.
 ADDED_MODEL_FIELDS = {"backbone_dilation": False, "finest_stride": None, "mixing_groups": 4, "mixing_in_points": 32,
@@ -198,13 +197,14 @@ class Spec(StrictModel):
     seeds: list[Annotated[int, Field(ge=0, lt=2**32)]] = Field(default_factory=lambda: [0], min_length=1)
     table: Optional[TableSpec] = None
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)  # every trial's, teacher and students
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     search: Optional[SearchSpec] = None  # a hyperparameter search instead of one trial per cell (search.py)
 
 
 SECTION_MODELS: dict[str, type[BaseModel]] = {
     "data": DataConfig, "teacher": TeacherSpec, "student": StudentSpec, "loss": LossConfig,
-    "distill": DistillConfig}
+    "distill": DistillConfig, "runtime": RuntimeConfig}
 
 
 # --------------------------------------------------------------------------------------------- problems
@@ -1135,7 +1135,8 @@ def teacher_trial(spec: Spec) -> Optional[TrialConfig]:
     if spec.teacher is None or spec.teacher.checkpoint is not None:
         return None
     return TrialConfig(name=f"{spec.name}/teacher", data=spec.data, model=spec.teacher.model,
-                       schedule=spec.teacher.schedule, loss=spec.loss, seed=TEACHER_SEED).model_copy(deep=True)
+                       schedule=spec.teacher.schedule, loss=spec.loss, seed=TEACHER_SEED,
+                       runtime=spec.runtime).model_copy(deep=True)
 
 
 def expand_trials(spec: Spec) -> list[PlannedTrial]:
@@ -1163,6 +1164,7 @@ def expand_trials(spec: Spec) -> list[PlannedTrial]:
             label = " ".join(f"{k}={_label(v)}" for k, v in coords.items())
             config = TrialConfig(name=f"{spec.name}/{label}", data=group.data, model=group.student.model,
                                  schedule=group.student.schedule, loss=group.loss, seed=seed, distill=distill,
+                                 runtime=group.runtime,
                                  teacher=teacher_config).model_copy(deep=True)
             trials.append(PlannedTrial(label=label, coords=coords, config=config,
                                        hash=trial_hash(config, teacher_ref), teacher=teacher,

@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from trainers.config import (AugmentConfig, DataConfig, DistillConfig, ModelConfig, ScheduleConfig,
+from trainers.config import (AugmentConfig, DataConfig, DistillConfig, ModelConfig, RuntimeConfig, ScheduleConfig,
                                         TeacherConfig, TrialConfig)
 from trainers.data.synthetic import make_synthetic
 
@@ -35,7 +35,7 @@ def tiny_data_root(tmp_path_factory):
 def tiny_trial(root, family="conditional_detr", epochs=2, **overrides) -> TrialConfig:
     """A trial small enough for a unit test: resnet18, d=64, 1+1 layers, 10 queries, 96 px, batch 4."""
     data = DataConfig(format="coco", root=root, train="annotations/instances_train.json",
-                      val="annotations/instances_val.json", num_workers=0,
+                      val="annotations/instances_val.json",
                       augment=AugmentConfig(scales=[80, 96], max_size=112, crop=True, crop_resize=[64, 80],
                                             crop_min=48, crop_max=80, test_size=TINY_SIZE))
     model = dict(family=family, backbone="resnet18", decoder_layers=1, num_queries=10, hidden_dim=64,
@@ -46,7 +46,7 @@ def tiny_trial(root, family="conditional_detr", epochs=2, **overrides) -> TrialC
         model["num_feature_levels"] = 2
     cfg = dict(name=f"tiny-{family}", data=data, model=ModelConfig(**model),
                schedule=ScheduleConfig(epochs=epochs, lr=2e-4, batch_size=4, lr_drop_epochs=[1], warmup_iters=2),
-               cpus=1)
+               runtime=RuntimeConfig(threads=1, data_workers=0, device=overrides.pop("device", "auto")))
     cfg.update(overrides)
     return TrialConfig(**cfg)
 
@@ -98,7 +98,8 @@ TINY_MODEL = ("{family: conditional_detr, backbone: resnet18, encoder_layers: 1,
 def tiny_spec(root, name, teacher=True, student_epochs=2, extra="") -> str:
     """The YAML of a tiny experiment on the tiny dataset: students (and a teacher) of TINY_MODEL's size."""
     text = (f"name: {name}\n"
-            f"data: {{format: coco, root: {root}, num_workers: 0,\n"
+            f"runtime: {{data_workers: 0}}\n"
+            f"data: {{format: coco, root: {root},\n"
             f"       augment: {{scales: [80, 96], max_size: 96, crop: false, test_size: {TINY_SIZE}}}}}\n"
             f"student:\n  model: {TINY_MODEL}\n"
             f"  schedule: {{epochs: {student_epochs}, lr: 2.0e-4, batch_size: 4, lr_drop_epochs: [10]}}\n")

@@ -8,7 +8,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from trainers.config import AugmentConfig, DataConfig, ModelConfig, ScheduleConfig, TrialConfig
+from trainers.config import AugmentConfig, DataConfig, ModelConfig, RuntimeConfig, ScheduleConfig, TrialConfig
 from trainers.checkpoint import load_detector
 from trainers.engine import run_trial
 from trainers.models import QueryGroup, build_detector
@@ -305,10 +305,10 @@ def test_build_detector_gives_the_official_mixer():
 
 def test_engine_trains_one_epoch(tmp_path):
     data = DataConfig(root=tmp_path / "data", synthetic_train=8, synthetic_val=4, synthetic_image_size=96,
-                      augment=AugmentConfig(scales=[96], max_size=128, crop=False, test_size=96), num_workers=0)
+                      augment=AugmentConfig(scales=[96], max_size=128, crop=False, test_size=96))
     model = ModelConfig(family="adamixer", backbone="resnet18", decoder_layers=2, num_queries=10, hidden_dim=32,
                         num_heads=4, ffn_dim=64)
-    config = TrialConfig(name="tiny-adamixer", data=data, model=model, cpus=1,
+    config = TrialConfig(name="tiny-adamixer", data=data, model=model, runtime=RuntimeConfig(threads=1, data_workers=0),
                          schedule=ScheduleConfig(epochs=1, lr=1e-4, batch_size=4, warmup_iters=2))
     reports = []
     metrics = run_trial(config, tmp_path / "run", report=lambda m, c: reports.append(m), log=lambda s: None)

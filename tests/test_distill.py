@@ -564,13 +564,13 @@ def test_teacher_run_ahead_in_training_is_bitwise_the_plain_run(tiny_data_root, 
     cpu = torch.device("cpu")
     objective = _objective(_tiny_model(), _tiny_model(seed=1))
     assert not _overlap_teacher(objective, base, cpu)  # auto
-    assert not _overlap_teacher(DetectionLoss(objective.criterion), base.model_copy(update={"overlap_teacher": "on"}),
+    assert not _overlap_teacher(DetectionLoss(objective.criterion), base.model_copy(update={"runtime": base.runtime.model_copy(update={"overlap_teacher": "on"})}),
                                 cpu)
     weights, queued = {}, []
     queue = DistillationLoss._queue_teacher
     monkeypatch.setattr(DistillationLoss, "_queue_teacher", lambda self, *a: (queued.append(1), queue(self, *a)))
     for mode in ("off", "on", "thread"):
-        config = base.model_copy(update={"overlap_teacher": mode})
+        config = base.model_copy(update={"runtime": base.runtime.model_copy(update={"overlap_teacher": mode})})
         assert _overlap_teacher(objective, config, cpu) == (mode != "off")
         workdir = tmp_path_factory.mktemp(f"overlap-{mode}")
         queued.clear()
@@ -597,7 +597,7 @@ def test_compiled_distillation_compiles_student_and_teacher(tiny_data_root, tmp_
         return torch.compile(model, backend="eager")
     monkeypatch.setattr(engine, "compile_model", compile_eager)
     counters.clear()
-    compiled = config.model_copy(update={"schedule": config.schedule.model_copy(update={"compile": True})})
+    compiled = config.model_copy(update={"runtime": config.runtime.model_copy(update={"compile": True})})
     workdir = tmp_path_factory.mktemp("kd-compiled")
     run_trial(compiled, workdir, log=lambda s: None)
     teacher, student = compiled_models  # the objective (and its teacher) is built before training starts
@@ -659,7 +659,7 @@ def test_teacher_cuda_graph_wraps_the_teacher_which_the_cpu_calls_as_it_is(tiny_
     cpu = torch.device("cpu")
     plain = build_distillation_loss(config, SetCriterion(10), 10, cpu)
     graphed = build_distillation_loss(
-        config.model_copy(update={"schedule": config.schedule.model_copy(update={"teacher_cuda_graph": True})}),
+        config.model_copy(update={"runtime": config.runtime.model_copy(update={"teacher_cuda_graph": True})}),
         SetCriterion(10), 10, cpu)
     assert isinstance(graphed.teacher, GraphedTeacher) and not isinstance(plain.teacher, GraphedTeacher)
     assert not graphed.teacher.training and not any(p.requires_grad for p in graphed.teacher.parameters())

@@ -6,7 +6,7 @@ import torch
 
 from conftest import tiny_trial
 from trainers.checkpoint import load_checkpoint, load_detector
-from trainers.config import ScheduleConfig
+from trainers.config import RuntimeConfig, ScheduleConfig
 from trainers.criterion import SetCriterion
 from trainers.engine import NonFiniteLossError, lr_factor, param_groups, run_trial
 from trainers.models import build_detector
@@ -69,7 +69,7 @@ def test_compiled_training_is_wired_and_trains_the_same_weights(tiny_data_root, 
         compiled = torch.compile(model, backend="eager")
         return lambda *a, **kw: (calls.append(1), compiled(*a, **kw))[1]
     monkeypatch.setattr(engine, "compile_model", compile_eager)
-    compiled = config.model_copy(update={"schedule": config.schedule.model_copy(update={"compile": True})})
+    compiled = config.model_copy(update={"runtime": config.runtime.model_copy(update={"compile": True})})
     counters.clear()
     run_trial(compiled, tmp_path / "compiled", log=_quiet)
     steps = len(load_checkpoint(tmp_path / "compiled" / "checkpoint.pt")["history"]) * 4  # 16 images in 4s
@@ -213,7 +213,7 @@ def test_graphed_model_off_cuda_is_the_model_and_compile_excludes_it():
         assert (p.grad is None) == (q.grad is None) and (p.grad is None or torch.equal(p.grad, q.grad)), name
     assert wrapper.graphs == {} and wrapper.seen == set()
     with pytest.raises(ValueError, match="choose one"):
-        ScheduleConfig(compile=True, cuda_graph=True)
+        RuntimeConfig(compile=True, cuda_graph=True)
 
 
 def test_shape_graphs_capture_a_shape_the_second_time_keep_the_recent_ones_and_stop_when_shapes_vary():
@@ -260,7 +260,7 @@ def test_loaders_pad_batches_to_the_size_divisor(tiny_data_root):
     config = tiny_trial(tiny_data_root)  # multi-scale: 80 or 96 px and the crop branch's sizes
     shapes = {}
     for divisor in (1, 64):
-        data = config.data.model_copy(update={"pad_size_divisor": divisor, "num_workers": 0})
+        data = config.data.model_copy(update={"pad_size_divisor": divisor})
         _, _, train, val, gen = build_loaders(config.model_copy(update={"data": data}))
         gen.manual_seed(0)
         batches = list(train) + list(val)

@@ -290,7 +290,7 @@ def _cuda_distill_trial(tiny_data_root, tmp_path, epochs: int):
     config = tiny_trial(tiny_data_root, "deformable_detr", epochs=epochs, device="cuda",
                         distill=DistillConfig(method="detrdistill"),
                         teacher=TeacherConfig(model=teacher.model, checkpoint=tmp_path / "teacher" / "checkpoint.pt"))
-    return config.model_copy(update={"data": config.data.model_copy(update={"num_workers": 1})})
+    return config.model_copy(update={"runtime": config.runtime.model_copy(update={"data_workers": 1})})
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -161,13 +161,14 @@ def test_emulated_trial_with_both_graphs_trains_and_evaluates_as_the_eager_trial
     config = tiny_distill_trial(tiny_data_root, tmp_path_factory)
     augment = config.data.augment.model_copy(update={"scales": [96], "crop": False, "max_size": 96})
     config = config.model_copy(update={
-        "data": config.data.model_copy(update={"augment": augment}), "overlap_teacher": overlap,
+        "data": config.data.model_copy(update={"augment": augment}),
+        "runtime": config.runtime.model_copy(update={"overlap_teacher": overlap}),
         "model": config.model.model_copy(update={"dropout": 0.0}),
         "schedule": config.schedule.model_copy(update={"epochs": 2})})
     reports = {}
     for mode in ("eager", "graphs"):
         switches = {"cuda_graph": mode == "graphs", "teacher_cuda_graph": mode == "graphs"}
-        trial = config.model_copy(update={"schedule": config.schedule.model_copy(update=switches)})
+        trial = config.model_copy(update={"runtime": config.runtime.model_copy(update=switches)})
         reports[mode] = []
         run_trial(trial, tmp_path / mode, report=lambda m, c: reports[mode].append(m), log=lambda s: None)
     assert captures == {"student": 2, "teacher": 1}, captures

@@ -6,7 +6,7 @@
 """
 import pytest
 
-from trainers.config import AugmentConfig, DataConfig, ModelConfig, ScheduleConfig, TrialConfig
+from trainers.config import AugmentConfig, DataConfig, ModelConfig, RuntimeConfig, ScheduleConfig, TrialConfig
 from trainers.engine import run_trial
 
 pytestmark = pytest.mark.slow
@@ -49,10 +49,10 @@ def test_overfits_eight_images(family, data_128, tmp_path):
     data = DataConfig(root=data_128, synthetic_train=200, synthetic_val=50, synthetic_image_size=128,
                       augment=AugmentConfig(scales=[128], max_size=160, crop=False, flip=0.0, test_size=128),
                       val="annotations/instances_train.json", val_images="train",  # evaluate on the same images
-                      limit_train=8, limit_val=8, num_workers=0)
+                      limit_train=8, limit_val=8)
     config = TrialConfig(name=f"overfit-{family}", data=data, model=small_model(family),
                          schedule=ScheduleConfig(epochs=epochs, lr=5e-4, batch_size=8, lr_drop_epochs=[2 * epochs // 3],
-                                                 eval_every=epochs), cpus=2)
+                                                 eval_every=epochs), runtime=RuntimeConfig(threads=2, data_workers=0))
     metrics = run_trial(config, tmp_path, log=lambda s: None)
     assert metrics["AP"] >= 0.9, metrics
 
@@ -68,13 +68,13 @@ def small_config(family, root) -> TrialConfig:
     backbone trains at the full lr with batch norm; no lr drop (it did not help at this length)."""
     data = DataConfig(root=root, synthetic_train=1000, synthetic_val=100, synthetic_image_size=96,
                       synthetic_max_objects=3, synthetic_min_size=0.2,
-                      augment=AugmentConfig(scales=[80, 96], max_size=120, crop=False, test_size=96),
-                      num_workers=0)
+                      augment=AugmentConfig(scales=[80, 96], max_size=120, crop=False, test_size=96))
     return TrialConfig(name=f"small-{family}", data=data, model=small_config_model(family),
                        schedule=ScheduleConfig(epochs=4, lr=4e-4, lr_backbone_mult=1.0, batch_size=4, warmup_iters=50,
                                                lr_drop_epochs=[4], eval_every=4,
                                                # AdaMixer's own recipe clips at 1.0 (AP 0.0049 -> 0.0066 here)
-                                               grad_clip=1.0 if family == "adamixer" else 0.1), cpus=2)
+                                               grad_clip=1.0 if family == "adamixer" else 0.1),
+                       runtime=RuntimeConfig(threads=2, data_workers=0))
 
 
 @pytest.mark.parametrize("family", ["conditional_detr", "deformable_detr", "adamixer"])

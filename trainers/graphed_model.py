@@ -1,4 +1,4 @@
-"""A detector's training forward and backward replayed from CUDA graphs (ScheduleConfig.cuda_graph).
+"""A detector's training forward and backward replayed from CUDA graphs (RuntimeConfig.cuda_graph).
 
 At batch 2 a GPU training step waits on its host: the forward and backward are ~1500-2500 kernels the host
 issues one by one, and bf16 shortens the GPU's part of a step but not the host's (README, "The steps wait on

@@ -5,8 +5,8 @@ def build_distillation_loss(config, criterion, num_classes: int, device, bf16_te
                             compile_teacher=None):
     """The distillation objective of a trial: loads the frozen teacher named by config.teacher. bf16_teacher
     (bf16 autocast on): the teacher runs on bf16 copies of its weights, made once (BF16Weights).
-    compile_teacher (schedule.compile): a function that compiles a model (engine.compile_model); the teacher
-    then runs compiled, on autocast alone, whose casts the compiler fuses. schedule.teacher_cuda_graph: its
+    compile_teacher (runtime.compile): a function that compiles a model (engine.compile_model); the teacher
+    then runs compiled, on autocast alone, whose casts the compiler fuses. runtime.teacher_cuda_graph: its
     forward replayed from CUDA graphs (GraphedTeacher)."""
     from trainers.checkpoint import load_detector
     from trainers.distill.objective import DistillationLoss
@@ -24,9 +24,9 @@ def build_distillation_loss(config, criterion, num_classes: int, device, bf16_te
     elif bf16_teacher:
         from trainers.bf16_weights import BF16Weights
         teacher = BF16Weights(teacher, frozen=True)
-    if config.schedule.teacher_cuda_graph and compile_teacher is None:
+    if config.runtime.teacher_cuda_graph and compile_teacher is None:
         from trainers.distill.teacher_graph import GraphedTeacher
         teacher = GraphedTeacher(teacher)
     return DistillationLoss(teacher, criterion, config.distill, s_model.hidden_dim, t_model.hidden_dim,
                             s_model.decoder_layers, t_model.decoder_layers, s_model.levels,
-                            teacher_thread=config.overlap_teacher == "thread").to(device)
+                            teacher_thread=config.runtime.overlap_teacher == "thread").to(device)

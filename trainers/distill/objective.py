@@ -30,7 +30,7 @@ class DistillationLoss:
                  student_layers: int, teacher_layers: int, num_levels: int, teacher_thread: bool = False):
         self.teacher = teacher.eval().requires_grad_(False)
         # the teacher's forward on the next batch (see __call__'s `upcoming`) issued by a helper thread, beside
-        # this step (teacher_ahead.py; TrialConfig.overlap_teacher "thread")
+        # this step (teacher_ahead.py; RuntimeConfig.overlap_teacher "thread")
         self.teacher_thread = teacher_thread
         self.criterion = criterion
         self.cfg = cfg

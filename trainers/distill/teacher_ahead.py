@@ -1,4 +1,4 @@
-"""The frozen teacher's forward on the next batch, issued by a helper thread (TrialConfig.overlap_teacher:
+"""The frozen teacher's forward on the next batch, issued by a helper thread (RuntimeConfig.overlap_teacher:
 "thread").
 
 At batch 2 a GPU step waits on its host: issuing a forward's ~1000 kernels takes the host about as long as the

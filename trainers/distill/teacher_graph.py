@@ -1,4 +1,4 @@
-"""The frozen teacher's forward replayed from CUDA graphs (ScheduleConfig.teacher_cuda_graph).
+"""The frozen teacher's forward replayed from CUDA graphs (RuntimeConfig.teacher_cuda_graph).
 
 At batch 2 a GPU distillation step waits on its host (README, "The steps wait on the host"): the teacher's
 forward is ~1000 kernels the host issues one by one, about as long as the GPU takes to run them. A CUDA graph
