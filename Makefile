@@ -4,19 +4,18 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-# torch/torchvision are pinned here (not in pyproject) to the builds this workplace has on disk;
-# pyproject only states lower bounds.
-TORCH  := torch==2.14.1 torchvision==0.29.1
+# Every version comes from constraints.txt (pyproject only states lower bounds); `make constraints` renews it.
+PIN    := -c constraints.txt
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup quickstart test clean-results
+.PHONY: setup quickstart test clean-results constraints
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q $(PIN) torch torchvision
+	$(BIN)/python -m pip install -q $(PIN) -e '.[test]'
 	touch $(STAMP)
 
 quickstart: setup
@@ -27,3 +26,11 @@ test: setup
 
 clean-results:
 	rm -rf results mlflow.db mlartifacts runs
+
+# A fresh venv resolved from pyproject.toml alone (every extra), frozen into constraints.txt.
+constraints:
+	rm -rf /tmp/detrdistill-pin && $(PYTHON) -m venv /tmp/detrdistill-pin
+	/tmp/detrdistill-pin/bin/python -m pip install -q -e '.[test,hf,dashboard]'
+	{ sed -n '1,2p' constraints.txt; /tmp/detrdistill-pin/bin/python -m pip freeze --exclude-editable \
+	  | grep -v '^detrdistill'; } > constraints.txt.new && mv constraints.txt.new constraints.txt
+	rm -rf /tmp/detrdistill-pin

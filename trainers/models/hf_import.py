@@ -15,15 +15,32 @@ _CONVERTERS = {
 }
 
 
+HF_EXTRA = "pip install 'detrdistill[hf]' (transformers and timm)"
+
+
+def _import_transformers(what: str, timm: bool = False):
+    """transformers (and timm, for a checkpoint on a timm backbone), or an ImportError naming the extra."""
+    try:
+        import transformers
+        if timm:
+            import timm  # noqa: F401  (transformers builds a timm backbone through it)
+    except ImportError as e:
+        raise ImportError(f"{what} needs the optional dependencies transformers and timm ({e.name} is missing): "
+                          f"{HF_EXTRA}") from e
+    return transformers
+
+
 def _load_pretrained(directory: Path) -> nn.Module:
     """The ForObjectDetection model saved in `directory`, read from local files only."""
     config_file = directory / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{directory}: no config.json (not a transformers save_pretrained directory)")
-    model_type = json.loads(config_file.read_text()).get("model_type")
+    config = json.loads(config_file.read_text())
+    model_type = config.get("model_type")
     if model_type not in _CONVERTERS:
         raise ValueError(f"{directory}: model_type {model_type!r} is not supported; known: {sorted(_CONVERTERS)}")
-    import transformers
+    transformers = _import_transformers(f"the transformers checkpoint {directory}",
+                                        timm=bool(config.get("use_timm_backbone")))
     cls = getattr(transformers, _CONVERTERS[model_type][0])
     return cls.from_pretrained(str(directory), local_files_only=True)
 
