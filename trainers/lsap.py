@@ -3,10 +3,11 @@
 The kernel is scipy's own algorithm (`scipy.optimize.linear_sum_assignment`: shortest augmenting paths
 with dual variables, Crouse 2016, one row added per augmentation; a tall matrix is solved transposed)
 with the same float64 operations in the same order and the same tie-breaking, so on any finite input it
-returns what scipy returns, not merely an assignment of equal cost. It is compiled with numba, runs
-~1.5-2x faster than scipy on one thread (a branch-free scan, see `_lsap_kernel`), releases the GIL, and
-`solve_many` runs the problems on a pool of threads, largest first, each thread taking the next unsolved
-problem (scipy's solver holds the GIL: a thread pool around it gains nothing).
+returns what scipy returns, not merely an assignment of equal cost. It is compiled with numba (a
+branch-free scan, see `_lsap_kernel`), releases the GIL, and `solve_many` runs the problems on a pool of
+threads, largest first, each thread taking the next unsolved problem. It is kept only while it beats scipy
+on a thread pool of the same size by a wide margin (scipy >= 1.12 releases the GIL too):
+benchmarks/matching.py measures that ratio.
 
 numba is optional: `available()` says whether it imports; callers fall back to scipy when it does not.
 Threads: the caller says how many (`num_threads`); no numba threading layer is involved (plain Python
@@ -47,7 +48,7 @@ def _lsap_kernel(cost, rows_out, cols_out):
 
     scipy/optimize/rectangular_lsap/rectangular_lsap.cpp (solve + augmenting_path), computing every float64
     value with the same operations in the same order and breaking ties by the same rule and scan order, so
-    its result is scipy's. Three changes make the scan ~1.5x faster (and leave the values alone):
+    its result is scipy's. Three changes make the scan faster (and leave the values alone):
     - scipy updates path[j] (and spc[j]) only when a scanned row lowers spc[j]: a data-dependent branch the
       CPU mispredicts. Here spc[j] = min(spc[j], r) is branch-free, and path[j] is recomputed afterwards,
       only for the columns of the augmenting path: the row whose scan last lowered spc[j] is the first
