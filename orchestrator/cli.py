@@ -12,7 +12,7 @@ import os
 import sys
 from typing import Callable, Optional, Sequence
 
-from orchestrator.spec import PlannedTrial, Spec, SpecError, expand_trials, load_spec
+from orchestrator.spec import PlannedTrial, Spec, SpecError, expand_trials, load_spec, parse_spec
 
 EXIT_OK, EXIT_INVALID, EXIT_INTERRUPTED = 0, 2, 130
 
@@ -190,7 +190,6 @@ def resume(args: argparse.Namespace) -> int:
     same MLflow parent run. A search continues with its searcher's state (Tuner.restore) and ends with
     exactly num_samples trials. Exit status as for run."""
     from orchestrator.scheduler import quiet_logging
-    from orchestrator.spec import parse_spec
     from orchestrator.tracking import TAG, Tracker
     quiet_logging()
     try:

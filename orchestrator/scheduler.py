@@ -103,6 +103,25 @@ def start_ray(address: Optional[str] = None) -> bool:
     return True
 
 
+@contextlib.contextmanager
+def ray_session(spec: Spec, address: Optional[str]) -> Iterator[tuple[Spec, Optional[str]]]:
+    """Ray for one run or search of `spec`: the cluster at `address`, else a local one started here, shut down
+    on leaving when this session started it. Yields (the spec with its per-trial resources resolved for the
+    cluster, None), or (spec, why it cannot run: no cluster answers at `address` or it refuses this driver, or
+    no node can hold one trial)."""
+    try:
+        started = start_ray(address)
+    except ConnectionError as e:
+        yield spec, str(e)
+        return
+    try:
+        spec = resolve_resources(spec)
+        yield spec, check_resources(spec, spec.resources.gpus_per_trial)
+    finally:
+        if started:
+            ray.shutdown()
+
+
 def experiment_and_tracking(spec: Spec, options: "RunOptions") -> tuple[str, str]:
     """The MLflow experiment name and the absolute tracking URI a run of `spec` uses."""
     experiment = spec.tracking.experiment or spec.name
@@ -345,20 +364,16 @@ def run_experiment(spec: Spec, options: Optional[RunOptions] = None, parent_run_
         return outcome
     try:
         plan = build_plan(spec, options.store, tracking_uri)
-        started_ray = start_ray(options.ray_address)
-    except (ValueError, ConnectionError) as e:  # a runs:/ teacher that cannot be downloaded; Ray not there
+    except (ValueError, ConnectionError) as e:  # a runs:/ teacher that cannot be downloaded, a dataset file gone
         outcome.exit_code, outcome.message = EXIT_INVALID, str(e)
         return outcome
-    try:
-        spec = resolve_resources(spec)
-        gpus = spec.resources.gpus_per_trial
-        for node in plan.nodes.values():  # torch threads = the CPUs Ray gives the trial
-            node.config.runtime.threads = spec.resources.cpus_per_trial
-        problem = check_resources(spec, gpus)
+    with ray_session(spec, options.ray_address) as (spec, problem):
         if problem:
             outcome.exit_code, outcome.message = EXIT_INVALID, problem
             return outcome
-        driver = _Driver(spec, plan, options, tracking_uri, experiment, gpus)
+        for node in plan.nodes.values():  # torch threads = the CPUs Ray gives the trial
+            node.config.runtime.threads = spec.resources.cpus_per_trial
+        driver = _Driver(spec, plan, options, tracking_uri, experiment, spec.resources.gpus_per_trial)
         driver.prepare(parent_run_id)
         outcome.parent_run_id, outcome.states = driver.parent_id, driver.states
         interrupted = driver.loop()
@@ -366,9 +381,6 @@ def run_experiment(spec: Spec, options: Optional[RunOptions] = None, parent_run_
         failed = any(s.state == "failed" for s in driver.states.values())
         outcome.exit_code = EXIT_INTERRUPTED if interrupted else EXIT_FAILED if failed else EXIT_OK
         return outcome
-    finally:
-        if started_ray:
-            ray.shutdown()
 
 
 def run_nodes(spec: Spec, plan: Plan, options: RunOptions, tracking_uri: str, experiment: str, gpus: float,
@@ -426,7 +438,10 @@ class _Driver:
     def prepare(self, parent_run_id: Optional[str]) -> None:
         text = spec_text(self.spec)
         if parent_run_id is None:
-            spec_hash = hashlib.sha256(text.encode()).hexdigest()[:12]
+            # with its trials' hashes: the same spec under another method version or dataset is another parent
+            # run, whose table does not mix the new trials with the old
+            identity = text + "\n".join(sorted(self.plan.nodes))
+            spec_hash = hashlib.sha256(identity.encode()).hexdigest()[:12]
             self.parent_id = self.tracker.parent_run(spec_hash, text, self.spec.description)
         else:
             self.parent_id = parent_run_id

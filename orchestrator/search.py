@@ -60,9 +60,9 @@ from ray import tune
 from orchestrator import tables
 from orchestrator.cluster import tracking_uri_problem
 from orchestrator.plan import LOG, TRIAL, build_plan, spec_text, teacher_plan
-from orchestrator.scheduler import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_INVALID, EXIT_OK, HEARTBEAT_S,
-                                               Display, RunOptions, check_resources, experiment_and_tracking,
-                                               quiet_logging, resolve_resources, run_nodes, start_ray, ui_command)
+from orchestrator.scheduler import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_INVALID, EXIT_OK, HEARTBEAT_S, Display,
+                                    RunOptions, experiment_and_tracking, quiet_logging, ray_session, run_nodes,
+                                    ui_command)
 from orchestrator.spec import (SearchCell, SearchParam, Spec, point_spec, search_cells, teacher_trial,
                                           trial_hash)
 from orchestrator.tracking import TAG, Tracker
@@ -390,22 +390,13 @@ def run_search(spec: Spec, options: Optional[RunOptions] = None, parent_run_id: 
     if problem:
         outcome.exit_code, outcome.message = EXIT_INVALID, problem
         return outcome
-    try:
-        started_ray = start_ray(options.ray_address)
-    except ConnectionError as e:
-        outcome.exit_code, outcome.message = EXIT_INVALID, str(e)
-        return outcome
-    try:
-        spec = resolve_resources(spec)  # the points' plans take their CPUs (torch threads) from it
-        gpus = spec.resources.gpus_per_trial
-        problem = check_resources(spec, gpus)
+    # the spec resolved for the cluster: the points' plans take their CPUs (torch threads) from it
+    with ray_session(spec, options.ray_address) as (spec, problem):
         if problem:
             outcome.exit_code, outcome.message = EXIT_INVALID, problem
             return outcome
-        return _Search(spec, options, store, tracking_uri, experiment, gpus, outcome).run(parent_run_id)
-    finally:
-        if started_ray:
-            ray.shutdown()
+        return _Search(spec, options, store, tracking_uri, experiment, spec.resources.gpus_per_trial,
+                       outcome).run(parent_run_id)
 
 
 class _Search:

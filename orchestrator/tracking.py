@@ -5,7 +5,8 @@ metrics back to the driver, which logs them here. A retried or resumed trial fin
 trial-hash tag, so it never gets a duplicate.
 
 Run layout (what tables.py and users rely on):
-  parent run   tags detrdistill.kind=experiment, detrdistill.experiment=<spec name>, detrdistill.spec_hash,
+  parent run   tags detrdistill.kind=experiment, detrdistill.experiment=<spec name>, detrdistill.spec_hash (of the
+               resolved spec and its trials' hashes: running the same trials again continues this run),
                detrdistill.submitted (ms of the latest run/resume of it), detrdistill.store (the trial store);
                artifacts spec.yaml (the resolved spec: `resume` reruns exactly it), table.{md,csv,tex}, plot.png
   child run    tags mlflow.parentRunId, detrdistill.kind=trial|teacher, detrdistill.trial_hash,
@@ -16,12 +17,18 @@ Run layout (what tables.py and users rely on):
                params = the resolved trial config flattened with dotted names;
                metrics per epoch (step = epoch): train/* loss terms, lr, epoch_time, AP, AP50, AP75, APs, APm, APl;
                artifacts checkpoint.pt, result.json, trial.json, log.txt (from the trial store).
+Every run, parent and child, also records the code that wrote it (tags of `provenance`): detrdistill.git_commit,
+detrdistill.git_dirty=true|false (uncommitted changes), detrdistill.method_version, detrdistill.version.<library>
+for torch, ray, mlflow and optuna; resuming a parent or starting a trial records the code that does it.
 A search (search.py) has the same shape: its parent run has detrdistill.kind=search and one child run per Tune
 trial, identified by detrdistill.tune_trial_id (the same point may be sampled twice), besides its teachers'.
 """
 from __future__ import annotations
 
+import functools
+import importlib.metadata
 import json
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -30,8 +37,41 @@ from typing import Any, Optional
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from trainers import version
+
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 TAG = "detrdistill."
+LIBRARIES = ("torch", "ray", "mlflow", "optuna")  # whose versions every run records
+
+
+@functools.cache
+def _environment() -> dict[str, str]:
+    """The git commit of the checkout this package runs from ("unknown" outside one), whether it has uncommitted
+    changes, and the libraries' versions (read from their metadata: the driver never imports torch). Once per
+    process: it does not change while the process runs."""
+    def git(*args: str) -> Optional[str]:
+        try:  # --no-optional-locks: only read the repository, never refresh its index
+            done = subprocess.run(["git", "--no-optional-locks", *args], cwd=Path(__file__).resolve().parent,
+                                  capture_output=True, text=True, timeout=20)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain") if commit else None
+    tags = {f"{TAG}git_commit": commit.strip() if commit else "unknown",
+            f"{TAG}git_dirty": "unknown" if status is None else str(bool(status.strip())).lower()}
+    for library in LIBRARIES:
+        try:
+            tags[f"{TAG}version.{library}"] = importlib.metadata.version(library)
+        except importlib.metadata.PackageNotFoundError:
+            tags[f"{TAG}version.{library}"] = "not installed"
+    return tags
+
+
+def provenance() -> dict[str, str]:
+    """The tags of the code that writes a run: git commit and state, library versions, the method's version."""
+    return {**_environment(), f"{TAG}method_version": str(version.METHOD_VERSION)}
 
 
 def flatten(d: Any, prefix: str = "") -> dict[str, str]:
@@ -90,13 +130,14 @@ class Tracker:
             return run_id
         run = self.client.create_run(self.experiment_id, run_name=self.experiment, tags={
             f"{TAG}kind": kind, f"{TAG}experiment": self.experiment, f"{TAG}spec_hash": spec_hash,
-            f"{TAG}submitted": str(int(time.time() * 1000)), "mlflow.note.content": description})
+            f"{TAG}submitted": str(int(time.time() * 1000)), "mlflow.note.content": description, **provenance()})
         self.client.log_text(run.info.run_id, spec_text, "spec.yaml")
         return run.info.run_id
 
     def reopen_parent(self, run_id: str) -> None:
         """Mark a parent run as running again (a resume), and as the experiment's latest."""
-        self.client.set_tag(run_id, f"{TAG}submitted", str(int(time.time() * 1000)))
+        tags = {f"{TAG}submitted": str(int(time.time() * 1000)), **provenance()}
+        self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         self.client.update_run(run_id, status="RUNNING")
 
     def trial_run(self, parent_id: str, trial_hash: str, name: str, kind: str, params: dict,
@@ -111,7 +152,7 @@ class Tracker:
             return runs[0].info.run_id, False
         tags = {"mlflow.parentRunId": parent_id, f"{TAG}kind": kind, f"{TAG}trial_hash": trial_hash,
                 f"{TAG}status": "pending", **{f"axis.{k}": tag_value(v) for k, v in axes.items()},
-                **(tags or {})}
+                **provenance(), **(tags or {})}
         run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
         flat = flatten(params)
         items = [Param(k, v[:6000]) for k, v in flat.items()]
@@ -139,6 +180,7 @@ class Tracker:
         items = [RunTag(f"{TAG}status", status)]
         items += [RunTag(f"{TAG}failure", reason[:5000])] if reason else []
         items += [RunTag(f"{TAG}{k}", tag_value(v)) for k, v in tags.items()]
+        items += [RunTag(k, v) for k, v in provenance().items()] if status == "running" else []  # what trains it
         self.client.log_batch(run_id, tags=items)
         mlflow_status = {"finished": "FINISHED", "cached": "FINISHED", "failed": "FAILED",
                          "interrupted": "KILLED"}.get(status)

@@ -193,8 +193,10 @@ def test_the_compose_stack_runs_the_processes_tested_here_and_wires_them_togethe
     services = yaml.safe_load((root / "docker" / "compose.yaml").read_text())["services"]
     dockerfile = (root / "docker" / "Dockerfile").read_text()
     workdir = re.search(r"^WORKDIR (\S+)$", dockerfile, re.M).group(1)
-    torch_pins = re.search(r"^TORCH\s*:=\s*(.+)$", (root / "Makefile").read_text(), re.M).group(1).strip()
-    assert f"pip install {torch_pins}" in dockerfile
+    makefile = (root / "Makefile").read_text()
+    constraints = re.search(r"^PIN\s*:=\s*-c (\S+)$", makefile, re.M).group(1)  # torch pinned as the Makefile pins it
+    assert "$(PIN) torch torchvision" in makefile
+    assert f"pip install -c /src/{constraints} torch torchvision" in dockerfile
     for name in ("ray-head", "ray-worker", "driver"):
         service = services[name]
         assert f"shared:{workdir}" in service["volumes"], name

@@ -14,6 +14,7 @@ from orchestrator import tables
 from orchestrator.cli import main
 from orchestrator.plan import PID, build_plan, read_result
 from orchestrator.spec import load_spec
+from orchestrator.tracking import provenance
 
 DISTIL = "distill: {method: detrdistill}\nablate: {distill.method: [none, detrdistill]}\n" \
          "table: {rows: [distill.method], metrics: [AP, AP50], baseline: {distill.method: none}}\n"
@@ -60,6 +61,13 @@ def test_experiment_end_to_end_and_a_teacher_reused_by_the_next(ray_cluster, tin
             method = node.config.distill.method
             assert tags["axis.distill.method"] == method and tags["axis.seed"] == "0"
     assert "train/kd_logits" in runs["distill.method=detrdistill seed=0"].data.metrics
+    code = provenance()  # every run records the code that wrote it
+    assert re.fullmatch(r"[0-9a-f]{40}", code["detrdistill.git_commit"]) and code["detrdistill.git_dirty"] in (
+        "true", "false")
+    assert code["detrdistill.method_version"] == "1" and {f"detrdistill.version.{name}" for name in (
+        "torch", "ray", "mlflow", "optuna")} <= set(code)
+    for run in (parent, *runs.values()):
+        assert {key: run.data.tags.get(key) for key in code} == code, run.info.run_name
 
     # the files under results/ are the table, and `detrdistill table` prints them again from MLflow
     for fmt, name in tables.FORMATS.items():
@@ -77,6 +85,41 @@ def test_experiment_end_to_end_and_a_teacher_reused_by_the_next(ray_cluster, tin
     assert steps(tracking_uri, runs_b["teacher"]) == [1]  # its history, copied from the store
     assert runs_b["seed=0"].data.tags["detrdistill.status"] == "finished"
     assert (plan.workdir(teacher.hash) / "log.txt").read_text() == log_before
+
+
+def test_a_trial_finished_under_another_method_version_is_trained_again(ray_cluster, tiny_data_root, tmp_path,
+                                                                        monkeypatch, tracking_uri, capsys):
+    """The same spec run again reuses its finished trial; after a bump of trainers.version.METHOD_VERSION the
+    trial has another hash and trains again in a folder of its own, under a new parent run whose table holds
+    only the new trial."""
+    from trainers import version
+    monkeypatch.chdir(tmp_path)
+    Path("v.yaml").write_text(tiny_spec(tiny_data_root, "versioned", teacher=False, student_epochs=1))
+    assert main(["run", "v.yaml", "--tracking-uri", tracking_uri]) == 0
+    old = next(iter(build_plan(load_spec("v.yaml"), "runs").nodes))
+    log = (tmp_path / "runs" / old / "log.txt").read_text()
+    assert main(["run", "v.yaml", "--tracking-uri", tracking_uri]) == 0
+    assert "seed=0: finished earlier in this experiment; not trained again" in capsys.readouterr().out
+    assert (tmp_path / "runs" / old / "log.txt").read_text() == log
+
+    monkeypatch.setattr(version, "METHOD_VERSION", 2)
+    new = next(iter(build_plan(load_spec("v.yaml"), "runs").nodes))
+    assert new != old
+    assert main(["run", "v.yaml", "--tracking-uri", tracking_uri]) == 0
+    out = capsys.readouterr().out
+    assert "seed=0: finished, epoch 1/1" in out and "not trained again" not in out
+    assert read_result(tmp_path / "runs" / new)["hash"] == new
+    assert (tmp_path / "runs" / new / "log.txt").read_text().count(" starts\n") == 1
+    assert (tmp_path / "runs" / old / "log.txt").read_text() == log  # the old trial is left as it was
+
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name("versioned").experiment_id
+    parents = client.search_runs([experiment], "tags.`detrdistill.kind` = 'experiment'",
+                                 order_by=["attributes.start_time DESC"])
+    assert len(parents) == 2
+    children = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'")
+    assert [(c.data.tags["detrdistill.trial_hash"], c.data.tags["detrdistill.status"],
+             c.data.tags["detrdistill.method_version"]) for c in children] == [(new, "finished", "2")]
 
 
 def test_a_killed_worker_is_retried_and_resumes_in_the_same_run(ray_cluster, tiny_data_root, tmp_path,

@@ -1,8 +1,10 @@
-"""Spec loading, validation and expansion (orchestrator/spec.py). Fast: no torch, no Ray, no MLflow.
+"""Spec loading, validation and expansion (orchestrator/spec/). Fast: no torch, no Ray, no MLflow.
 
 Malformed specs declare what they expect inline: a line ending in `# <- PATH` must produce a problem at
 PATH on that line (several paths separated by ` & `), and nothing else may be reported.
 """
+import hashlib
+import json
 import re
 import textwrap
 from pathlib import Path
@@ -698,21 +700,46 @@ def test_hashes_are_stable_and_ignore_the_name():
     assert trial_hash(config) != trial_hash(config.model_copy(update={"seed": config.seed + 1}))
 
 
-def test_hashes_survive_upgrades():
-    """Pinned: the store is found by these hashes, so a release that changes them silently retrains every
-    finished trial. A new config field must leave them alone at its default (spec.ADDED_MODEL_FIELDS,
-    ADDED_SCHEDULE_FIELDS, ADDED_DATA_FIELDS)."""
+def test_the_hash_is_the_config_with_the_method_version_and_the_dataset(tmp_path, monkeypatch):
+    """Pinned by a reconstruction: the sha256 of the canonical JSON of the config (without name and runtime), the
+    method's version and the dataset's identity. Another method version, synthetic generator or COCO annotation
+    file makes another trial, so what was finished under the old one is trained again, never reused."""
+    from trainers import version
     config = TrialConfig(data=DataConfig(root="data/x"), teacher=TeacherConfig(),
                          distill=DistillConfig(method="detrdistill"))
-    assert (trial_hash(config), trial_hash(config, "trial:abc")) == ("ed5c6c6d9a99", "678742b56992")
-    dc5 = config.model_copy(update={"model": config.model.model_copy(update={"backbone_dilation": True})})
-    assert trial_hash(dc5) not in ("ed5c6c6d9a99", "678742b56992")
-    local = config.model_copy(update={"model": config.model.model_copy(update={"attention_init": "local"})})
-    assert trial_hash(local) not in ("ed5c6c6d9a99", "678742b56992")
-    norms = config.model_copy(update={"schedule": config.schedule.model_copy(update={"amp_layer_norm": "bfloat16"})})
-    assert trial_hash(norms) not in ("ed5c6c6d9a99", "678742b56992")  # other numerics: another trial
-    padded = config.model_copy(update={"data": config.data.model_copy(update={"pad_size_divisor": 128})})
-    assert trial_hash(padded) not in ("ed5c6c6d9a99", "678742b56992")  # other inputs: another trial
+
+    def expected(config, dataset, teacher_ref=None):
+        payload = config.model_dump(mode="json")
+        del payload["name"], payload["runtime"]
+        if teacher_ref is not None:
+            payload["teacher"]["checkpoint"] = teacher_ref
+        payload.update(method_version=version.METHOD_VERSION, dataset=dataset)
+        return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:12]
+
+    generator = {"synthetic": version.GENERATOR_VERSION}
+    synthetic = trial_hash(config)
+    assert synthetic == expected(config, generator)
+    assert trial_hash(config, "trial:abc") == expected(config, generator, teacher_ref="trial:abc")
+    with monkeypatch.context() as patch:
+        patch.setattr(version, "METHOD_VERSION", version.METHOD_VERSION + 1)
+        assert trial_hash(config) == expected(config, generator) != synthetic
+    with monkeypatch.context() as patch:
+        patch.setattr(version, "GENERATOR_VERSION", version.GENERATOR_VERSION + 1)
+        assert trial_hash(config) == expected(config, {"synthetic": version.GENERATOR_VERSION}) != synthetic
+
+    train, val = tmp_path / "coco" / "annotations" / "train.json", tmp_path / "coco" / "annotations" / "val.json"
+    val.write_text('{"images": []}')
+    coco = config.model_copy(update={"data": DataConfig(format="coco", root="coco", train="annotations/train.json",
+                                                        val="annotations/val.json")})
+    digest = {"train": hashlib.sha256(b"{}").hexdigest(), "val": hashlib.sha256(b'{"images": []}').hexdigest()}
+    before = trial_hash(coco)
+    assert before == expected(coco, {"coco": digest})
+    train.write_text('{"images": [], "annotations": []}')  # another annotation file: another trial
+    digest["train"] = hashlib.sha256(b'{"images": [], "annotations": []}').hexdigest()
+    assert trial_hash(coco) == expected(coco, {"coco": digest}) != before
+    val.unlink()
+    with pytest.raises(ValueError, match=f"annotation file {re.escape(str(val))} does not exist"):
+        trial_hash(coco)
 
 
 @pytest.mark.parametrize("change", [

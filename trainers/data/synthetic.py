@@ -23,7 +23,8 @@ from typing import Callable, Optional
 import numpy as np
 from PIL import Image, ImageDraw
 
-GENERATOR_VERSION = 1  # bump when the drawing changes, so stale datasets on disk are refused
+from trainers.version import GENERATOR_VERSION  # bump it there when the drawing changes
+
 MARKER = "synthetic.json"  # records the generator parameters in the dataset's root
 SPLITS = ("train", "val")
 SUPERSAMPLE = 4  # masks are drawn at 4x and box-filtered down: anti-aliased edges even on 10 px objects
