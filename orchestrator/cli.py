@@ -12,7 +12,9 @@ import os
 import sys
 from typing import Callable, Optional, Sequence
 
+from orchestrator.plan import resolve_weights, weights_warnings
 from orchestrator.spec import PlannedTrial, Spec, SpecError, expand_trials, load_spec, parse_spec
+from trainers.pretrained import WeightsUnavailable
 
 EXIT_OK, EXIT_INVALID, EXIT_INTERRUPTED = 0, 2, 130
 
@@ -54,6 +56,8 @@ def validate(args: argparse.Namespace) -> int:
             continue
         trials = expand_trials(spec)
         print(summary(file, spec, trials))
+        for line in weights_warnings(spec):
+            print(f"{file}: {line}", file=sys.stderr)
         if args.plan:
             print("\n".join(plan_lines(spec, trials, args.store)))
     return EXIT_INVALID if invalid else EXIT_OK
@@ -150,6 +154,11 @@ def _execute(spec, options, parent_run_id: Optional[str] = None) -> int:
         from orchestrator.search import run_search as run_experiment
     else:
         from orchestrator.scheduler import run_experiment
+    try:
+        resolve_weights(spec)
+    except WeightsUnavailable as e:
+        print(f"detrdistill: {e}; nothing was run", file=sys.stderr)
+        return EXIT_INVALID
     try:
         outcome = run_experiment(spec, options, parent_run_id)
     except KeyboardInterrupt:  # during start-up or the final table; the trial loop handles its own

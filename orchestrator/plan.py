@@ -26,6 +26,7 @@ import yaml
 
 from orchestrator.spec import PlannedTrial, Spec, expand_trials, teacher_trial, trial_hash
 from trainers.config import TrialConfig
+from trainers.pretrained import cache_path, imagenet_file, offline
 
 CHECKPOINT, RESULT, TRIAL, LOG, PID = "checkpoint.pt", "result.json", "trial.json", "log.txt", "worker.pid"
 DOWNLOADS = "downloads"  # <store>/downloads/<run_id>/...: teachers fetched from MLflow runs:/ URIs
@@ -128,16 +129,48 @@ def _dispatchable(config: TrialConfig, spec: Spec) -> TrialConfig:
     config = config.model_copy(deep=True)
     config.runtime.threads = spec.resources.cpus_per_trial
     config.data.root = _absolute(config.data.root)
-    config.model.backbone_weights = _absolute(config.model.backbone_weights)
+    config.model.backbone_weights = _weights(config.model)
     config.init_checkpoint = _absolute(config.init_checkpoint)
     if config.teacher is not None:
         config.teacher.checkpoint = _absolute(config.teacher.checkpoint)
-        config.teacher.model.backbone_weights = _absolute(config.teacher.model.backbone_weights)
+        config.teacher.model.backbone_weights = _weights(config.teacher.model)
     return config
 
 
 def _absolute(path: Optional[Path]) -> Optional[Path]:
     return None if path is None else Path(os.path.abspath(Path(path).expanduser()))
+
+
+def _weights(model) -> Optional[Path]:
+    """The backbone's weights file, absolute; named weights (imagenet) as the file in this process's cache,
+    which resolve_weights filled before any trial trains (the trial's hash keeps the name)."""
+    if model.backbone_weights == "imagenet":
+        return cache_path(model.backbone)
+    return _absolute(model.backbone_weights)
+
+
+def named_backbones(spec: Spec) -> list[str]:
+    """The backbones whose weights a spec's trials, teachers and students, take by name (imagenet)."""
+    models = []
+    for trial in expand_trials(spec):
+        models.append(trial.config.model)
+        if trial.teacher is not None:
+            models.append(trial.teacher.config.model)
+    return sorted({m.backbone for m in models if m.backbone_weights == "imagenet"})
+
+
+def resolve_weights(spec: Spec) -> None:
+    """Every named pretrained weights file of the spec's trials found in the local cache, or downloaded now,
+    before any trial trains; WeightsUnavailable (a ValueError) names the file expected in the cache."""
+    for backbone in named_backbones(spec):
+        imagenet_file(backbone)
+
+
+def weights_warnings(spec: Spec) -> list[str]:
+    """What `validate` says of named weights missing from the local cache (a run may still download them)."""
+    then = "run will refuse to start (offline)" if offline() else "run will download it first"
+    return [f"warning: ImageNet weights of {b} are not in the local cache (expected {cache_path(b)}); {then}"
+            for b in named_backbones(spec) if not cache_path(b).is_file()]
 
 
 def _common_label(trials: list[PlannedTrial]) -> str:

@@ -167,3 +167,33 @@ def test_make_dataset_refuses_bad_flags(tmp_path, capsys):
     assert "--max-objects: input should be greater than or equal to 1, got 0" in err
     assert "--image-size: input should be greater than or equal to 32, got 16" in err
     assert "--train" not in err and not out.exists()  # named only what is wrong; nothing written
+
+
+def test_named_imagenet_weights_offline(ray_cluster, tiny_data_root, tmp_path, monkeypatch, tracking_uri, capsys):
+    """backbone_weights: imagenet, offline: with an empty cache `validate` warns and `run` refuses before
+    anything is written, naming the file expected in the cache (exit 2); pre-seeded, the trial trains from it
+    (the frozen stem keeps the file's weights to the end)."""
+    import torch
+    import torchvision
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("DETRDISTILL_OFFLINE", "1")
+    expected = tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    Path("w.yaml").write_text(tiny_spec(tiny_data_root, "weights", teacher=False, student_epochs=1))
+    args = ["w.yaml", "--set", "student.model.backbone_weights=imagenet"]
+    assert main(["validate", *args]) == 0
+    assert f"ImageNet weights of resnet18 are not in the local cache (expected {expected})" in capsys.readouterr().err
+    assert main(["run", *args, "--tracking-uri", tracking_uri]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and str(expected) in err and "offline" in err
+    assert not Path("runs").exists() and MlflowClient(tracking_uri).get_experiment_by_name("weights") is None
+
+    seeded = torchvision.models.resnet18(weights=None, norm_layer=torchvision.ops.misc.FrozenBatchNorm2d)
+    expected.parent.mkdir(parents=True)
+    torch.save(seeded.state_dict(), expected)
+    assert main(["validate", *args]) == 0 and "warning" not in capsys.readouterr().err
+    assert main(["run", *args, "--tracking-uri", tracking_uri]) == 0
+    (trial,) = [p for p in Path("runs").iterdir() if (p / "result.json").is_file()]
+    trained = torch.load(trial / "checkpoint.pt", weights_only=False)["model"]
+    assert torch.equal(trained["backbone.stages.0.0.0.weight"], seeded.conv1.weight)  # the frozen stem
+    assert not torch.equal(trained["backbone.stages.2.0.conv1.weight"], seeded.layer4[0].conv1.weight)  # trained

@@ -31,7 +31,10 @@ class StrictModel(BaseModel):
 class ModelConfig(StrictModel):
     family: Family = "conditional_detr"
     backbone: BackboneName = "resnet50"
-    backbone_weights: Optional[Path] = None  # local torchvision state_dict file; None = random init
+    backbone_weights: Union[Literal["imagenet"], Path, None] = Field(None, description=(
+        "imagenet: torchvision's IMAGENET1K_V1 weights of the backbone (what DETR and MMDetection start from), "
+        "from torch hub's cache or downloaded into it; or a local torchvision state_dict file; null: random "
+        "initialisation."))
     train_backbone: bool = True
     # "auto": frozen batch norm (DETR's recipe) for pretrained weights, trainable batch norm from scratch
     backbone_norm: Literal["auto", "frozen_bn", "batch_norm"] = "auto"
@@ -188,7 +191,10 @@ class ScheduleConfig(StrictModel):
     weight_decay: float = Field(1e-4, ge=0)
     batch_size: int = Field(2, ge=1)
     grad_clip: float = Field(0.1, ge=0)  # 0 = no clipping
-    warmup_iters: int = Field(0, ge=0)
+    warmup_iters: int = Field(0, ge=0, description=(
+        "Linear warm-up: the lr factor rises from warmup_ratio at the first iteration to 1 at this one "
+        "(MMDetection's linear warm-up; the official DETRDistill run: 500 iterations from 0.001). 0: none."))
+    warmup_ratio: float = Field(0.001, gt=0, le=1, description="The lr factor at the first warm-up iteration.")
     lr_drop_epochs: list[int] = Field(default_factory=lambda: [40])
     lr_drop_factor: float = Field(0.1, gt=0)
     amp: bool = True  # bf16 autocast when on CUDA; ignored on the CPU
@@ -205,7 +211,7 @@ LayerMappingName = Literal["layerwise", "last", "first", "uniform", "final"]
 
 
 class LogitsKDConfig(StrictModel):
-    """Hungarian-matching logits distillation (METHOD.md section 1)."""
+    """Hungarian-matching logits distillation (docs/method.md)."""
     weight: float = Field(1.0, ge=0)
     split: Literal["all", "positive_negative"] = "all"  # "all" = official code; the other = paper's reading
     threshold: float = Field(0.5, gt=0, lt=1)  # positive/negative split on max teacher probability
@@ -215,15 +221,27 @@ class LogitsKDConfig(StrictModel):
 
 
 class FeatureKDConfig(StrictModel):
-    """Target-aware feature distillation (METHOD.md section 2)."""
+    """Target-aware feature distillation (docs/method.md)."""
     weight: float = Field(1.0, ge=0)
     top_k: int = Field(100, ge=1)
     quality: bool = True  # False = the paper's plain-mask ablation (no prob x IoU weighting)
 
 
 class QueryPriorKDConfig(StrictModel):
-    """Query-prior assignment distillation (METHOD.md section 3)."""
+    """Query-prior assignment distillation (docs/method.md)."""
     weight: float = Field(1.0, ge=0)
+    assignment: Literal["self", "teacher"] = Field("self", description=(
+        "How the teacher's query group in the student's decoder finds its targets. self: its own Hungarian "
+        "matching to the ground truth, Group-DETR style (what the official code runs); teacher: the teacher's "
+        "assignment of those queries to the ground truth, layer by layer through the mapping (the paper's "
+        "text)."))
+
+
+class ContrastiveKDConfig(StrictModel):
+    """Query contrastive distillation, the official run's fourth term (docs/method.md)."""
+    weight: float = Field(0.2, ge=0, description="0.2 in the official run; 0 turns the term off.")
+    dim: int = Field(512, ge=2, description="Width of the projection heads' shared embedding.")
+    temperature: float = Field(0.07, gt=0, description="InfoNCE temperature.")
 
 
 class BaselineKDConfig(StrictModel):
@@ -237,6 +255,7 @@ class DistillConfig(StrictModel):
     logits: LogitsKDConfig = Field(default_factory=LogitsKDConfig)
     feature: FeatureKDConfig = Field(default_factory=FeatureKDConfig)
     query_prior: QueryPriorKDConfig = Field(default_factory=QueryPriorKDConfig)
+    contrastive: ContrastiveKDConfig = Field(default_factory=ContrastiveKDConfig)
     baseline: BaselineKDConfig = Field(default_factory=BaselineKDConfig)
     # which teacher decoder layer teaches each student layer: a strategy, or an explicit list (one teacher
     # layer index per student layer, 0-based)

@@ -173,7 +173,7 @@ def _file_issues(data: Optional[DataConfig], teacher: Optional[ModelConfig], stu
     """Files the trial will read must exist now, not hours into a run."""
     issues = _coco_issues(data) if data is not None and data.format == "coco" else []
     for role, model in (("teacher", teacher), ("student", student)):
-        if model is not None and model.backbone_weights is not None and not model.backbone_weights.is_file():
+        if model is not None and isinstance(model.backbone_weights, Path) and not model.backbone_weights.is_file():
             issues.append(Issue((role, "model", "backbone_weights"),
                                  f"backbone weights file {model.backbone_weights} does not exist"))
     return issues + (_checkpoint_issues(checkpoint) if checkpoint is not None else [])

@@ -1,12 +1,14 @@
 """torchvision backbones with frozen batch norm, returning the last few stages' feature maps."""
 from pathlib import Path
-from typing import Optional
+from typing import Union
 
 import torch
 import torch.nn.functional as F
 import torchvision
 import torchvision.ops.misc
 from torch import Tensor, nn
+
+from trainers.pretrained import imagenet_file
 
 # Output channels of the three stages used as transformer inputs (strides 8, 16, 32).
 STAGE_CHANNELS = {
@@ -89,15 +91,15 @@ class Backbone(nn.Module):
     dilation: DC5, the last stage at stride 16 (dilate_last_stage).
     """
 
-    def __init__(self, name: str, num_levels: int, weights: Optional[Path] = None, train: bool = True,
+    def __init__(self, name: str, num_levels: int, weights: Union[Path, str, None] = None, train: bool = True,
                  norm: str = "frozen_bn", dilation: bool = False, with_c2: bool = False):
         super().__init__()
         if name not in STAGE_CHANNELS:
             raise ValueError(f"unknown backbone {name!r}; known: {sorted(STAGE_CHANNELS)}")
         frozen = norm == "frozen_bn"
         net = getattr(torchvision.models, name)(weights=None, norm_layer=FrozenBatchNorm2d if frozen else nn.BatchNorm2d)
-        if weights is not None:
-            load_backbone_weights(net, weights)
+        if weights is not None:  # a file, or "imagenet": torchvision's ImageNet weights from torch hub's cache
+            load_backbone_weights(net, imagenet_file(name) if str(weights) == "imagenet" else weights)
         if dilation:
             if not name.startswith("resnet"):
                 raise ValueError(f"backbone_dilation (DC5) needs a resnet backbone, not {name}")
