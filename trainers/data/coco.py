@@ -1,17 +1,15 @@
 """COCO-format detection dataset: one instances JSON + one image folder.
 
-Everything that can be wrong with the data is checked when the dataset is built (before any compute), and
-every error names the file and the id that is wrong. Targets follow DETR: contiguous labels and normalized
-(cx, cy, w, h) boxes relative to the transformed image.
+The JSON is checked when the dataset is built (before any compute) by the rules of check.py, which also
+repair what they handle (a missing area or iscrowd filled in, boxes clamped to their image, degenerate ones
+dropped); every error names the file, the record id and the field. Targets follow DETR: contiguous labels
+and normalized (cx, cy, w, h) boxes relative to the transformed image.
 """
 from __future__ import annotations
 
 import contextlib
 import io
-import json
-import math
 import os
-import warnings
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -25,58 +23,18 @@ from torchvision.transforms.v2 import functional as F
 
 from trainers.config import DataConfig
 
+from .check import (IMAGE_MODES, DatasetError, Findings, MissingDataError, check_image_files, check_records,
+                    exif_orientation, line, load_json, missing_file, size_mismatch, unreadable, unsupported_mode)
 from .synthetic import ensure_synthetic
 from .transforms import make_transforms, to_model_input
 
-
-class DatasetError(ValueError):
-    """The data on disk is not usable; the message says which file / id and what is wrong."""
-
-
-class MissingDataError(DatasetError, FileNotFoundError):
-    """A file the dataset needs does not exist."""
-
-
-def _load_json(ann_file: Path) -> dict:
-    if not ann_file.is_file():
-        raise MissingDataError(f"annotation file not found: {ann_file}")
-    try:
-        with open(ann_file) as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise DatasetError(f"{ann_file} is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise DatasetError(f"{ann_file} is not a COCO instances file: the top level is a "
-                           f"{type(data).__name__}, expected an object with images/annotations/categories")
-    missing = [k for k in ("images", "annotations", "categories") if k not in data]
-    if missing:
-        raise DatasetError(f"{ann_file} is not a COCO instances file: missing key(s) {', '.join(missing)}")
-    for k in ("images", "annotations", "categories"):
-        if not isinstance(data[k], list):
-            raise DatasetError(f"{ann_file}: '{k}' must be a list, got {type(data[k]).__name__}")
-    return data
-
-
-def _require(record, keys: dict, what: str, section: str, ann_file: Path) -> None:
-    """Check that a JSON record is an object with `keys` of the given types (bool is never a number)."""
-    if not isinstance(record, dict):
-        raise DatasetError(f"{ann_file}: every entry of '{section}' must be an object, got {record!r:.80}")
-    for key, types in keys.items():
-        rid = record.get("id", "?")
-        if key not in record:
-            raise DatasetError(f"{ann_file}: {what} id {rid} has no '{key}' (is this a COCO instances file?)")
-        value = record[key]
-        if isinstance(value, bool) or not isinstance(value, types):
-            raise DatasetError(f"{ann_file}: {what} id {rid} has '{key}' = {value!r:.80}, "
-                               f"expected {' or '.join(t.__name__ for t in types)}")
-
-
-def _unique_ids(records: list, what: str, ann_file: Path) -> None:
-    seen = set()
-    for r in records:
-        if r["id"] in seen:
-            raise DatasetError(f"{ann_file}: duplicate {what} id {r['id']}")
-        seen.add(r["id"])
+def to_rgb(im: Image.Image) -> Image.Image:
+    """8-bit RGB of an image in any of check.IMAGE_MODES."""
+    if IMAGE_MODES.get(im.mode) == "16bit_images":
+        # PIL's convert clips 16-bit values at 255; scale them instead, to the nearest 8-bit level
+        a = np.clip(np.asarray(im).astype(np.int64), 0, 65535)
+        im = Image.fromarray(((a * 255 + 32767) // 65535).astype(np.uint8))
+    return im.convert("RGB")
 
 
 class CocoDetection(Dataset):
@@ -91,10 +49,13 @@ class CocoDetection(Dataset):
 
     Attributes:
         ids: image ids served, in order; evaluation should restrict COCOeval to these.
-        coco: pycocotools COCO over the whole file (crowd annotations included, for COCOeval).
+        coco: pycocotools COCO over the whole file as check.py repaired it (crowd annotations included, for
+            COCOeval; degenerate boxes left out).
         category_ids: label -> COCO category id (sorted ids, so labels are 0..C-1).
         category_names: label -> category name.
         num_classes: C.
+        handled: check.HANDLED key -> count of the quirks the JSON has (nonzero only), for the trial's log;
+            the image files' quirks (modes, EXIF) are counted by check.check_coco, which reads every header.
 
     __getitem__(i) -> (image [3,H,W] float32 normalized, target) with target:
         labels [M] int64, boxes [M,4] float32 normalized (cx,cy,w,h), image_id int,
@@ -104,104 +65,66 @@ class CocoDetection(Dataset):
     def __init__(self, image_dir, ann_file, transforms: Optional[Callable] = None, limit: Optional[int] = None):
         self.image_dir, self.ann_file = Path(image_dir), Path(ann_file)
         self.transforms = transforms if transforms is not None else to_model_input
-        data = _load_json(self.ann_file)
-        self._check_records(data)
+        findings = Findings(self.ann_file)
+        data = load_json(self.ann_file, findings)
+        records = check_records(data, findings) if data is not None else None
+        findings.raise_problems()
+        self.handled = findings.report().handled
 
-        self.category_ids = sorted(c["id"] for c in data["categories"])
-        names = {c["id"]: c.get("name", str(c["id"])) for c in data["categories"]}
-        self.category_names = [names[c] for c in self.category_ids]
+        self.category_ids = [c["id"] for c in records.categories]
+        self.category_names = [c["name"] for c in records.categories]
         self.num_classes = len(self.category_ids)
-        label_of = {cid: i for i, cid in enumerate(self.category_ids)}
+        self._images = records.images
+        self.ids = list(records.images)[:limit]
+        self._targets = self._build_targets(records.annotations)
+        check_image_files({i: self._images[i] for i in self.ids}, self.image_dir, findings, headers=False)
+        findings.raise_problems()
 
-        if not data["images"]:
-            raise DatasetError(f"{self.ann_file}: empty split, the file lists no images")
-        self._images = {img["id"]: img for img in data["images"]}
-        self.ids = [img["id"] for img in data["images"]][:limit]
-        self._targets = self._build_targets(data["annotations"], label_of)
-        self._check_image_files()
-
-        # pycocotools prints while indexing; the JSON is already parsed, so hand it over instead of re-reading.
+        # pycocotools prints while indexing; the records are already parsed, so hand them over instead of a file
         self.coco = COCO()
-        self.coco.dataset = data
+        self.coco.dataset = dict(data, images=list(records.images.values()), annotations=records.annotations,
+                                 categories=records.categories)
         with contextlib.redirect_stdout(io.StringIO()):
             self.coco.createIndex()
 
-    def _check_records(self, data: dict) -> None:
-        f = self.ann_file
-        for img in data["images"]:
-            _require(img, {"id": (int,), "file_name": (str,), "width": (int,), "height": (int,)}, "image", "images", f)
-            if img["width"] <= 0 or img["height"] <= 0:
-                raise DatasetError(f"{f}: image id {img['id']} has size {img['width']}x{img['height']}")
-        for cat in data["categories"]:
-            _require(cat, {"id": (int,)}, "category", "categories", f)
-        for ann in data["annotations"]:
-            _require(ann, {"id": (int,), "image_id": (int,), "category_id": (int,), "bbox": (list,)},
-                     "annotation", "annotations", f)
-            box = ann["bbox"]
-            if len(box) != 4 or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                        and math.isfinite(v) for v in box):
-                raise DatasetError(f"{f}: annotation id {ann['id']} has bbox {box!r:.80}, expected 4 finite "
-                                   f"numbers [x, y, w, h]")
-        _unique_ids(data["images"], "image", f)
-        _unique_ids(data["categories"], "category", f)
-        _unique_ids(data["annotations"], "annotation", f)
-
-    def _build_targets(self, annotations: list, label_of: dict) -> dict:
-        """image id -> (labels [M] int64, boxes [M,4] float32 xyxy pixels clamped to the image)."""
-        f = self.ann_file
-        labels, boxes = {i: [] for i in self._images}, {i: [] for i in self._images}
-        degenerate = 0
+    def _build_targets(self, annotations: list) -> dict:
+        """image id -> (labels [M] int64, boxes [M,4] float32 xyxy pixels) of the served images."""
+        label_of = {cid: i for i, cid in enumerate(self.category_ids)}
+        labels, boxes = {i: [] for i in self.ids}, {i: [] for i in self.ids}
         for ann in annotations:
-            img = self._images.get(ann["image_id"])
-            if img is None:
-                raise DatasetError(f"{f}: annotation id {ann['id']} refers to unknown image id {ann['image_id']}")
-            if ann["category_id"] not in label_of:
-                raise DatasetError(f"{f}: annotation id {ann['id']} refers to unknown category id "
-                                   f"{ann['category_id']}")
-            x, y, w, h = ann["bbox"]
-            W, H = img["width"], img["height"]
-            if w <= 0 or h <= 0:
-                degenerate += 1
-                continue
-            if x >= W or y >= H or x + w <= 0 or y + h <= 0:
-                raise DatasetError(f"{f}: annotation id {ann['id']} has bbox {ann['bbox']} entirely outside its "
-                                   f"image id {ann['image_id']} ({W}x{H})")
-            if ann.get("iscrowd", 0):
+            if ann["iscrowd"] or ann["image_id"] not in labels:
                 continue  # crowd regions are not instances to predict; COCOeval ignores detections on them
-            # a box that sticks out of the image is clamped; a positive box that intersects the image keeps
-            # positive area, but float rounding can still collapse a sliver
-            x0, y0, x1, y1 = max(x, 0.0), max(y, 0.0), min(x + w, W), min(y + h, H)
-            if x1 <= x0 or y1 <= y0:
-                degenerate += 1
-                continue
+            x, y, w, h = ann["bbox"]
             labels[ann["image_id"]].append(label_of[ann["category_id"]])
-            boxes[ann["image_id"]].append((x0, y0, x1, y1))
-        if degenerate:
-            warnings.warn(f"{f}: dropped {degenerate} degenerate box(es) with width or height <= 0", stacklevel=3)
+            boxes[ann["image_id"]].append((x, y, x + w, y + h))
         return {i: (np.asarray(labels[i], dtype=np.int64), np.asarray(boxes[i], dtype=np.float32).reshape(-1, 4))
                 for i in self.ids}
 
-    def _check_image_files(self) -> None:
-        missing = [i for i in self.ids if not os.path.isfile(self._image_path(i))]
-        if missing:
-            i = missing[0]
-            raise MissingDataError(f"{len(missing)} of {len(self.ids)} image file(s) listed in {self.ann_file} "
-                                   f"are missing; first: image id {i} at {self._image_path(i)}")
-
     def _image_path(self, image_id: int) -> str:
         return os.path.join(self.image_dir, self._images[image_id]["file_name"])
+
+    def _refuse(self, image_id: int, field: str, message: str, error=DatasetError):
+        raise error(line(self.ann_file, f"image id {image_id}", field, message))
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def __getitem__(self, index: int):
         image_id = self.ids[index]
-        info = self._images[image_id]
-        with Image.open(self._image_path(image_id)) as im:
-            im = im.convert("RGB")
-        if im.size != (info["width"], info["height"]):
-            raise DatasetError(f"{self.ann_file}: image id {image_id} is {info['width']}x{info['height']} in the "
-                               f"JSON but {im.size[0]}x{im.size[1]} on disk ({self._image_path(image_id)})")
+        info, path = self._images[image_id], self._image_path(image_id)
+        try:
+            with Image.open(path) as stored:
+                mode, orientation = stored.mode, exif_orientation(stored)
+                im = to_rgb(stored) if mode in IMAGE_MODES else None  # decodes: a truncated file fails here
+        except FileNotFoundError:
+            self._refuse(image_id, "file_name", missing_file(path), MissingDataError)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            self._refuse(image_id, "file_name", unreadable(path, e))
+        if im is None:
+            self._refuse(image_id, "file_name", unsupported_mode(path, mode))
+        mismatch = size_mismatch(info, im.size, path, orientation)
+        if mismatch:
+            self._refuse(image_id, "width/height", mismatch)
         image = tv_tensors.Image(F.pil_to_tensor(im))  # [3,H,W] uint8
         labels, boxes = self._targets[image_id]
         h, w = info["height"], info["width"]
