@@ -2,7 +2,8 @@
 
 Every trial, teacher or student, is a node named by its content hash (spec.trial_hash). Teachers are
 deduplicated by that hash and come before the students that need them; a teacher given as a checkpoint
-(a file, a transformers directory, or an MLflow URI runs:/<run_id>/<path>, downloaded here) is no node at all.
+(a file, a transformers directory, an MLflow URI runs:/<run_id>/<path> or a hub checkpoint hf:<repo>, either
+downloaded here) is no node at all.
 
 The store holds one folder per trial hash, shared by every experiment that uses the same store:
   <store>/<hash>/checkpoint.pt   the trainer's checkpoint, rewritten atomically every epoch (resume reads it)
@@ -26,7 +27,7 @@ import yaml
 
 from orchestrator.spec import PlannedTrial, Spec, expand_trials, teacher_trial, trial_hash
 from trainers.config import TrialConfig
-from trainers.pretrained import cache_path, imagenet_file, offline
+from trainers.pretrained import cache_path, hf_cache, hf_cached, hf_snapshot, imagenet_file, offline
 
 CHECKPOINT, RESULT, TRIAL, LOG, PID = "checkpoint.pt", "result.json", "trial.json", "log.txt", "worker.pid"
 DOWNLOADS = "downloads"  # <store>/downloads/<run_id>/...: teachers fetched from MLflow runs:/ URIs
@@ -99,6 +100,8 @@ def build_plan(spec: Spec, store: Path | str = DEFAULT_STORE, tracking_uri: Opti
         if trial.teacher is not None:
             config.teacher.checkpoint = store / trial.teacher.hash / CHECKPOINT
             teacher_of.setdefault(trial.teacher.hash, []).append(trial)
+        elif trial.teacher_ref is not None and trial.teacher_ref.startswith("hf:"):
+            config.teacher.checkpoint = hf_snapshot(trial.teacher_ref)
         elif trial.teacher_ref is not None:  # runs:/ URI
             config.teacher.checkpoint = resolve_teacher_uri(trial.teacher_ref, store, tracking_uri)
         nodes[trial.hash] = Node(trial.hash, "trial", trial.label, config, [trial.coords],
@@ -169,8 +172,12 @@ def resolve_weights(spec: Spec) -> None:
 def weights_warnings(spec: Spec) -> list[str]:
     """What `validate` says of named weights missing from the local cache (a run may still download them)."""
     then = "run will refuse to start (offline)" if offline() else "run will download it first"
-    return [f"warning: ImageNet weights of {b} are not in the local cache (expected {cache_path(b)}); {then}"
-            for b in named_backbones(spec) if not cache_path(b).is_file()]
+    lines = [f"warning: ImageNet weights of {b} are not in the local cache (expected {cache_path(b)}); {then}"
+             for b in named_backbones(spec) if not cache_path(b).is_file()]
+    checkpoint = spec.teacher.checkpoint if spec.teacher is not None else None
+    if checkpoint is not None and checkpoint.startswith("hf:") and not hf_cached(checkpoint):
+        lines.append(f"warning: teacher checkpoint {checkpoint} is not in the hub cache ({hf_cache()}); {then}")
+    return lines
 
 
 def _common_label(trials: list[PlannedTrial]) -> str:

@@ -262,11 +262,16 @@ class DistillConfig(StrictModel):
     layer_mapping: Union[LayerMappingName, list[int]] = "last"
 
 
+LABEL_MAP = ("A pretrained transformers teacher's classes are matched to the dataset's categories by name; "
+             "this maps a dataset category name to the teacher's name for it where the two differ.")
+
+
 class TeacherConfig(StrictModel):
     """The frozen teacher of a distillation trial: its architecture and where its weights are (our
     checkpoint file, or a transformers save_pretrained directory)."""
     model: ModelConfig = Field(default_factory=lambda: ModelConfig(backbone="resnet101"))
     checkpoint: Optional[Path] = None
+    label_map: dict[str, str] = Field(default_factory=dict, description=LABEL_MAP)
 
 
 class RuntimeConfig(StrictModel):

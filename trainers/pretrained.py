@@ -77,3 +77,46 @@ def _download(url: str, path: Path) -> None:
         os.unlink(out.name)
         raise ValueError(f"the file's sha256 does not start with {expected}")
     os.replace(out.name, path)
+
+
+def parse_hf(ref: str) -> tuple[str, str]:
+    """'hf:<repo id>[@revision]' -> (repo id, revision; 'main' when none is given)."""
+    repo, _, revision = ref[len("hf:"):].partition("@")
+    return repo, revision or "main"
+
+
+def hf_cache() -> Path:
+    """The Hugging Face hub cache, read from the environment now (HF_HUB_CACHE, else $HF_HOME/hub)."""
+    home = os.getenv("HF_HOME", os.path.join(os.getenv("XDG_CACHE_HOME", os.path.join("~", ".cache")), "huggingface"))
+    return Path(os.path.expanduser(os.getenv("HF_HUB_CACHE", os.path.join(home, "hub"))))
+
+
+def hf_cached(ref: str) -> bool:
+    """Whether the checkpoint's snapshot is in the hub cache (looked up without a connection)."""
+    repo, revision = parse_hf(ref)
+    try:
+        from huggingface_hub import snapshot_download
+        snapshot_download(repo, revision=revision, cache_dir=hf_cache(), local_files_only=True)
+        return True
+    except Exception:  # not cached, or huggingface_hub missing (run then names the extra)
+        return False
+
+
+def hf_snapshot(ref: str) -> Path:
+    """The local snapshot folder of a transformers checkpoint named 'hf:<repo id>[@revision]' (a
+    save_pretrained directory), from the hub cache or downloaded into it when not offline; WeightsUnavailable
+    naming the expected cache folder when it can be neither found nor downloaded."""
+    repo, revision = parse_hf(ref)
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as e:
+        raise WeightsUnavailable(f"teacher checkpoint {ref} needs the optional dependencies transformers and timm: "
+                                 "pip install 'detrdistill[hf]'") from e
+    cache = hf_cache()
+    try:
+        return Path(snapshot_download(repo, revision=revision, cache_dir=cache, local_files_only=offline()))
+    except Exception as e:  # not cached offline, no network, no such repository or revision
+        where = cache / f"models--{repo.replace('/', '--')}"
+        why = "offline" if offline() else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        raise WeightsUnavailable(f"teacher checkpoint {ref} not found: expected its snapshot under {where} "
+                                 f"(revision {revision}; {why})") from None

@@ -198,6 +198,10 @@ def _coco_issues(data: DataConfig) -> list[Issue]:
 
 def _checkpoint_issues(checkpoint: str) -> list[Issue]:
     at = ("teacher", "checkpoint")
+    if checkpoint.startswith("hf:"):  # the hub cache is looked at by validate's warnings, resolved by run
+        if not re.fullmatch(r"hf:[\w.-]+(/[\w.-]+)?(@[\w./-]+)?", checkpoint):
+            return [Issue(at, f"expected a hub checkpoint hf:<repo id>[@revision], got {checkpoint!r}")]
+        return []
     if checkpoint.startswith("runs:/"):  # resolved by the scheduler, which talks to MLflow; validate does not
         if not re.fullmatch(r"runs:/[0-9A-Za-z_-]+(/\S*)?", checkpoint):
             return [Issue(at, f"expected an MLflow URI runs:/<run_id>/<artifact path>, got {checkpoint!r}")]
@@ -208,7 +212,7 @@ def _checkpoint_issues(checkpoint: str) -> list[Issue]:
     if not path.exists():
         return [Issue(at, (
             f"teacher checkpoint {checkpoint} does not exist; give a checkpoint file, a transformers "
-            f"save_pretrained directory or runs:/<run_id>/<path>, or remove checkpoint to train the teacher"))]
+            f"save_pretrained directory, runs:/<run_id>/<path> or hf:<repo id>, or remove checkpoint to train the teacher"))]
     return []
 
 

@@ -37,7 +37,7 @@ class PlannedTrial(BaseModel):
     config: TrialConfig  # the resolved trial; teacher.checkpoint is filled by the scheduler when teacher_ref is set
     hash: str  # trial_hash(config, teacher_ref): equal hashes are the same trial, run once
     teacher: Optional[TeacherTrial] = None  # the teacher trial to train first (None: no teacher or a checkpoint)
-    teacher_ref: Optional[str] = None  # "trial:<teacher hash>" or a runs:/ URI: where the teacher weights come from
+    teacher_ref: Optional[str] = None  # "trial:<teacher hash>", a runs:/ URI or hf:<repo>: where the teacher weights are
 
     @property
     def variant(self) -> Optional[str]:
@@ -79,12 +79,12 @@ def expand_trials(spec: Spec) -> list[PlannedTrial]:
         teacher, teacher_ref, teacher_config = None, None, None
         if group.distill.method != "none":
             checkpoint = group.teacher.checkpoint
-            teacher_config = TeacherConfig(model=group.teacher.model)
+            teacher_config = TeacherConfig(model=group.teacher.model, label_map=group.teacher.label_map)
             if checkpoint is None:
                 config = teacher_trial(group)
                 teacher = TeacherTrial(config=config, hash=trial_hash(config))
                 teacher_ref = f"trial:{teacher.hash}"
-            elif checkpoint.startswith("runs:/"):
+            elif checkpoint.startswith(("runs:/", "hf:")):
                 teacher_ref = checkpoint
             else:
                 teacher_config.checkpoint = Path(checkpoint)

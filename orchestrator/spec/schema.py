@@ -6,8 +6,8 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, Field, model_validator
 
-from trainers.config import (DataConfig, DistillConfig, LossConfig, ModelConfig, RuntimeConfig, ScheduleConfig,
-                             StrictModel)
+from trainers.config import (LABEL_MAP, DataConfig, DistillConfig, LossConfig, ModelConfig, RuntimeConfig,
+                             ScheduleConfig, StrictModel)
 
 Metric = Literal["AP", "AP50", "AP75", "APs", "APm", "APl"]
 # Names end up in MLflow experiment/run names and file names under results/.
@@ -18,11 +18,13 @@ TRIAL_SECTIONS = ("data", "teacher", "student", "loss", "distill")  # what ablat
 
 class TeacherSpec(StrictModel):
     """The teacher. Trained by the experiment from `model` and `schedule`, unless `checkpoint` gives its
-    weights: a checkpoint file, a transformers save_pretrained directory, or an MLflow URI
-    runs:/<run_id>/<artifact path>."""
+    weights: a checkpoint file, a transformers save_pretrained directory, an MLflow URI
+    runs:/<run_id>/<artifact path>, or a transformers checkpoint on the Hugging Face hub, hf:<repo id>[@revision]
+    (from the hub cache, or downloaded into it unless offline)."""
     model: ModelConfig = Field(default_factory=lambda: ModelConfig(backbone="resnet101"))
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     checkpoint: Optional[str] = None
+    label_map: dict[str, str] = Field(default_factory=dict, description=LABEL_MAP)
 
 
 class StudentSpec(StrictModel):
