@@ -6,8 +6,8 @@ them, at each data.pad_size_divisor.
 
 Image sizes go through the real training transforms (trainers/data/transforms.py, AugmentConfig's defaults:
 11 scales, max 1333, the crop branch, flip) one epoch's worth, batched in order, each batch padded as
-`collate` pads it; the shapes are then fed to the real capture policy (trainers/cuda_graphs.ShapeGraphs: a shape
-captured the second time it comes, at most K graphs kept, capturing stopped when shapes vary too much), with
+`collate` pads it; the shapes are then fed to the real capture policy (trainers/accel/cuda_graphs.ShapeGraphs:
+a shape captured the second time it comes, at most K graphs kept, capturing stopped when shapes vary too much), with
 captures that make nothing. Reported per divisor: distinct batch shapes, padded pixels over image pixels, and
 per K the share of steps that would replay a graph and whether capturing stopped (at which step). Two batch
 orders: `random` (DETR's sampler) and `grouped` (MMDetection 2's GroupSampler, in DETRDistill's official code:
@@ -81,7 +81,7 @@ def grouped_order(sizes: list, batch: int, gen: torch.Generator) -> list:
 def policy(shapes: list, max_graphs: int) -> dict:
     """The capture policy over the shapes: replayed steps, captures, and the step where capturing stopped."""
     import warnings
-    from trainers.cuda_graphs import ShapeGraphs
+    from trainers.accel.cuda_graphs import ShapeGraphs
     graphs = ShapeGraphs(max_graphs)
     replayed, stopped_at = 0, None
     with warnings.catch_warnings():

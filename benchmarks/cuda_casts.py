@@ -152,7 +152,7 @@ def as_the_engine_runs(model, dtype: str, frozen: bool = False):
     """`model` as the engine runs it in `dtype` (a step.py dtype, or one ending in -plain: autocast alone):
     bf16 norms for -ln, and for the dtypes that have them bf16 weight copies, made now as before a trial's
     first step (frozen: a teacher's)."""
-    from trainers.bf16_weights import BF16Weights
+    from trainers.accel.bf16_weights import BF16Weights
     from trainers.models.transformer_layers import set_bf16_layer_norm
     set_bf16_layer_norm(model, "-ln" in dtype)
     if dtype not in COPIES:

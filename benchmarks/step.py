@@ -13,24 +13,26 @@ device-independent measure of that overhead, which the CPU can compare too (a la
 it; the CPU's own time does not, being dominated by the convolutions). With --compile there is no count
 (inductor's fused kernels are not aten operators) and "1st s", the first step, is mostly compilation.
 
-One step = forward, the set loss (ours: our criterion; transformers: its own loss), backward, fused AdamW step.
+One step = the engine's (trainers.engine.train_step, on the epoch machinery of trainers.accel.prepare): forward,
+the set loss (ours: our criterion; transformers: its own loss), the deferred finiteness check, backward,
+gradient clipping, fused AdamW step. Each configuration runs with the RuntimeConfig a trial would (`_runtime`).
 dtypes: fp32; bf16 = autocast as the engine runs it (ours on bf16 copies of its Linear/Conv2d weights, the
-teacher too: trainers/bf16_weights.py; transformers' model, and ours with --compile, with autocast alone; with
---compile the distillation teacher is compiled too, as schedule.compile does);
+teacher too: trainers/accel/bf16_weights.py; transformers' model, and ours with --compile, with autocast alone;
+with --compile the distillation teacher is compiled too, as runtime.compile does);
 bf16-plain = autocast alone; -nhwc: channels_last backbone and images (as --channels-last, but per configuration,
 so that one interleaved comparison holds both layouts); bf16-cudnn-sdp = bf16 with cuDNN's attention kernels,
-PyTorch's default, which the engine turns off (trainers/engine.py: select_attention_kernels); bf16-ln = bf16
-with LayerNorm returning bf16 (a bf16 residual stream: the engine's schedule.amp_layer_norm bfloat16);
+PyTorch's default, which the engine turns off (trainers/accel/kernels.py: select_attention_kernels); bf16-ln =
+bf16 with LayerNorm returning bf16 (a bf16 residual stream: the engine's schedule.amp_layer_norm bfloat16);
 fp32-graph, bf16-graph, bf16-ln-graph = those with the student's training forward and backward (and a
-distillation teacher's forward) replayed from CUDA graphs (schedule.cuda_graph, teacher_cuda_graph; captured in
+distillation teacher's forward) replayed from CUDA graphs (runtime.cuda_graph, teacher_cuda_graph; captured in
 the warm-up steps; their "ops" are what the host still dispatches: losses, matching, optimizer).
-Reported: the median over --steps timed steps after --warmup steps. The configurations compared in one
-table row (a family's ours and transformers' in fp32 and bf16; the parts of a distillation step) are built
-together and timed interleaved, one step of each per round, so that the machine's drift between them (GPU
-clocks, other tenants: up to 24% on the same configuration measured minutes apart on a lent H100) does not enter
-their ratios. On CUDA that is in this process, and peak memory is torch.cuda.max_memory_allocated during a
-configuration's warm-up less what the configurations built before it hold; on the CPU each configuration
-runs in a subprocess of its own (peak memory: its peak RSS; its times are not compared), unless --in-process.
+Reported: the median over --steps timed steps after --warmup steps. The configurations compared in one table row
+(a family's ours and transformers' in fp32 and bf16; the parts of a distillation step) are built together and
+timed interleaved, one step of each per round, so that the machine's drift between them (GPU clocks, other
+tenants) does not enter their ratios. On CUDA that is in this process, and peak memory is
+torch.cuda.max_memory_allocated during a configuration's warm-up less what the configurations built before it
+hold; on the CPU each configuration runs in a subprocess of its own (peak memory: its peak RSS; its times are not
+compared), unless --in-process.
 
 The distillation floor is what a distillation step cannot avoid, each part measured on its own: the student
 step, the teacher's forward (eval, no grad), and the extra cost of passing the teacher's queries through the
@@ -47,8 +49,8 @@ assignment is started (the engine's default on CUDA): on a GPU the assignment is
 while this one queues the teacher and the other terms, and the GPU runs them meanwhile. On the CPU both run on
 the same cores (and the solve stays in line), so only a GPU shows the difference. "thread" is "ahead" with the
 teacher's forward issued by a helper thread on a CUDA stream of its own, from the start of the step
-(overlap_teacher "thread", distill/teacher_ahead.py): the two forwards' host work shares the host's time.
-With --teacher-graph, "graphed" rows: the teacher's forward replayed from a CUDA graph (schedule.
+(overlap_teacher "thread", trainers/accel/teacher_ahead.py): the two forwards' host work shares the host's time.
+With --teacher-graph, "graphed" rows: the teacher's forward replayed from a CUDA graph (runtime.
 teacher_cuda_graph), timed alone and in the "ahead" step, and the floor with that forward.
 Frozen batch norm statistics are set from each model's own input on the benchmark batch
 (`_calibrate_frozen_bn`), as a pretrained backbone's are about: under the identity statistics of random
@@ -81,12 +83,12 @@ SCALES = {
 }
 # bf16: autocast with the weights as bf16 copies (BF16Weights, as the engine runs it); bf16-plain: autocast only
 # -nhwc: channels_last backbone and images; -cudnn-sdp: the engine's bf16 but with cuDNN's attention kernels
-# (PyTorch's default, which the engine turns off: trainers/engine.py select_attention_kernels)
+# (PyTorch's default, which the engine turns off: trainers/accel/kernels.py select_attention_kernels)
 # -ln (the engine's schedule.amp_layer_norm bfloat16): LayerNorm returns bf16 under autocast (computing in float32
 # inside), so the residual stream is bf16, as Megatron-LM keeps it by default, and the fp32 LayerNorm outputs
 # are not cast again before each bf16 matrix product (~2 casts and their backward a LayerNorm)
-# -graph (schedule.cuda_graph and teacher_cuda_graph): the student's training forward and backward, and a
-# distillation teacher's forward, replayed from CUDA graphs (trainers/graphed_model.py, distill/teacher_graph.py)
+# -graph (runtime.cuda_graph and teacher_cuda_graph): the student's training forward and backward, and a
+# distillation teacher's forward, replayed from CUDA graphs (trainers/accel/graphed_model.py, graphed_teacher.py)
 DTYPES = ("fp32", "bf16", "bf16-plain", "bf16-nhwc", "fp32-nhwc", "bf16-cudnn-sdp", "bf16-ln", "fp32-graph",
           "bf16-graph", "bf16-ln-graph")
 COPIES = ("bf16", "bf16-nhwc", "bf16-cudnn-sdp", "bf16-ln", "bf16-graph", "bf16-ln-graph")  # bf16 weight copies
@@ -135,8 +137,8 @@ def _model_config(family, scale, backbone):
 def _calibrate_frozen_bn(model, images):
     """Sets every frozen batch norm's statistics to those of its input on `images`, layer after layer, as a
     pretrained backbone's are about. Random weights under the identity statistics of a fresh frozen batch
-    norm leave a deep ResNet unnormalised: a ResNet-101's C5 reaches ~1e5 at 400x533, its Conditional DETR's
-    boxes degenerate and the KD cost turns NaN, and a step times overflowing values."""
+    norm leave a deep ResNet unnormalised: a ResNet-101's C5 grows by orders of magnitude, its Conditional
+    DETR's boxes degenerate and the KD cost turns NaN, and a step times overflowing values."""
     import torch
     from trainers.models.backbone import FrozenBatchNorm2d
 
@@ -176,44 +178,55 @@ class _CachedTeacher:
         return self.out
 
 
-def _train_step(loss_fn, model, params, images, mask, targets, device, dtype, ahead=False, weight_copies=False):
-    """ahead: hand the objective the next step's batch (the same tensors here), as the engine does on
-    CUDA, so the teacher's next forward is queued while the KD assignment is solved. weight_copies and dtype
-    bf16: the model runs on bf16 copies of its weights (BF16Weights), as the engine runs ours."""
+def _runtime(dtype, mode, compiled=False):
+    """The RuntimeConfig a trial runs one configuration with: compile, the -graph dtypes' CUDA graphs (the
+    teacher's also in the GRAPHED modes), the teacher run ahead in the ahead and thread modes."""
+    from trainers.config import RuntimeConfig
+    graphs = dtype.endswith("-graph") and not compiled
+    overlap = {"distill_ahead": "on", "distill_graph": "on", "distill_thread": "thread"}.get(mode, "off")
+    return RuntimeConfig(compile=compiled, cuda_graph=graphs, teacher_cuda_graph=graphs or mode in GRAPHED,
+                         overlap_teacher=overlap)
+
+
+def _train_step(loss_fn, model, params, batch, runtime, dtype, copies=False, compiled_model=None):
+    """The engine's training step (trainers.engine.train_step, on its epoch's accel.prepare with `runtime`) on
+    the same batch every call: with overlap_teacher on, the teacher's forward queued for the next step is the
+    one that step uses. copies and dtype bf16: the model runs on bf16 copies of its weights (BF16Weights), as
+    the engine runs ours; compiled_model: the model through accel.compile_model."""
+    import itertools
     import torch
-    from trainers.bf16_weights import BF16Weights
+    from trainers import accel
+    from trainers.config import ScheduleConfig
+    from trainers.engine import NonFiniteLossError, train_step
+    device = batch[0].device
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)  # as the engine (and for transformers' model too)
-    kw = {"upcoming": (images, mask)} if ahead else {}
-    from trainers.graphed_model import GraphedModel
-    copies = weight_copies and dtype in COPIES
-    forward_model = GraphedModel(model) if dtype.endswith("-graph") else model  # as the engine: inside the copies
-    forward_model = BF16Weights(forward_model) if copies else forward_model
+    run = accel.prepare(model, loss_fn, opt, runtime, device, copies and dtype in COPIES, compiled_model,
+                        error=NonFiniteLossError)
+    batches = run.batches(itertools.repeat(batch))
+    schedule = ScheduleConfig()  # its gradient clipping
 
     def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype.startswith("bf16")):
-            loss = loss_fn(forward_model, images, mask, targets, **kw)["loss"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if copies:
-            forward_model.grads_to_master()
-        opt.step()
+        train_step(run, *next(batches), opt, schedule, dtype.startswith("bf16"), "benchmark step")
     return step
 
 
 def _ours(family, scale, device, dtype, mode, channels_last=False, compiled=False):
     """One configuration's step (or teacher forward), with the attention kernels the engine selects (or, for
     -cudnn-sdp, PyTorch's default) set at each call: configurations timed interleaved may differ in it."""
-    from trainers.engine import select_attention_kernels
+    from trainers import accel
     run = _build_ours(family, scale, device, dtype, mode, channels_last, compiled)
 
     def step():
-        select_attention_kernels(device, cudnn=dtype.endswith("-cudnn-sdp"))
+        accel.select_attention_kernels(device, cudnn=dtype.endswith("-cudnn-sdp"))
         run()
     return step
 
 
 def _build_ours(family, scale, device, dtype, mode, channels_last=False, compiled=False):
+    """Student, teacher and objective as a trial builds them, the model and teacher wrapped by trainers.accel as
+    its RuntimeConfig (`_runtime`) says."""
     import torch
+    from trainers import accel
     from trainers.config import DistillConfig
     from trainers.criterion import SetCriterion
     from trainers.distill.objective import DistillationLoss
@@ -222,6 +235,7 @@ def _build_ours(family, scale, device, dtype, mode, channels_last=False, compile
     from trainers.models.transformer_layers import set_bf16_layer_norm
     images, mask, targets = _inputs(scale, device)
     amp = dtype.startswith("bf16")
+    runtime = _runtime(dtype, mode, compiled)
     model = build_detector(_model_config(family, scale, scale["backbone"]), scale["classes"]).to(device).train()
     _calibrate_frozen_bn(model, images)
     set_bf16_layer_norm(model, "-ln" in dtype)  # as the engine with amp_layer_norm bfloat16
@@ -229,32 +243,24 @@ def _build_ours(family, scale, device, dtype, mode, channels_last=False, compile
     if channels_last:  # NHWC images and backbone weights: cuDNN's tensor-core convolutions want this in bf16
         images = images.contiguous(memory_format=torch.channels_last)
         model.backbone.to(memory_format=torch.channels_last)
-    if compiled:  # the whole detector one graph (no graph breaks in any family); matching and losses stay eager.
-        # bf16 runs plain autocast then: swapping weight copies in would break the graph's guards, and the
-        # compiler fuses autocast's casts into its kernels anyway
-        from trainers.engine import compile_model
-        model = compile_model(model)  # as the engine compiles with schedule.compile
+    # compiled: the whole detector one graph (no graph breaks in any family); matching and losses stay eager.
+    # bf16 runs plain autocast then: swapping weight copies in would break the graph's guards, and the compiler
+    # fuses autocast's casts into its kernels anyway
+    compiled_model = accel.compile_model(model) if compiled else None
     criterion = SetCriterion(scale["classes"])
+    batch = (images, mask, targets)
     if mode == "student":
         params = [p for p in model.parameters() if p.requires_grad]
-        return _train_step(DetectionLoss(criterion), model, params, images, mask, targets, device, dtype,
-                           weight_copies=not compiled)
+        return _train_step(DetectionLoss(criterion), model, params, batch, runtime, dtype, copies=True,
+                           compiled_model=compiled_model)
     teacher = _calibrate_frozen_bn(build_detector(_model_config(family, scale, scale["teacher_backbone"]),
                                                   scale["classes"]).to(device), images)
     set_bf16_layer_norm(teacher, "-ln" in dtype)
     if channels_last:
         teacher.backbone.to(memory_format=torch.channels_last)
-    if compiled and mode != "student_group":  # as the engine with schedule.compile: the teacher compiled too,
-        # on autocast alone (the extra-group measurement caches one teacher output: nothing to compile there)
-        from trainers.engine import compile_model
-        teacher = compile_model(teacher)
-    elif dtype in COPIES and not compiled:  # as the engine: the frozen teacher on bf16 copies of its weights
-        from trainers.bf16_weights import BF16Weights
-        teacher = BF16Weights(teacher, frozen=True)
-    if (mode in GRAPHED or dtype.endswith("-graph")) and not compiled:  # as the engine with
-        # schedule.teacher_cuda_graph (the warm-up steps capture)
-        from trainers.distill.teacher_graph import GraphedTeacher
-        teacher = GraphedTeacher(teacher)
+    if mode != "student_group" or not compiled:  # the extra-group measurement caches one teacher output:
+        # nothing to compile there; the GRAPHED modes' and -graph dtypes' warm-up steps capture
+        teacher = accel.wrap_teacher(teacher, runtime, amp=dtype in COPIES)
     if mode in ("teacher_forward", "teacher_graph"):
         teacher.eval()
 
@@ -269,17 +275,17 @@ def _build_ours(family, scale, device, dtype, mode, channels_last=False, compile
     else:  # the full DETRDistill step: all three terms, weights 1
         cfg = DistillConfig(method="detrdistill")
     loss_fn = DistillationLoss(teacher, criterion, cfg, scale["hidden"], scale["hidden"], scale["dec"],
-                               scale["dec"], model.config.levels, teacher_thread=mode == "distill_thread").to(device)
+                               scale["dec"], model.config.levels).to(device)
     params = [p for p in model.parameters() if p.requires_grad] + list(loss_fn.trainable.parameters())
-    return _train_step(loss_fn, model, params, images, mask, targets, device, dtype,
-                       ahead=mode in ("distill_ahead", "distill_thread", "distill_graph"), weight_copies=not compiled)
+    return _train_step(loss_fn, model, params, batch, runtime, dtype, copies=True, compiled_model=compiled_model)
 
 
 def _hf(family, scale, device, dtype):
     import torch
     from transformers import ConditionalDetrConfig, ConditionalDetrForObjectDetection, DeformableDetrConfig, \
         DeformableDetrForObjectDetection
-    from trainers.engine import select_attention_kernels
+    from trainers import accel
+    from trainers.config import RuntimeConfig
     from trainers.models.hf_backbone import hf_resnet_config
     levels = 1 if family == "conditional_detr" else 4
     out_features = ["stage4"] if levels == 1 else ["stage2", "stage3", "stage4"]
@@ -291,17 +297,17 @@ def _hf(family, scale, device, dtype):
     else:
         model = DeformableDetrForObjectDetection(DeformableDetrConfig(**common, num_feature_levels=levels))
     model = model.to(device).train()
-    images, _, targets = _inputs(scale, device)
+    batch = _inputs(scale, device)
     pixel_mask = torch.ones(scale["batch"], scale["height"], scale["width"], dtype=torch.long, device=device)
-    labels = [{"class_labels": t["labels"], "boxes": t["boxes"]} for t in targets]
+    labels = [{"class_labels": t["labels"], "boxes": t["boxes"]} for t in batch[2]]
 
-    def hf_loss(model, images, mask, targets):
+    def hf_loss(model, images, mask, targets):  # its own loss, on its own labels
         return {"loss": model(pixel_values=images, pixel_mask=pixel_mask, labels=labels).loss}
     params = [p for p in model.parameters() if p.requires_grad]
-    run = _train_step(hf_loss, model, params, images, None, None, device, dtype)
+    run = _train_step(hf_loss, model, params, batch, RuntimeConfig(), dtype)
 
     def step():  # transformers' model as PyTorch runs it by default: cuDNN's attention allowed
-        select_attention_kernels(device, cudnn=True)
+        accel.select_attention_kernels(device, cudnn=True)
         run()
     return step
 
@@ -528,7 +534,7 @@ def main(argv=None):
                          "the step's thread keeps taking it back between operators (benchmarks/gil_threads.py --solve)")
     ap.add_argument("--teacher-graph", action="store_true",
                     help="distillation table: also the teacher's forward replayed from a CUDA graph "
-                         "(schedule.teacher_cuda_graph), alone and in the step run ahead")
+                         "(runtime.teacher_cuda_graph), alone and in the step run ahead")
     ap.add_argument("--child", nargs=2, metavar=("FAMILY", "MODE"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.switch_interval:

@@ -1,6 +1,7 @@
-"""CUDA graphs emulated on the CPU, so that what the graph wrappers do around a capture (trainers/cuda_graphs.py:
-static inputs, outputs rebuilt around replayed tensors, gradients set where the backward graph leaves them,
-weights read where they were at capture) runs in every test session, not only on a GPU.
+"""CUDA graphs emulated on the CPU, so that what the graph wrappers do around a capture
+(trainers/accel/cuda_graphs.py: static inputs, outputs rebuilt around replayed tensors, gradients set where the
+backward graph leaves them, weights read where they were at capture) runs in every test session, not only on a
+GPU.
 
 A capture records the aten operators that run under it, below autograd and autocast (as a CUDA graph records
 their kernels), each with the very tensors it read and wrote; a replay runs them again on those tensors, in
@@ -136,7 +137,7 @@ class _Stream:
 
 def emulated_cuda_graphs(monkeypatch):
     """Patch torch.cuda's graph and stream calls with the emulation and let ShapeGraphs capture on the CPU."""
-    from trainers.cuda_graphs import ShapeGraphs
+    from trainers.accel.cuda_graphs import ShapeGraphs
     monkeypatch.setattr(ShapeGraphs, "capturable", staticmethod(lambda device: device.type == "cpu"))
     monkeypatch.setattr(torch.cuda, "CUDAGraph", EmulatedGraph)
     monkeypatch.setattr(torch.cuda, "graph", _graph)

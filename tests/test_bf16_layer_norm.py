@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from trainers.bf16_weights import BF16Weights
+from trainers.accel.bf16_weights import BF16Weights
 from trainers.config import ScheduleConfig
 from trainers.criterion import SetCriterion
 from trainers.engine import DetectionLoss

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainers.bf16_weights import BF16Weights
+from trainers.accel.bf16_weights import BF16Weights
 from trainers.config import DistillConfig
 from trainers.criterion import SetCriterion
 from trainers.distill.objective import DistillationLoss
@@ -156,7 +156,8 @@ def test_amp_distillation_trial_is_bitwise_the_plain_autocast_trial(tiny_data_ro
     """The engine's bf16 path (student and teacher on weight copies), forced on the CPU's autocast, trains
     bitwise the weights plain autocast trains."""
     from conftest import tiny_distill_trial
-    from trainers import bf16_weights, engine
+    from trainers import accel, engine
+    from trainers.accel import bf16_weights, training
     config = tiny_distill_trial(tiny_data_root, tmp_path_factory)
     config = config.model_copy(update={"model": config.model.model_copy(update={"dropout": 0.0})})
     monkeypatch.setattr(engine, "amp_enabled", lambda schedule, device: schedule.amp)
@@ -166,9 +167,9 @@ def test_amp_distillation_trial_is_bitwise_the_plain_autocast_trial(tiny_data_ro
                                                                                 refresh(self)))
     weights = {}
     for kind in ("copies", "plain", "fp32"):
-        if kind == "plain":
-            monkeypatch.setattr(engine, "BF16Weights", PlainAutocast)
-            monkeypatch.setattr(bf16_weights, "BF16Weights", PlainAutocast)
+        if kind == "plain":  # the student's copies (made per epoch) and the teacher's (accel.for_inference)
+            monkeypatch.setattr(training, "BF16Weights", PlainAutocast)
+            monkeypatch.setattr(accel, "BF16Weights", PlainAutocast)
         if kind == "fp32":
             monkeypatch.setattr(engine, "amp_enabled", lambda schedule, device: False)
         workdir = tmp_path_factory.mktemp(f"amp-{kind}")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from conftest import tiny_distill_trial, tiny_trial
+from conftest import tiny_distill_trial
 from trainers.config import DistillConfig, FeatureKDConfig, LogitsKDConfig, ModelConfig
 from trainers.criterion import SetCriterion
 from trainers.distill.feature import feature_adapters, feature_distillation
@@ -294,6 +294,7 @@ def test_losses_run_in_float32_under_bf16_autocast(method):
     products included: the KD cost's class term, the feature mask's cosines, the adapters) are the float32
     computation on the same detector outputs - under autocast they would round through bf16."""
     from trainers.distill.logits import start_logits_distillation
+    from trainers.distill.objective import Step
     teacher, student = _tiny_model(), _tiny_model(seed=1).train()
     objective = _objective(teacher, student) if method == "detrdistill" else DistillationLoss(
         teacher, SetCriterion(4), DistillConfig(method=method), 64, 64, 2, 2, student.config.levels)
@@ -309,12 +310,12 @@ def test_losses_run_in_float32_under_bf16_autocast(method):
     assert not torch.is_autocast_enabled("cpu")
     s_pred, t_pred = s_out.predictions.float(), t_out.predictions.float()
     finish = start_logits_distillation(s_pred, t_pred, objective.mapping,
-                                       objective.cfg.logits) if objective.overlaps_teacher else None
+                                       objective.cfg.logits) if objective.logits_term else None
     criterion = objective.criterion
     teacher_matching = criterion.start_indices(t_pred, _targets()) if method == "detrdistill" else None
     torch.manual_seed(5)
-    want = objective._losses(s_out, t_out, s_pred, t_pred, images, _targets(),
-                             criterion.start_indices(s_pred, _targets()), teacher_matching, finish)
+    want = objective.losses(Step(t_out, t_pred, teacher_matching, None, s_out, s_pred,
+                                 criterion.start_indices(s_pred, _targets()), finish), images, _targets())
     assert got.keys() == want.keys() and len(got) > 4
     assert all(v.dtype == torch.float32 for v in got.values() if torch.is_tensor(v))
     assert all(torch.equal(got[k], want[k]) for k in got), {k: (got[k], want[k]) for k in got}
@@ -357,14 +358,15 @@ def test_teacher_gets_no_gradient_and_stays_bitwise_unchanged():
 
 
 def test_teacher_run_ahead_gives_the_same_losses_and_gradients(monkeypatch):
-    """With `upcoming`, the teacher's forward on the next batch is queued while this step's KD assignment is
-    solved and is reused by the next call; in the background (the GPU's way, forced here on the CPU) the solve
-    runs on the helper thread while this one goes on; with teacher_thread the teacher's forward on the next
-    batch is issued by its own helper thread, beside the step. Every way the losses and gradients are bitwise
-    those of the plain order, and the teacher runs once per batch, not twice."""
+    """accel.RunAhead: the teacher's forward on the next batch (`upcoming`) is queued while this step's KD
+    assignment is solved and is reused by the next call; in the background (the GPU's way, forced here on the
+    CPU) the solve runs on the helper thread while this one goes on; with thread the teacher's forward on the
+    next batch is issued by its own helper thread, beside the step. Every way the losses and gradients are
+    bitwise those of the plain objective, and the teacher runs once per batch, not twice."""
     import threading
+    import trainers.accel.host as host_module
     import trainers.distill.logits as logits_module
-    import trainers.matching as matching_module
+    from trainers.accel.teacher_ahead import RunAhead
     teacher = _tiny_model()
     calls, events, solvers, teacher_threads = [], [], set(), []
     batches = [torch.randn(2, 3, 64, 80, generator=torch.Generator().manual_seed(i)) for i in range(3)]
@@ -382,22 +384,23 @@ def test_teacher_run_ahead_gives_the_same_losses_and_gradients(monkeypatch):
         return solve(problems)
     monkeypatch.setattr(logits_module, "solve_assignments", recorded_solve)
     background = False
-    monkeypatch.setattr(matching_module, "solve_in_background", lambda device: background)
+    monkeypatch.setattr(host_module, "solve_in_background", lambda device: background)
     results = {}
     for ahead, background, thread in [(False, False, False), (True, False, False), (False, True, False),
                                       (True, True, False), (True, False, True), (True, True, True)]:
         student = _tiny_model(seed=1).train()
         objective = _objective(teacher, student)
-        objective.teacher_thread = thread
-        assert objective.overlaps_teacher
+        assert objective.logits_term
+        loss_fn = RunAhead(objective, thread) if ahead else objective
         calls.clear()
         events.clear()
         solvers.clear()
         teacher_threads.clear()
         results[ahead, background, thread] = run = []
         for i, images in enumerate(batches):
-            upcoming = (batches[i + 1], None) if ahead and i + 1 < len(batches) else None
-            losses = objective(student, images, None, _targets(), upcoming=upcoming)
+            if ahead:
+                loss_fn.upcoming = (batches[i + 1], None) if i + 1 < len(batches) else None
+            losses = loss_fn(student, images, None, _targets())
             student.zero_grad()
             losses["loss"].backward()
             run.append(({k: v.clone() for k, v in losses.items()},
@@ -417,23 +420,26 @@ def test_teacher_run_ahead_gives_the_same_losses_and_gradients(monkeypatch):
             assert len(grad_a) == len(grad_b) and all(torch.equal(a, b) for a, b in zip(grad_a, grad_b))
     # a queued output is used only for the very tensors it was computed on
     student = _tiny_model(seed=1).train()
-    objective = _objective(teacher, student)
-    objective(student, batches[0], None, _targets(), upcoming=(batches[1], None))
+    loss_fn = RunAhead(_objective(teacher, student))
+    loss_fn.upcoming = (batches[1], None)
+    loss_fn(student, batches[0], None, _targets())
     calls.clear()
-    objective._teacher_output(batches[1].clone(), None)  # equal values, other tensor: computed anew
+    loss_fn._teacher_output(batches[1].clone(), None)  # equal values, other tensor: computed anew
     assert len(calls) == 1
 
 
 def test_no_assignment_is_collected_before_the_next_teachers_forward_is_queued(monkeypatch):
     """On a GPU a collected assignment holds the host until the GPU has run everything queued before its host
-    copy. A DETRDistill step starts all three (the teacher's to the ground truth, the student's, the
-    teacher-student one) before it queues the teacher's forward on the next batch, and collects each only
-    after: the teacher's next forward and the other terms are queued without the host waiting. The solves
-    themselves ran on the helper thread (the GPU's way, forced here on the CPU)."""
+    copy. A DETRDistill step run ahead (accel.RunAhead) starts all three (the teacher's to the ground truth,
+    the student's, the teacher-student one) before it queues the teacher's forward on the next batch, and
+    collects each only after: the teacher's next forward and the other terms are queued without the host
+    waiting. The solves themselves ran on the helper thread (the GPU's way, forced here on the CPU)."""
     import threading
+    import trainers.accel.host as host_module
     import trainers.distill.logits as logits_module
     import trainers.matching as matching_module
-    monkeypatch.setattr(matching_module, "solve_in_background", lambda device: True)
+    from trainers.accel.teacher_ahead import RunAhead
+    monkeypatch.setattr(host_module, "solve_in_background", lambda device: True)
     events, solvers = [], set()
 
     def recording(start, name):
@@ -453,16 +459,18 @@ def test_no_assignment_is_collected_before_the_next_teachers_forward_is_queued(m
     monkeypatch.setattr(matching_module, "start_on_host", recording(start, "gt"))
     monkeypatch.setattr(logits_module, "start_on_host", recording(start, "kd"))
     teacher, student = _tiny_model(), _tiny_model(seed=1).train()
-    objective = _objective(teacher, student)
+    loss_fn = RunAhead(_objective(teacher, student))
     batches = [torch.randn(2, 3, 64, 80, generator=torch.Generator().manual_seed(i)) for i in range(2)]
-    objective(student, batches[0], None, _targets(), upcoming=(batches[1], None))
+    loss_fn.upcoming = (batches[1], None)
+    loss_fn(student, batches[0], None, _targets())
     teacher.register_forward_hook(lambda module, args, out: events.append("teacher"))
     events.clear()
-    objective(student, batches[1], None, _targets())["loss"].backward()
+    loss_fn(student, batches[1], None, _targets())["loss"].backward()
     # the second step's teacher output was queued by the first: no teacher forward, then the same order
     assert events == ["start gt", "start gt", "start kd", "wait gt", "wait gt", "wait kd"]
     events.clear()
-    objective(student, batches[0], None, _targets(), upcoming=(batches[1], None))
+    loss_fn.upcoming = (batches[1], None)
+    loss_fn(student, batches[0], None, _targets())
     assert events == ["teacher", "start gt", "start gt", "start kd", "teacher", "wait gt", "wait gt", "wait kd"]
     assert solvers == {"kd-solve_0"}
 
@@ -477,9 +485,11 @@ READS_BACK = {"_local_scalar_dense", "bincount", "nonzero", "masked_select", "un
 def test_a_distillation_step_reads_nothing_back_from_the_device(family):
     """A DETRDistill step's forward, losses and backward dispatch no operator that on a GPU reads device
     values back (torch.bincount of the match counts did: its CUDA kernel reads the input's min and max) and
-    no boolean-mask indexing (a nonzero). The host's own work (assignments, match indices) stays out of
-    torch. Counted on the CPU: the same operators a GPU step dispatches."""
+    no boolean-mask indexing (a nonzero), in the plain objective's order or run ahead. The host's own work
+    (assignments, match indices) stays out of torch. Counted on the CPU: the same operators a GPU step
+    dispatches."""
     from torch.utils._python_dispatch import TorchDispatchMode
+    from trainers.accel.teacher_ahead import RunAhead
 
     class ReadBacks(TorchDispatchMode):
         def __init__(self):
@@ -500,8 +510,11 @@ def test_a_distillation_step_reads_nothing_back_from_the_device(family):
     objective = _objective(teacher, student)
     images = torch.randn(2, 3, 64, 80, generator=torch.Generator().manual_seed(0))
     objective(student, images, None, _targets())  # first call: lazily built state
+    run_ahead = RunAhead(objective)
     with ReadBacks() as mode:
-        objective(student, images, None, _targets(), upcoming=(images, None))["loss"].backward()
+        objective(student, images, None, _targets())["loss"].backward()
+        run_ahead.upcoming = (images, None)
+        run_ahead(student, images, None, _targets())["loss"].backward()
     assert mode.found == []
     # the mode sees the operators that read back
     with ReadBacks() as mode:
@@ -512,29 +525,30 @@ def test_a_distillation_step_reads_nothing_back_from_the_device(family):
 
 def test_teacher_thread_reports_the_teachers_error_at_the_next_step():
     """A teacher forward that fails on the helper thread fails the step that uses its output, with its own
-    error, and the objective runs the teacher in line again afterwards."""
+    error, and the teacher runs in line again afterwards."""
+    from trainers.accel.teacher_ahead import RunAhead
     teacher, student = _tiny_model(), _tiny_model(seed=1).train()
-    objective = _objective(teacher, student)
-    objective.teacher_thread = True
+    loss_fn = RunAhead(_objective(teacher, student), thread=True)
     images = [torch.randn(2, 3, 64, 80, generator=torch.Generator().manual_seed(i)) for i in range(2)]
 
     def broken(module, args):
         raise RuntimeError("teacher broke")
-    objective(student, images[0], None, _targets(), upcoming=(images[1], None))
+    loss_fn.upcoming = (images[1], None)
+    loss_fn(student, images[0], None, _targets())
     handle = teacher.register_forward_pre_hook(broken)
-    objective._queue_teacher(images[0], None)  # started, fails on the helper thread
+    loss_fn._queue(images[0], None)  # started, fails on the helper thread
     with pytest.raises(RuntimeError, match="teacher broke"):
-        objective(student, images[0], None, _targets())
+        loss_fn(student, images[0], None, _targets())
     handle.remove()
-    assert torch.isfinite(objective(student, images[1], None, _targets())["loss"])
+    assert torch.isfinite(loss_fn(student, images[1], None, _targets())["loss"])
 
 
 @pytest.mark.parametrize("split", ["all", "positive_negative"])
 def test_kd_solve_in_the_background_matches_and_reports_errors_as_in_line(monkeypatch, split):
     """The helper thread's assignment is the in-line one (both splits), and a NaN prediction still ends the
     step with the matching's NonFiniteCostError, raised where the caller collects the result."""
+    import trainers.accel.host as host_module
     import trainers.distill.logits as logits_module
-    import trainers.matching as matching_module
     from trainers.matching import NonFiniteCostError
     g = torch.Generator().manual_seed(0)
     s = DecoderPredictions(torch.randn(2, 2, 7, 4, generator=g), torch.rand(2, 2, 7, 4, generator=g) * 0.5 + 0.2,
@@ -544,7 +558,7 @@ def test_kd_solve_in_the_background_matches_and_reports_errors_as_in_line(monkey
     cfg = LogitsKDConfig(split=split, threshold=0.5)
     results = {}
     for background in (False, True):
-        monkeypatch.setattr(matching_module, "solve_in_background", lambda device: background)
+        monkeypatch.setattr(host_module, "solve_in_background", lambda device: background)
         results[background] = logits_module.logits_distillation(s, t, [0, 1], cfg)
         bad = DecoderPredictions(s.logits.clone(), s.boxes.clone(), s.hidden)
         bad.logits[1, 0, 3, 2] = float("nan")
@@ -556,22 +570,23 @@ def test_kd_solve_in_the_background_matches_and_reports_errors_as_in_line(monkey
 
 
 def test_teacher_run_ahead_in_training_is_bitwise_the_plain_run(tiny_data_root, tmp_path_factory, monkeypatch):
-    """The engine hands the objective the next batch when overlap_teacher is on; with no random draws in the
-    model (dropout 0) the trained weights are bitwise those of a run without it. "auto" is off on the CPU."""
-    from trainers.engine import _overlap_teacher
+    """The engine runs the teacher ahead (accel.RunAhead, handed the next batch) when overlap_teacher is on;
+    with no random draws in the model (dropout 0) the trained weights are bitwise those of a run without it.
+    "auto" is off on the CPU, and a plain student's objective never runs ahead."""
+    from trainers.accel.teacher_ahead import RunAhead, runs_ahead
     base = tiny_distill_trial(tiny_data_root, tmp_path_factory)
     base = base.model_copy(update={"model": base.model.model_copy(update={"dropout": 0.0})})
     cpu = torch.device("cpu")
     objective = _objective(_tiny_model(), _tiny_model(seed=1))
-    assert not _overlap_teacher(objective, base, cpu)  # auto
-    assert not _overlap_teacher(DetectionLoss(objective.criterion), base.model_copy(update={"runtime": base.runtime.model_copy(update={"overlap_teacher": "on"})}),
-                                cpu)
+    assert not runs_ahead(objective, base.runtime, cpu)  # auto
+    assert not runs_ahead(DetectionLoss(objective.criterion), base.runtime.model_copy(update={"overlap_teacher": "on"}),
+                          cpu)
     weights, queued = {}, []
-    queue = DistillationLoss._queue_teacher
-    monkeypatch.setattr(DistillationLoss, "_queue_teacher", lambda self, *a: (queued.append(1), queue(self, *a)))
+    queue = RunAhead._queue
+    monkeypatch.setattr(RunAhead, "_queue", lambda self, *a: (queued.append(1), queue(self, *a)))
     for mode in ("off", "on", "thread"):
         config = base.model_copy(update={"runtime": base.runtime.model_copy(update={"overlap_teacher": mode})})
-        assert _overlap_teacher(objective, config, cpu) == (mode != "off")
+        assert runs_ahead(objective, config.runtime, cpu) == (mode != "off")
         workdir = tmp_path_factory.mktemp(f"overlap-{mode}")
         queued.clear()
         run_trial(config, workdir, log=lambda s: None)
@@ -583,10 +598,10 @@ def test_teacher_run_ahead_in_training_is_bitwise_the_plain_run(tiny_data_root, 
 
 
 def test_compiled_distillation_compiles_student_and_teacher(tiny_data_root, tmp_path_factory, monkeypatch):
-    """schedule.compile in a distillation trial: the student and the teacher both run compiled (dynamo's
+    """runtime.compile in a distillation trial: the student and the teacher both run compiled (dynamo's
     eager backend here: the same operators, so the trained weights are bitwise the eager run's)."""
     from torch._dynamo.utils import counters
-    import trainers.engine as engine
+    from trainers import accel
     config = tiny_distill_trial(tiny_data_root, tmp_path_factory)
     eager_dir = tmp_path_factory.mktemp("kd-eager")
     run_trial(config, eager_dir, log=lambda s: None)
@@ -595,7 +610,7 @@ def test_compiled_distillation_compiles_student_and_teacher(tiny_data_root, tmp_
     def compile_eager(model):
         compiled_models.append(model)
         return torch.compile(model, backend="eager")
-    monkeypatch.setattr(engine, "compile_model", compile_eager)
+    monkeypatch.setattr(accel, "compile_model", compile_eager)
     counters.clear()
     compiled = config.model_copy(update={"runtime": config.runtime.model_copy(update={"compile": True})})
     workdir = tmp_path_factory.mktemp("kd-compiled")
@@ -649,11 +664,11 @@ def test_mixed_pair_deformable_teacher_adamixer_student():
 
 
 def test_teacher_cuda_graph_wraps_the_teacher_which_the_cpu_calls_as_it_is(tiny_data_root, tmp_path_factory):
-    """schedule.teacher_cuda_graph: the objective's teacher is a GraphedTeacher (frozen, in eval mode like any
+    """runtime.teacher_cuda_graph: the objective's teacher is a GraphedTeacher (frozen, in eval mode like any
     teacher); off CUDA it calls the teacher as it is, output for output (the graphs themselves:
     tests/test_gpu.py -k graph)."""
     from trainers.distill import build_distillation_loss
-    from trainers.distill.teacher_graph import GraphedTeacher
+    from trainers.accel.graphed_teacher import GraphedTeacher
     from trainers.models.output import tensors_in
     config = tiny_distill_trial(tiny_data_root, tmp_path_factory)
     cpu = torch.device("cpu")

@@ -55,12 +55,12 @@ def test_resume_is_bitwise_identical(tiny_data_root, tmp_path, family):
 
 
 def test_compiled_training_is_wired_and_trains_the_same_weights(tiny_data_root, tmp_path, monkeypatch):
-    """schedule.compile: the loss calls the compiled model (every step through it: one compilation per input
+    """runtime.compile: the loss calls the compiled model (every step through it: one compilation per input
     shape, at most), and what trains, resumes and is saved is the model itself. Compiled with dynamo's eager
     backend (the graph runs the same operators; inductor would compile for minutes here), the weights are
     bitwise those of the eager run."""
     from torch._dynamo.utils import counters
-    import trainers.engine as engine
+    from trainers import accel
     config = tiny_trial(tiny_data_root, epochs=2)
     run_trial(config, tmp_path / "eager", log=_quiet)
     calls = []
@@ -68,7 +68,7 @@ def test_compiled_training_is_wired_and_trains_the_same_weights(tiny_data_root, 
     def compile_eager(model):
         compiled = torch.compile(model, backend="eager")
         return lambda *a, **kw: (calls.append(1), compiled(*a, **kw))[1]
-    monkeypatch.setattr(engine, "compile_model", compile_eager)
+    monkeypatch.setattr(accel, "compile_model", compile_eager)
     compiled = config.model_copy(update={"runtime": config.runtime.model_copy(update={"compile": True})})
     counters.clear()
     run_trial(compiled, tmp_path / "compiled", log=_quiet)
@@ -172,7 +172,7 @@ def test_lr_schedule_warmup_then_step_decay():
 def test_loss_sums_on_the_device_equal_python_float_sums():
     """The epoch's loss sums stay on the device (no sync per step) and are the same numbers as summing each
     term's float() in Python: float32 values convert exactly and both add in float64 in the same order."""
-    from trainers.engine import LossSums
+    from trainers.accel.readback import LossSums
     g = torch.Generator().manual_seed(0)
     sums, reference = LossSums(), {}
     for step in range(200):
@@ -188,13 +188,13 @@ def test_loss_sums_on_the_device_equal_python_float_sums():
 
 
 def test_graphed_model_off_cuda_is_the_model_and_compile_excludes_it():
-    """schedule.cuda_graph: GraphedModel replays graphs only on CUDA in training (tests/test_gpu.py -k
+    """runtime.cuda_graph: GraphedModel replays graphs only on CUDA in training (tests/test_gpu.py -k
     graphed); on the CPU a training step through it is the model's own, loss and gradients bitwise, and
     nothing is captured. compile and cuda_graph together are refused."""
     import copy
     from trainers.config import ModelConfig
     from trainers.engine import DetectionLoss
-    from trainers.graphed_model import GraphedModel
+    from trainers.accel.graphed_model import GraphedModel
     torch.manual_seed(0)
     model = build_detector(ModelConfig(family="deformable_detr", backbone="resnet18", encoder_layers=1,
                                        decoder_layers=2, num_queries=8, hidden_dim=32, num_heads=4, ffn_dim=32,
@@ -217,11 +217,11 @@ def test_graphed_model_off_cuda_is_the_model_and_compile_excludes_it():
 
 
 def test_shape_graphs_capture_a_shape_the_second_time_keep_the_recent_ones_and_stop_when_shapes_vary():
-    """The capture policy of the CUDA-graph wrappers (cuda_graphs.ShapeGraphs), with captures that make labels:
+    """The capture policy of the CUDA-graph wrappers (accel.cuda_graphs.ShapeGraphs), with captures that make labels:
     a key's first call runs eagerly, its second captures, later ones replay; the least recently used graph goes
     beyond max_graphs; a capture that raises, or keys cycling through more shapes than are kept (a capture
     every few calls, each costing about two eager ones), stop capturing for good, with a warning."""
-    from trainers.cuda_graphs import ShapeGraphs
+    from trainers.accel.cuda_graphs import ShapeGraphs
     made = []
 
     def capture(key):

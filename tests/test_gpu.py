@@ -68,7 +68,7 @@ def test_host_to_device_does_not_wait_for_queued_kernels():
     host_to_device(torch.arange(6), CUDA)  # the pinned-memory cache's first blocks (allocating them may sync)
     device_constant([[0.0, 0.0]], torch.zeros(1, device=CUDA))
     torch.cuda.synchronize()
-    torch.cuda._sleep(int(5e8))  # a kernel that spins ~0.2-0.3 s
+    torch.cuda._sleep(int(5e8))  # a kernel that spins long enough to be still running below
     copied = host_to_device(torch.arange(6).view(2, 3), CUDA)
     constant = device_constant([[1.5, 2.5]], copied.float())
     assert not torch.cuda.current_stream().query(), "the host waited for the queued kernel"
@@ -117,7 +117,7 @@ def test_bf16_weight_copies_on_cuda_give_autocast_values(family):
     """BF16Weights on CUDA (the engine's bf16 path): the forward is bitwise plain autocast's, and a step's
     gradients match it (CUDA backward kernels may sum in another order; the CPU test is bitwise). A forward
     failure names the first module whose output differs, and whether plain autocast itself repeats bitwise."""
-    from trainers.bf16_weights import BF16Weights
+    from trainers.accel.bf16_weights import BF16Weights
     torch.manual_seed(0)
     model = build_detector(small(family), 5).to(CUDA).train()
     wrapper = BF16Weights(model)
@@ -155,7 +155,7 @@ def test_bf16_weight_copies_on_cuda_give_autocast_values(family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_compiled_training_forward_on_cuda_equals_eager(family):
-    """schedule.compile on CUDA (engine.compile_model: inductor, Triton kernels): a training forward and
+    """runtime.compile on CUDA (accel.compile_model: inductor, Triton kernels): a training forward and
     backward give the eager model's predictions, and its gradients as closely as the eager model's own
     gradients repeat when its input moves by one part in a million, at the first input shape and at a
     second one, which compiles with dynamic sizes.
@@ -163,9 +163,8 @@ def test_compiled_training_forward_on_cuda_equals_eager(family):
     Why not a fixed tolerance: fused kernels sum in another order (last-bit differences), and a detection
     step's gradients are not smooth in its input - the stem's max pooling routes each gradient to one of
     near-tied inputs, bilinear sampling's gradient jumps at pixel boundaries - so a last-bit difference moves
-    some parameters' gradients by percents in the eager model too (measured on the CPU: Conditional DETR's
-    2nd-stage conv 22%, AdaMixer's mixing generator 1.6%, by that nudge)."""
-    from trainers.engine import compile_model
+    some parameters' gradients by percents in the eager model too."""
+    from trainers.accel import compile_model
     torch.manual_seed(0)
     model = build_detector(small(family), 5).train()
     with torch.no_grad():  # off the initial grid: sampling offsets start at zero weight, so every sampling
@@ -259,6 +258,7 @@ def test_teacher_run_ahead_on_cuda_gives_the_plain_losses():
     thread on a stream of its own, under bf16 autocast as the engine runs it. Same losses as the plain order,
     step after step (the teacher's outputs cross from its stream to this one: a missing synchronisation would
     show as other values)."""
+    from trainers.accel.teacher_ahead import RunAhead
     torch.manual_seed(0)
     teacher = build_detector(small("deformable_detr", "resnet34"), 5).to(CUDA)
     batches = [batch(CUDA, seed) for seed in range(4)]
@@ -267,12 +267,14 @@ def test_teacher_run_ahead_on_cuda_gives_the_plain_losses():
         torch.manual_seed(0)
         student = build_detector(small("deformable_detr"), 5).to(CUDA).train()
         loss_fn = DistillationLoss(teacher, SetCriterion(5), DistillConfig(method="detrdistill"), 64, 64, 2, 2,
-                                   student.config.levels, teacher_thread=mode == "thread").to(CUDA)
+                                   student.config.levels).to(CUDA)
+        loss_fn = loss_fn if mode == "plain" else RunAhead(loss_fn, thread=mode == "thread")
         losses[mode] = []
         for i, (images, mask, targets) in enumerate(batches):
-            upcoming = batches[i + 1][:2] if mode != "plain" and i + 1 < len(batches) else None
+            if mode != "plain":
+                loss_fn.upcoming = batches[i + 1][:2] if i + 1 < len(batches) else None
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                out = loss_fn(student, images, mask, targets, upcoming=upcoming)
+                out = loss_fn(student, images, mask, targets)
             losses[mode].append({k: float(v) for k, v in out.items() if torch.is_tensor(v) and v.dim() == 0})
     for mode in ("ahead", "thread"):
         for plain, other in zip(losses["plain"], losses[mode]):
@@ -301,17 +303,19 @@ def test_a_distillation_step_queues_its_forwards_and_losses_without_waiting_for_
     terms are queued without the host once waiting for the GPU. The assignments are solved on the helper
     thread, which waits on CUDA events only (not flagged), and only for the copies it needs."""
     import warnings
+    from trainers.accel.teacher_ahead import RunAhead
     torch.manual_seed(0)
     student = build_detector(small(family), 5).to(CUDA).train()
     teacher = build_detector(small(family, "resnet34"), 5).to(CUDA)
-    loss_fn = DistillationLoss(teacher, SetCriterion(5), DistillConfig(method="detrdistill"), 64, 64, 2, 2,
-                               student.config.levels).to(CUDA)
+    loss_fn = RunAhead(DistillationLoss(teacher, SetCriterion(5), DistillConfig(method="detrdistill"), 64, 64, 2, 2,
+                                        student.config.levels).to(CUDA))
     batches = [batch(CUDA, seed) for seed in range(3)]
 
     def step(i):
         images, mask, targets = batches[i]
+        loss_fn.upcoming = batches[i + 1][:2]
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            return loss_fn(student, images, mask, targets, upcoming=batches[i + 1][:2])
+            return loss_fn(student, images, mask, targets)
     step(0)["loss"].backward()  # first use: lazily made state, the pinned-memory cache's blocks
     torch.cuda.synchronize()
     with warnings.catch_warnings(record=True) as caught:
@@ -335,6 +339,7 @@ def test_a_distillation_trial_on_cuda_waits_for_the_gpu_only_at_its_log_lines(ti
     import inspect
     import warnings
     import trainers.engine as engine
+    from trainers.accel import readback
     config = _cuda_distill_trial(tiny_data_root, tmp_path, epochs=2)
     train_one_epoch, caught, logs = engine.train_one_epoch, [], []
 
@@ -351,10 +356,10 @@ def test_a_distillation_trial_on_cuda_waits_for_the_gpu_only_at_its_log_lines(ti
                 caught.extend(w for w in got if "synchroniz" in str(w.message))
     monkeypatch.setattr(engine, "train_one_epoch", checked)
     run_trial(config, tmp_path / "student", log=logs.append)
-    lines, start = inspect.getsourcelines(engine.LossSums.totals)
+    lines, start = inspect.getsourcelines(readback.LossSums.totals)
     reads = {start + i for i, line in enumerate(lines) if ".tolist()" in line}
     where = [f"{w.filename}:{w.lineno}" for w in caught]
-    assert caught and all(w.filename == engine.__file__ and w.lineno in reads for w in caught), where
+    assert caught and all(w.filename == readback.__file__ and w.lineno in reads for w in caught), where
     assert len(caught) <= sum(1 for line in logs if "epoch 2/2 step" in line) + 1  # + the epoch's means
 
 
@@ -400,13 +405,13 @@ def _assert_outputs_close(expected, got, tol, what):
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_graphed_teacher_replays_the_eager_forward(family, dtype):
-    """schedule.teacher_cuda_graph: a shape's first call runs eagerly, its second captures, later ones replay;
+    """runtime.teacher_cuda_graph: a shape's first call runs eagerly, its second captures, later ones replay;
     two shapes alternate (their graphs share one memory pool) and every output equals the eager teacher's on
     the same input (bf16: on bf16 weight copies under autocast, as the engine runs a teacher). An output kept
     from an earlier call is not overwritten by later replays (outputs leave the pool), and at most max_graphs
     graphs are kept."""
-    from trainers.bf16_weights import BF16Weights
-    from trainers.distill.teacher_graph import GraphedTeacher
+    from trainers.accel.bf16_weights import BF16Weights
+    from trainers.accel.graphed_teacher import GraphedTeacher
     torch.manual_seed(0)
     teacher = build_detector(small(family, "resnet34"), 5).to(CUDA).eval()
     if dtype == "bf16":
@@ -442,8 +447,9 @@ def test_graphed_teacher_in_a_distillation_step_gives_the_eager_losses_without_w
     capture happens inside a step, while the helper thread solves the step's assignments), and once captured
     a step queues everything without the host waiting for the GPU."""
     import warnings
-    from trainers.bf16_weights import BF16Weights
-    from trainers.distill.teacher_graph import GraphedTeacher
+    from trainers.accel.bf16_weights import BF16Weights
+    from trainers.accel.graphed_teacher import GraphedTeacher
+    from trainers.accel.teacher_ahead import RunAhead
     torch.manual_seed(0)
     teacher = BF16Weights(build_detector(small("deformable_detr", "resnet34"), 5).to(CUDA), frozen=True)
     batches = [batch(CUDA, seed) for seed in range(5)]
@@ -451,8 +457,9 @@ def test_graphed_teacher_in_a_distillation_step_gives_the_eager_losses_without_w
     for mode in ("eager", "graph"):
         torch.manual_seed(0)
         student = build_detector(small("deformable_detr"), 5).to(CUDA).train()
-        loss_fn = DistillationLoss(GraphedTeacher(teacher) if mode == "graph" else teacher, SetCriterion(5),
-                                   DistillConfig(method="detrdistill"), 64, 64, 2, 2, student.config.levels).to(CUDA)
+        objective = DistillationLoss(GraphedTeacher(teacher) if mode == "graph" else teacher, SetCriterion(5),
+                                     DistillConfig(method="detrdistill"), 64, 64, 2, 2, student.config.levels)
+        loss_fn = RunAhead(objective.to(CUDA))
         losses[mode] = []
         for i, (images, mask, targets) in enumerate(batches[:-1]):
             with warnings.catch_warnings(record=True) as caught:
@@ -460,8 +467,9 @@ def test_graphed_teacher_in_a_distillation_step_gives_the_eager_losses_without_w
                 if mode == "graph" and i >= 2:  # captured in step 0's run-ahead (the shape's second call)
                     torch.cuda.set_sync_debug_mode("warn")
                 try:
+                    loss_fn.upcoming = batches[i + 1][:2]
                     with torch.autocast("cuda", dtype=torch.bfloat16):
-                        out = loss_fn(student, images, mask, targets, upcoming=batches[i + 1][:2])
+                        out = loss_fn(student, images, mask, targets)
                 finally:
                     torch.cuda.set_sync_debug_mode("default")
             waits = [f"{w.filename}:{w.lineno}: {w.message}" for w in caught if "synchroniz" in str(w.message)]
@@ -469,26 +477,31 @@ def test_graphed_teacher_in_a_distillation_step_gives_the_eager_losses_without_w
             out["loss"].backward()
             losses[mode].append({k: float(v) for k, v in out.items() if torch.is_tensor(v) and v.dim() == 0})
         if mode == "graph":
-            assert len(loss_fn.teacher.graphs) == 1 and loss_fn.teacher.stopped is None
+            assert len(objective.teacher.graphs) == 1 and objective.teacher.stopped is None
     for eager, graph in zip(losses["eager"], losses["graph"]):
         assert eager.keys() == graph.keys()
         for k in eager:
             assert abs(eager[k] - graph[k]) <= 1e-5 * max(1.0, abs(eager[k])), (k, eager[k], graph[k])
 
 
-def _train_steps(forward_model, model, loss_fn, batches, amp: bool, check_sync_from=None):
+def _train_steps(forward_model, model, loss_fn, batches, amp: bool, check_sync_from=None, thread=False):
     """Steps as the engine runs them (autocast, backward, the weight copies' gradients to the master weights,
-    clipping, an optimizer step) on the model's device -> the losses. From step `check_sync_from` on, each
-    step runs under CUDA's sync check and any wait for the GPU fails the test.
+    clipping, an optimizer step) on the model's device -> the losses. batches: (images, mask, targets,
+    upcoming); where any has an upcoming (images, mask), the objective's teacher runs ahead on it
+    (accel.RunAhead; thread: on the helper thread). From step `check_sync_from` on, each step runs under
+    CUDA's sync check and any wait for the GPU fails the test.
 
     SGD, not the engine's AdamW: Adam's first steps move a weight by about lr whatever the size of its gradient,
     so the rounding noise of a gradient that is zero in theory (an attention key's bias) would move two runs
     apart by lr wherever their kernels round differently (a graph's backward takes each output's gradient in
     the output's layout); SGD moves weights by lr times the gradient, differences included."""
     import warnings
-    from trainers.bf16_weights import BF16Weights
+    from trainers.accel.bf16_weights import BF16Weights
+    from trainers.accel.teacher_ahead import RunAhead
     params = [p for p in model.parameters() if p.requires_grad]
     params += [p for p in getattr(loss_fn, "trainable", torch.nn.ModuleDict()).parameters()]
+    ahead = any(upcoming is not None for *_, upcoming in batches)
+    call = RunAhead(loss_fn, thread) if ahead else loss_fn
     device = params[0].device
     opt = torch.optim.SGD(params, lr=1e-2)
     losses = []
@@ -499,8 +512,10 @@ def _train_steps(forward_model, model, loss_fn, batches, amp: bool, check_sync_f
             if checked:
                 torch.cuda.set_sync_debug_mode("warn")
             try:
+                if ahead:
+                    call.upcoming = upcoming
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                    out = loss_fn(forward_model, images, mask, targets, **({"upcoming": upcoming} if upcoming else {}))
+                    out = call(forward_model, images, mask, targets)
                 opt.zero_grad(set_to_none=True)
                 out["loss"].backward()
                 if isinstance(forward_model, BF16Weights):
@@ -530,13 +545,13 @@ def _assert_same_training(eager_losses, graphed_losses, eager_model, graphed_mod
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_graphed_training_steps_equal_eager_steps(family, dtype):
-    """schedule.cuda_graph: the training forward and backward replayed from CUDA graphs (bf16: inside the bf16
+    """runtime.cuda_graph: the training forward and backward replayed from CUDA graphs (bf16: inside the bf16
     weight copies, as the engine runs them) train as the eager steps do: the same losses step after step and
     the same weights and batch norm statistics after six steps over two input shapes (each captured at its
     second step; dropout 0). The graphed steps after capture wait for nothing."""
     import copy
-    from trainers.bf16_weights import BF16Weights
-    from trainers.graphed_model import GraphedModel
+    from trainers.accel.bf16_weights import BF16Weights
+    from trainers.accel.graphed_model import GraphedModel
     torch.manual_seed(0)
     eager = build_detector(small(family), 5).to(CUDA).train()
     graphed = copy.deepcopy(eager)
@@ -556,13 +571,13 @@ def test_graphed_training_steps_equal_eager_steps(family, dtype):
 
 def test_graphed_distillation_steps_equal_eager_steps():
     """A DETRDistill step as the engine runs it on CUDA (teacher run ahead, bf16 weight copies) with
-    schedule.cuda_graph and teacher_cuda_graph: the student's forward and backward and the teacher's forward
+    runtime.cuda_graph and teacher_cuda_graph: the student's forward and backward and the teacher's forward
     replayed from graphs give the eager steps' losses and weights (the query-prior group goes through the
     student's graph as an input), and once captured a step waits for nothing."""
     import copy
-    from trainers.bf16_weights import BF16Weights
-    from trainers.distill.teacher_graph import GraphedTeacher
-    from trainers.graphed_model import GraphedModel
+    from trainers.accel.bf16_weights import BF16Weights
+    from trainers.accel.graphed_teacher import GraphedTeacher
+    from trainers.accel.graphed_model import GraphedModel
     torch.manual_seed(0)
     teacher = BF16Weights(build_detector(small("deformable_detr", "resnet34"), 5).to(CUDA), frozen=True)
     eager = build_detector(small("deformable_detr"), 5).to(CUDA).train()
@@ -586,10 +601,10 @@ def test_graphed_distillation_steps_equal_eager_steps():
 def count_captures(monkeypatch) -> dict:
     """{"student": captures of GraphedModel's step graphs, "teacher": of GraphedTeacher's}, counted from now on
     (the wrappers a trial makes itself included)."""
-    import trainers.distill.teacher_graph as teacher_graph
-    import trainers.graphed_model as graphed_model
+    import trainers.accel.graphed_model as graphed_model
+    import trainers.accel.graphed_teacher as graphed_teacher
     captures = {"student": 0, "teacher": 0}
-    for module, name, label in ((graphed_model, "_StepGraph", "student"), (teacher_graph, "_Graph", "teacher")):
+    for module, name, label in ((graphed_model, "_StepGraph", "student"), (graphed_teacher, "_Graph", "teacher")):
         class Counted(getattr(module, name)):
             def __init__(self, *args, _label=label):
                 captures[_label] += 1
@@ -599,7 +614,7 @@ def count_captures(monkeypatch) -> dict:
 
 
 def test_a_trial_with_cuda_graphs_trains_and_evaluates(tiny_data_root, tmp_path, monkeypatch):
-    """schedule.cuda_graph and teacher_cuda_graph in a distillation trial on CUDA (one input shape: a single
+    """runtime.cuda_graph and teacher_cuda_graph in a distillation trial on CUDA (one input shape: a single
     scale, no crop): both capture, nothing warns, and the trial ends with finite losses and AP."""
     import warnings
     captures = count_captures(monkeypatch)
@@ -607,7 +622,7 @@ def test_a_trial_with_cuda_graphs_trains_and_evaluates(tiny_data_root, tmp_path,
     augment = config.data.augment.model_copy(update={"scales": [96], "crop": False, "max_size": 200})
     config = config.model_copy(update={
         "data": config.data.model_copy(update={"augment": augment}),
-        "schedule": config.schedule.model_copy(update={"cuda_graph": True, "teacher_cuda_graph": True})})
+        "runtime": config.runtime.model_copy(update={"cuda_graph": True, "teacher_cuda_graph": True})})
     reports = []
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*without CUDA graphs")  # capturing stopped (cuda_graphs.py)

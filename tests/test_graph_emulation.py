@@ -1,5 +1,5 @@
-"""The CUDA-graph wrappers (schedule.cuda_graph: graphed_model.GraphedModel; schedule.teacher_cuda_graph:
-distill/teacher_graph.GraphedTeacher) on the CPU, their graphs emulated (graph_emulation.py: a replay runs
+"""The CUDA-graph wrappers (runtime.cuda_graph: accel.graphed_model.GraphedModel; runtime.teacher_cuda_graph:
+accel.graphed_teacher.GraphedTeacher) on the CPU, their graphs emulated (graph_emulation.py: a replay runs
 the captured operators again on the captured tensors). What the wrappers do around a capture is then tested
 in every session: static inputs filled, outputs rebuilt from replayed tensors, weights read in place, each
 weight's gradient set from the backward graph, graphs kept and dropped. The same scenarios on a GPU's real
@@ -12,13 +12,13 @@ import torch
 
 from graph_emulation import emulated_cuda_graphs
 from test_gpu import FAMILIES, _assert_same_training, _train_steps, batch, count_captures, small
-from trainers.bf16_weights import BF16Weights
+from trainers.accel.bf16_weights import BF16Weights
+from trainers.accel.graphed_model import GraphedModel
+from trainers.accel.graphed_teacher import GraphedTeacher
 from trainers.config import DistillConfig
 from trainers.criterion import SetCriterion
 from trainers.distill.objective import DistillationLoss
-from trainers.distill.teacher_graph import GraphedTeacher
 from trainers.engine import DetectionLoss
-from trainers.graphed_model import GraphedModel
 from trainers.models import build_detector
 from trainers.models.output import tensors_in
 
@@ -116,9 +116,9 @@ def test_emulated_graphed_distillation_steps_equal_eager_steps(family, teacher_t
         torch.manual_seed(1)  # the feature adapters' init
         t = GraphedTeacher(teacher) if student is graphed else teacher
         loss_fn = DistillationLoss(t, SetCriterion(5), DistillConfig(method="detrdistill"), 64, 64, 2, 2,
-                                   student.config.levels, teacher_thread=teacher_thread)
+                                   student.config.levels)
         forward = GraphedModel(student) if student is graphed else student
-        results.append(_train_steps(forward, student, loss_fn, batches, amp=False))
+        results.append(_train_steps(forward, student, loss_fn, batches, amp=False, thread=teacher_thread))
         wrappers = (forward, t)
     student_graphs, teacher_graphs = wrappers
     assert (student_graphs.captures, student_graphs.replays) == (1, 3)
@@ -150,7 +150,7 @@ def test_a_capture_that_reads_a_result_on_the_host_leaves_the_module_eager():
 def test_emulated_trial_with_both_graphs_trains_and_evaluates_as_the_eager_trial(tiny_data_root, tmp_path,
                                                                                tmp_path_factory, monkeypatch,
                                                                                overlap):
-    """A DETRDistill trial (two epochs, one input shape: one scale, no crop; dropout 0) with schedule.cuda_graph
+    """A DETRDistill trial (two epochs, one input shape: one scale, no crop; dropout 0) with runtime.cuda_graph
     and teacher_cuda_graph, the graphs emulated: both capture (the student once per epoch, its wrapper made per
     epoch), nothing warns, and the trial ends with the eager trial's losses, weights and AP (as close as in the
     tests above; thread: the teacher run ahead and captured by the helper thread)."""

@@ -84,7 +84,7 @@ class SetCriterion(nn.Module):
 
     def start_indices(self, predictions: DecoderPredictions, targets: list[dict]) -> Callable[[], list[Indices]]:
         """`indices_for` in two halves: the matching costs queued now, `wait()` -> the indices. On a GPU the
-        caller queues other work in between, while the host solves (matching.start_on_host)."""
+        caller queues other work in between, while the host solves (accel.start_on_host)."""
         return self.matcher.start(predictions.logits, predictions.boxes, targets)
 
     def layer_losses(self, logits: Tensor, boxes: Tensor, targets: list[dict], indices: list[Indices],

@@ -3,6 +3,11 @@
 `run_trial(config, workdir, report)` is the whole interface. It knows nothing of Ray or MLflow: whoever runs
 it (a test, a Ray worker) receives each epoch's metrics and checkpoint through `report(metrics, checkpoint)`.
 
+`train_one_epoch` is DETR's loop: each batch to the device, forward and loss, backward, clipping, the
+optimizer's step, a log line. What makes it fast on a GPU (bf16 weight copies, CUDA graphs, torch.compile, the
+distillation teacher run ahead, device values read a step late) comes from trainers.accel: the model and loss a
+step calls, its device batches, what follows the backward.
+
 Exact resume: every epoch starts by seeding all RNGs from (seed, epoch), so what an epoch draws (sampling
 order, augmentation, dropout) does not depend on whether the run was interrupted before it. Together with
 the model, optimizer and scheduler state this makes a resumed CPU run bitwise equal to an uninterrupted one.
@@ -20,17 +25,15 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 
-from trainers.bf16_weights import BF16Weights
+from trainers import accel
 from trainers.checkpoint import load_checkpoint, rng_state, save_checkpoint
 from trainers.config import ScheduleConfig, TrialConfig
 from trainers.criterion import SetCriterion, float32_losses
 from trainers.data.batching import collate
 from trainers.data.coco import build_dataset
 from trainers.evaluate import evaluate
-from trainers.graphed_model import GraphedModel
 from trainers.matching import NonFiniteCostError
 from trainers.models import build_detector
-from trainers.models.constants import host_copies
 from trainers.models.transformer_layers import set_bf16_layer_norm
 
 Report = Callable[[dict, Optional[Path]], None]
@@ -105,167 +108,46 @@ def amp_enabled(schedule: ScheduleConfig, device: torch.device) -> bool:
     return schedule.amp and device.type == "cuda"
 
 
-def select_attention_kernels(device: torch.device, cudnn: bool = False) -> None:
-    """Which kernels scaled_dot_product_attention may use on CUDA (a process-wide switch): by default not
-    cuDNN's, which PyTorch picks first for bf16 on Hopper. A detection step's attention calls are small (batch
-    2, a few hundred queries) and the step waits on its host; cuDNN's attention costs more host time per call
-    than the FlashAttention / memory-efficient kernels it displaces (benchmarks/profile_step.py compares)."""
-    if device.type == "cuda":
-        torch.backends.cuda.enable_cudnn_sdp(cudnn)
-
-
-def _overlap_teacher(loss_fn, config: TrialConfig, device: torch.device) -> bool:
-    """Whether this epoch hands the objective the next batch, for its teacher to run ahead (TrialConfig.
-    runtime.overlap_teacher): "auto" only on CUDA with data workers, the case it speeds up and changes nothing in."""
-    if not getattr(loss_fn, "overlaps_teacher", False) or config.runtime.overlap_teacher == "off":
-        return False
-    return config.runtime.overlap_teacher in ("on", "thread") or (device.type == "cuda" and config.runtime.data_workers > 0)
-
-
-def _device_batches(loader, device, lookahead: bool):
-    """-> (images, mask, targets, upcoming) per step, on the device. With lookahead, upcoming is the next
-    step's (images, mask), fetched one step early (None on the last step); without, always None."""
-    batches = (_to_device(*batch, device) for batch in loader)
-    if not lookahead:
-        yield from ((*batch, None) for batch in batches)
-        return
-    current = next(batches, None)
-    while current is not None:
-        following = next(batches, None)
-        yield (*current, following[:2] if following is not None else None)
-        current = following
-
-
-def _to_device(images, mask, targets, device):
-    """A batch on the device, copied without blocking the host: on CUDA the loader pins its batches
-    (build_loaders), so the copies do not wait for the previous step's kernels."""
-    targets = [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()}
-               for t in targets]
-    return images.to(device, non_blocking=True), mask.to(device, non_blocking=True), targets
-
-
-def compile_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The model's forward through torch.compile (inductor), for RuntimeConfig.compile (the student, and a
-    distillation teacher). Its parameters and state_dict stay the model's; dynamo compiles again for a new
-    input shape, then with dynamic sizes.
-
-    Without inductor's layout optimisation (convolutions made channels_last): with dynamic sizes it wrote
-    the first shape's strides of a saved input into the backward graph, and Deformable DETR's training
-    failed at the next shape (`assert_size_stride`, torch 2.14 on the CPU); without it all three families
-    train compiled with multi-scale batches."""
-    return torch.compile(model, options={"layout_optimization": False})
-
-
 def train_one_epoch(model, loss_fn, loader, optimizer, scheduler, device, config: TrialConfig, epoch: int,
                     log: Callable[[str], None], compiled: Optional[torch.nn.Module] = None) -> dict:
     """One pass over the training loader. Returns the mean of every logged loss term. `compiled`: the
-    model through compile_model, which the loss then calls instead."""
+    model through accel.compile_model, which the loss then calls instead."""
     model.train()
-    schedule = config.schedule
-    use_amp = amp_enabled(schedule, device)
-    sums = LossSums()
+    amp = amp_enabled(config.schedule, device)
+    run = accel.prepare(model, loss_fn, optimizer, config.runtime, device, amp, compiled, error=NonFiniteLossError)
     n = len(loader)
     log_every = max(1, n // 4)
-    overlap = _overlap_teacher(loss_fn, config, device)
-    # under autocast the eager model runs on bf16 copies of its weights: autocast's values, fewer operators
-    copies = use_amp and compiled is None
-    # runtime.cuda_graph: the training forward and backward replayed from CUDA graphs, inside the weight copies
-    # (which it reads as the weights); made per epoch, with the copies it reads; off CUDA it calls the model
-    graphed = GraphedModel(model) if config.runtime.cuda_graph and compiled is None else model
-    forward_model = compiled if compiled is not None else BF16Weights(graphed) if copies else graphed
     start = time.perf_counter()
-    checked = None
-    for step, (images, mask, targets, upcoming) in enumerate(_device_batches(loader, device, lookahead=overlap)):
+    for step, (images, mask, targets) in enumerate(run.batches(loader)):
         where = f"trial {config.name!r}: epoch {epoch + 1}, step {step + 1}"
-        try:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                losses = loss_fn(forward_model, images, mask, targets, upcoming=upcoming) if overlap else \
-                    loss_fn(forward_model, images, mask, targets)
-        except NonFiniteCostError as e:  # NaN predictions are caught by the matcher before any loss exists
-            raise NonFiniteLossError(f"{where}: loss became nan (predictions are not finite: {e}); "
-                                     "lower the learning rate or check the data") from e
-        if checked is not None:  # the previous step's, long computed: this waits for nothing queued since
-            checked.raise_if_not_finite()
-        checked = FiniteLossCheck(losses, where)
-        optimizer.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        if copies:
-            forward_model.grads_to_master()
-        if schedule.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
-                                           schedule.grad_clip)
-        optimizer.found_inf = checked.not_finite  # a non-finite loss's update is skipped on the device
-        optimizer.step()
+        losses = train_step(run, images, mask, targets, optimizer, config.schedule, amp, where)
         scheduler.step()
-        sums.add(losses)
+        run.sums.add(losses)
         if (step + 1) % log_every == 0 or step + 1 == n:
             rate = (step + 1) / (time.perf_counter() - start)
-            log(f"[{config.name}] epoch {epoch + 1}/{schedule.epochs} step {step + 1}/{n} "
-                f"loss {sums.totals()['loss'] / (step + 1):.4f} ({rate:.2f} it/s)")
-    if checked is not None:  # the epoch's last step, before its weights are evaluated or saved
-        checked.raise_if_not_finite()
-    optimizer.__dict__.pop("found_inf", None)  # a step's own; not left on the optimizer
-    return {k: v / max(n, 1) for k, v in sums.totals().items()}
+            log(f"[{config.name}] epoch {epoch + 1}/{config.schedule.epochs} step {step + 1}/{n} "
+                f"loss {run.sums.totals()['loss'] / (step + 1):.4f} ({rate:.2f} it/s)")
+    run.finish()  # the last step's loss checked, before the epoch's weights are evaluated or saved
+    return {k: v / max(n, 1) for k, v in run.sums.totals().items()}
 
 
-class FiniteLossCheck:
-    """Whether a step's loss is finite, read on the host one step later.
-
-    Reading a GPU value at once would hold the host, before it queues the backward, until the GPU has run the
-    whole forward and the losses (and a teacher's next forward queued before them). Instead the flag is
-    copied to the host without waiting, and the caller reads it after it has queued the next step's forward,
-    when it has long landed. The step's own update is skipped on the device meanwhile: `not_finite` is the
-    optimizer's `found_inf`, with which the fused AdamW kernel leaves every parameter and its state untouched
-    (how torch's GradScaler skips steps without reading anything back), so a NaN stops the trial with the
-    weights of the step before it, not poisoned ones."""
-
-    def __init__(self, losses: dict, where: str):
-        # detached: the step's autograd graph is not kept alive until the next step
-        self.losses = {k: v.detach() if torch.is_tensor(v) else v for k, v in losses.items()}
-        self.where = where
-        finite = torch.isfinite(self.losses["loss"])
-        self.not_finite = (~finite).float()  # 0-dim float32, as found_inf
-        (self.flag,), self.landed = host_copies(finite)
-
-    def raise_if_not_finite(self) -> None:
-        self.landed()
-        if not bool(self.flag):
-            terms = {k: round(float(v), 4) for k, v in self.losses.items()}
-            raise NonFiniteLossError(f"{self.where}: loss became {terms['loss']} (terms: {terms}); lower the "
-                                     "learning rate or check the data")
-
-
-class LossSums:
-    """Running sums of a step's logged loss terms, kept on their device until read.
-
-    Reading a GPU value makes the host wait for every kernel queued before it: a float() per term per step
-    would hold the host at the end of each step until the GPU has finished the backward and the optimizer,
-    instead of letting it queue the next step meanwhile. The terms are summed in float64, step after step,
-    as Python floats would be (float32 values convert exactly), so the totals are the same numbers."""
-
-    def __init__(self):
-        self.names: list[str] = []
-        self.sum = None  # float64 [len(names)] on the terms' device
-        self.numbers: dict[str, float] = {}  # terms given as Python numbers, and sums read back
-
-    def add(self, losses: dict) -> None:
-        names = [k for k, v in losses.items() if torch.is_tensor(v)]
-        if self.sum is not None and names != self.names:  # another set of terms: read the sums so far back
-            self.numbers, self.sum = self.totals(), None
-        for k, v in losses.items():
-            if not torch.is_tensor(v):
-                self.numbers[k] = self.numbers.get(k, 0.0) + float(v)
-        if names:
-            values = torch.stack([losses[k].detach().reshape(()).float() for k in names]).double()
-            self.names, self.sum = names, values if self.sum is None else self.sum + values
-
-    def totals(self) -> dict[str, float]:
-        """The sums as Python floats (one host-device sync)."""
-        out = dict(self.numbers)
-        if self.sum is not None:
-            for k, v in zip(self.names, self.sum.tolist()):
-                out[k] = out.get(k, 0.0) + v
-        return out
+def train_step(run, images, mask, targets, optimizer, schedule: ScheduleConfig, amp: bool, where: str) -> dict:
+    """One step on a batch on the device: forward and losses (under bf16 autocast with amp), backward, gradient
+    clipping, the optimizer's step. run: the epoch's accel.prepare. Returns the losses."""
+    try:
+        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=amp):
+            losses = run.loss_fn(run.model, images, mask, targets)
+    except NonFiniteCostError as e:  # NaN predictions are caught by the matcher before any loss exists
+        raise NonFiniteLossError(f"{where}: loss became nan (predictions are not finite: {e}); "
+                                 "lower the learning rate or check the data") from e
+    run.check(losses, where)  # read a step late; a non-finite loss's update is skipped on the device
+    optimizer.zero_grad(set_to_none=True)
+    losses["loss"].backward()
+    run.after_backward()
+    if schedule.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], schedule.grad_clip)
+    optimizer.step()
+    return losses
 
 
 def build_loaders(config: TrialConfig, pin_memory: bool = False):
@@ -288,9 +170,7 @@ def build_loss(config: TrialConfig, num_classes: int, device: torch.device):
     if config.distill.method == "none":
         return DetectionLoss(criterion)
     from trainers.distill import build_distillation_loss
-    return build_distillation_loss(config, criterion, num_classes, device,
-                                   bf16_teacher=amp_enabled(config.schedule, device),
-                                   compile_teacher=compile_model if config.runtime.compile else None)
+    return build_distillation_loss(config, criterion, num_classes, device, amp_enabled(config.schedule, device))
 
 
 def run_trial(config: TrialConfig, workdir: Path, report: Optional[Report] = None,
@@ -305,7 +185,7 @@ def run_trial(config: TrialConfig, workdir: Path, report: Optional[Report] = Non
     if config.runtime.threads:
         torch.set_num_threads(config.runtime.threads)
     device = select_device(config.runtime.device)
-    select_attention_kernels(device)
+    accel.select_attention_kernels(device)
     seed_everything(config.seed)
     graphs = [k for k in ("cuda_graph", "teacher_cuda_graph") if getattr(config.runtime, k)]
     if graphs and device.type != "cuda":
@@ -328,7 +208,7 @@ def run_trial(config: TrialConfig, workdir: Path, report: Optional[Report] = Non
     if extra is not None and any(p.requires_grad for p in extra.parameters()):
         groups.append({"params": [p for p in extra.parameters() if p.requires_grad], "lr": config.schedule.lr,
                        "name": "distill"})
-    # fused: one kernel for all parameters (a third of the optimizer time of a small CPU step)
+    # fused: one kernel for all parameters (benchmarks/step.py times a step with it)
     optimizer = torch.optim.AdamW(groups, lr=config.schedule.lr, weight_decay=config.schedule.weight_decay,
                                   fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config.schedule, len(train_loader)))
@@ -347,7 +227,8 @@ def run_trial(config: TrialConfig, workdir: Path, report: Optional[Report] = Non
         log(f"[{config.name}] resuming after epoch {start_epoch} from {ckpt_path}")
 
     metrics = history[-1] if history else {}
-    compiled = compile_model(model) if config.runtime.compile and start_epoch < config.schedule.epochs else None
+    compile = config.runtime.compile and start_epoch < config.schedule.epochs  # once a trial, not once an epoch
+    compiled = accel.compile_model(model) if compile else None
     for epoch in range(start_epoch, config.schedule.epochs):
         seed_everything(epoch_seed(config.seed, epoch))
         sampler_gen.manual_seed(epoch_seed(config.seed, epoch))

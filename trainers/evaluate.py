@@ -6,7 +6,7 @@ import io
 
 import torch
 
-from trainers.bf16_weights import BF16Weights
+from trainers import accel
 from trainers.postprocess import postprocess
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # the first six of COCOeval.stats, in its order
@@ -50,7 +50,7 @@ def evaluate(model, data_loader, device, label_to_category: list[int], coco_gt, 
     was_training = model.training
     model.eval()
     amp = amp and device.type == "cuda"
-    forward = BF16Weights(model, frozen=True) if amp else model  # bf16 weight copies made once, not per batch
+    forward = accel.for_inference(model, amp)  # under amp: bf16 weight copies made once, not per batch
     detections = {}
     for images, mask, targets in data_loader:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):

@@ -4,7 +4,7 @@ The costs are computed in one batched tensor op (targets padded to the batch's l
 once, and every resulting cost matrix goes through `solve_assignments`: it is the single place that solves
 linear sum assignments, and it solves a step's problems in parallel (`lsap`: scipy's algorithm compiled
 with numba, on several threads), with exactly scipy's results. On a GPU the copy to the host does not make
-the host wait: `start_on_host` solves on a helper thread once the costs land, while the caller goes on
+the host wait: `accel.start_on_host` solves on a helper thread once the costs land, while the caller goes on
 queueing GPU work, and the caller collects the assignment when it needs it.
 
 Shapes: L decoder layers, B images, N queries, C classes, M targets of an image.
@@ -12,7 +12,7 @@ Shapes: L decoder layers, B images, N queries, C classes, M targets of an image.
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable, Optional
+from typing import Callable
 
 import numpy as np
 import torch
@@ -21,17 +21,17 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 from trainers import lsap
+from trainers.accel import start_on_host
 from trainers.box_ops import batched_pairwise_giou
-from trainers.helper_thread import helper_thread
-from trainers.models.constants import host_copies, host_to_device
+from trainers.models.constants import host_to_device
 from trainers.models.output import DecoderPredictions
 
 Indices = list[tuple[Tensor, Tensor]]  # per image: (pred_idx int64 [K], tgt_idx int64 [K]), K = min(N, M)
 
 
 # Below this much work (sum over problems of R * C * min(R, C); 60^3 = one 60 x 60 problem) the serial
-# scipy loop takes ~0.1 ms and is used as is, sparing small-only processes the numba import and cache
-# load (~1 s); above it lsap wins, even on one thread (see benchmarks/matching.py).
+# scipy loop is quick and used as is, sparing small-only processes the numba import and cache load; above
+# it lsap wins, even on one thread (benchmarks/matching.py measures both).
 PARALLEL_MIN_WORK = 200_000
 
 
@@ -83,36 +83,6 @@ class NonFiniteCostError(ValueError):
 def _non_finite(i: int, cost: np.ndarray) -> ValueError:
     return NonFiniteCostError(f"cost matrix {i} (shape {cost.shape}) contains NaN or inf; "
                       "check the predictions for NaN (diverged training, degenerate boxes)")
-
-
-def start_on_host(solve: Callable, *tensors: Optional[Tensor]) -> Callable[[], object]:
-    """Queues one copy of each tensor to the host and returns `wait() -> solve(*host_tensors)`.
-
-    On a GPU the copies are asynchronous and `solve` runs on the helper thread "kd-solve" as soon as they land
-    (its jobs in the order started), so the caller goes on queueing GPU work (the teacher's next forward, the
-    other loss terms) while the CPU solves, instead of waiting for the GPU, then for the solve: a blocking
-    copy would hold the host until the GPU had run everything queued before it. The solvers release the GIL,
-    and run with this thread's torch thread count (under OpenMP a thread's own setting). On the CPU it is
-    solved in `wait()` (the cores are the solver's and the other terms' alike). Either way an error of the
-    solve (a NaN cost) is raised by `wait()`.
-    """
-    device = next(t.device for t in tensors if t is not None)
-    host, landed = host_copies(*tensors)
-    if not solve_in_background(device):
-        return lambda: solve(*host)
-    threads = torch.get_num_threads()
-
-    def job():
-        if torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)
-        landed()
-        return solve(*host)
-    return helper_thread("kd-solve").submit(job).result
-
-
-def solve_in_background(device: torch.device) -> bool:
-    """Where assignments are solved on the helper thread: on a GPU (tests force it on the CPU)."""
-    return device.type == "cuda"
 
 
 def pad_targets(targets: list[dict], device) -> tuple[Tensor, Tensor, list[int]]:
@@ -185,7 +155,7 @@ class HungarianMatcher:
     @torch.no_grad()
     def start(self, logits: Tensor, boxes: Tensor, targets: list[dict]) -> Callable[[], list[Indices]]:
         """logits [G, B, N, C], boxes [G, B, N, 4] (G independent groups, e.g. layers) -> `wait()` -> [G][B]
-        indices. The costs are queued now and copied to the host in one copy (`start_on_host`)."""
+        indices. The costs are queued now and copied to the host in one copy (`accel.start_on_host`)."""
         labels, tgt_boxes, sizes = pad_targets(targets, logits.device)
         return start_on_host(partial(_solve_padded, sizes=sizes), self.cost(logits, boxes, labels, tgt_boxes))
 

@@ -12,10 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from trainers.accel import start_on_host
 from trainers.box_ops import batched_pairwise_giou, clamp_cxcywh, elementwise_giou
 from trainers.config import LogitsKDConfig
 from trainers.criterion import flat_matches, weighted_sum
-from trainers.matching import solve_assignments, start_on_host
+from trainers.matching import solve_assignments
 from trainers.models.constants import host_to_device
 from trainers.models.output import DecoderPredictions
 
@@ -38,7 +39,7 @@ def kd_cost(student_logits: Tensor, student_boxes: Tensor, teacher_probs: Tensor
 
 def match_to_teacher(cost: Tensor, student_valid: Tensor = None, teacher_valid: Tensor = None) -> Callable[[], list]:
     """cost [P, B, N_S, N_T] -> `wait()` -> per (pair, image) (student_idx, teacher_idx) int64 tensors on the
-    CPU (`flat_matches` moves a whole step's indices to the device in one copy); see `start_on_host`.
+    CPU (`flat_matches` moves a whole step's indices to the device in one copy); see `accel.start_on_host`.
 
     Optional masks [P, B, N_S] / [P, B, N_T] restrict which predictions take part (positive/negative split).
     """
@@ -118,7 +119,7 @@ def logits_distillation(student: DecoderPredictions, teacher: DecoderPredictions
 def start_logits_distillation(student: DecoderPredictions, teacher: DecoderPredictions, mapping: list[int],
                               cfg: LogitsKDConfig) -> Callable[[], dict]:
     """`logits_distillation` in two halves: this queues the KD cost and starts its assignment (see
-    `start_on_host`), the returned `finish()` waits for it and computes the loss. Between the two the
+    `accel.start_on_host`), the returned `finish()` waits for it and computes the loss. Between the two the
     caller queues the rest of the step's GPU work."""
     x, bs = student.logits, student.boxes                          # [P, B, N_S, C], [P, B, N_S, 4]
     p, bt = teacher.logits.detach().float(), teacher.boxes.detach().float()

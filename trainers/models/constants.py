@@ -1,7 +1,5 @@
-"""Small tensors moved between host and device inside a step without a host-device sync: constants made from
-Python numbers and matched indices to the device, costs and flags to the host."""
-from typing import Callable, Optional
-
+"""Small tensors moved from the host to the device inside a step without a host-device sync: constants made
+from Python numbers, matched indices. The other way, device to host: accel.host."""
 import torch
 from torch import Tensor
 
@@ -30,7 +28,7 @@ def cached_device_constant(values: tuple, like: Tensor) -> Tensor:
             # made now it would be a node of the graph (its values there only while the graph replays) in the
             # graph's memory pool, yet cached for every later call
             raise RuntimeError(f"constant {values} first made during CUDA graph capture: run the same call "
-                               "eagerly first (teacher_graph.GraphedTeacher does)")
+                               "eagerly first (accel.graphed_teacher.GraphedTeacher does)")
         _cached[key] = device_constant(list(values), like)
     return _cached[key]
 
@@ -47,16 +45,3 @@ def host_to_device(tensor: Tensor, device) -> Tensor:
     if device.type == "cuda" and not tensor.is_pinned():
         tensor = tensor.pin_memory()
     return tensor.to(device, non_blocking=True)
-
-
-def host_copies(*tensors: Optional[Tensor]) -> tuple[list, Callable[[], None]]:
-    """Device tensors (None passes through) copied to the host without blocking -> (host tensors, `landed()`).
-    From a GPU the copies go to pinned memory in stream order and `landed()` waits on a CUDA event for them
-    (and nothing queued after); read the host tensors only after it. On the CPU they are the tensors, landed."""
-    host = [t.to("cpu", non_blocking=True) if t is not None else None for t in tensors]
-    device = next((t.device for t in tensors if t is not None), torch.device("cpu"))
-    if device.type != "cuda":
-        return host, lambda: None
-    event = torch.cuda.Event()
-    event.record(torch.cuda.current_stream(device))
-    return host, event.synchronize  # releases the GIL while it waits

@@ -1,4 +1,4 @@
-"""What the CUDA-graph wrappers share (graphed_model.GraphedModel, distill/teacher_graph.GraphedTeacher): one
+"""What the CUDA-graph wrappers share (graphed_model.GraphedModel, graphed_teacher.GraphedTeacher): one
 graph per input key, captured the second time the key comes, replayed after; at most `max_graphs` kept, the
 least recently used dropped first, all in one memory pool of the wrapper's own; a capture that fails, or keys
 that vary too much for graphs to pay, warn once and leave the wrapped module eager from then on.

@@ -1,15 +1,15 @@
 """The frozen teacher's forward replayed from CUDA graphs (RuntimeConfig.teacher_cuda_graph).
 
-At batch 2 a GPU distillation step waits on its host (README, "The steps wait on the host"): the teacher's
-forward is ~1000 kernels the host issues one by one, about as long as the GPU takes to run them. A CUDA graph
-captured once per input shape issues them all in one call: the host is left with the student's step, and the
-teacher's kernels fill the GPU's idle time between the student's.
+At batch 2 a GPU distillation step waits on its host: the teacher's forward is a long run of small kernels the
+host issues one by one, about as long as the GPU takes to run them (benchmarks/step.py --distill --teacher-graph
+measures it). A CUDA graph captured once per input shape issues them all in one call: the host is left with the
+student's step, and the teacher's kernels fill the GPU's idle time between the student's.
 
 What capture needs of a forward: it never waits for the GPU (tests/test_fake_cuda.py checks every family's)
 and copies nothing from the host (its constants, e.g. deformable attention's level sizes, come from
-`constants.cached_device_constant`, filled by the eager forward that precedes every capture). The values are
-the eager forward's: the same kernels on the same inputs (tests/test_gpu.py -k graph; on the CPU with emulated
-graphs, tests/test_graph_emulation.py).
+`models.constants.cached_device_constant`, filled by the eager forward that precedes every capture). The
+values are the eager forward's: the same kernels on the same inputs (tests/test_gpu.py -k graph; on the CPU
+with emulated graphs, tests/test_graph_emulation.py).
 
 A shape is captured the second time it comes, at most `max_graphs` are kept (cuda_graphs.ShapeGraphs). They
 share one memory pool, which is safe because they never run at once and each call copies its outputs out of
@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from trainers.cuda_graphs import ShapeGraphs, autocast_setting, input_key
+from trainers.accel.cuda_graphs import ShapeGraphs, autocast_setting, input_key
 from trainers.models.output import map_tensors
 
 
@@ -56,7 +56,7 @@ class _Graph:
             teacher(self.images, self.mask)  # (cuBLAS's workspace for this stream) before capture
         torch.cuda.current_stream(device).wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        # thread_local: the helper thread may wait on CUDA events of the step meanwhile (matching.start_on_host)
+        # thread_local: the helper thread may wait on CUDA events of the step meanwhile (host.start_on_host)
         with torch.cuda.graph(self.graph, pool=pool, stream=stream, capture_error_mode="thread_local"), \
                 torch.autocast(**amp):
             self.output = teacher(self.images, self.mask)

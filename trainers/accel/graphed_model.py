@@ -1,21 +1,21 @@
 """A detector's training forward and backward replayed from CUDA graphs (RuntimeConfig.cuda_graph).
 
-At batch 2 a GPU training step waits on its host: the forward and backward are ~1500-2500 kernels the host
-issues one by one, and bf16 shortens the GPU's part of a step but not the host's (README, "The steps wait on
-the host"). Here the forward and the backward of one input shape are each captured once as a CUDA graph and
-then replayed, one launch each; between them the losses, the matching and (after) the optimizer run as
-before. The values are the eager step's: the same kernels on the same inputs (tests/test_gpu.py -k
-graphed_training; on the CPU with emulated graphs, tests/test_graph_emulation.py); dropout draws other random
+At batch 2 a GPU training step waits on its host: the forward and backward are a long run of small kernels the
+host issues one by one, and bf16 shortens the GPU's part of a step but not the host's (benchmarks/step.py and
+benchmarks/graph_ops.py measure it). Here the forward and the backward of one input shape are each captured once
+as a CUDA graph and then replayed, one launch each; between them the losses, the matching and (after) the
+optimizer run as before. The values are the eager step's: the same kernels on the same inputs (tests/test_gpu.py
+-k graphed_training; on the CPU with emulated graphs, tests/test_graph_emulation.py); dropout draws other random
 numbers (the graph's own offsets in the same generator).
 
 How, as torch.cuda.make_graphed_callables does it, with three differences: the detector's structured output
 (DetectorOutput) is rebuilt around the replayed tensors; an input shape is captured the second time it comes
 and at most `max_graphs` shapes are kept (cuda_graphs.ShapeGraphs); and the backward writes
 each weight's gradient where the graph leaves it, set as the weight's `.grad` (no copy per weight, which
-autograd's accumulation would make: ~300 launches). What the forward reads as weights must stay the same
+autograd's accumulation would make: a launch each). What the forward reads as weights must stay the same
 tensors, updated in place: the optimizer's parameters, and BF16Weights' copies (wrap this inside it:
 `BF16Weights(GraphedModel(model))`). Capture needs a forward that never waits for the GPU and copies nothing
-from the host (see distill/teacher_graph.py). Batch norm's running statistics are restored after the warm-up
+from the host (see graphed_teacher.py). Batch norm's running statistics are restored after the warm-up
 that precedes a capture, so that each replayed step updates them once, as an eager one does.
 
 Memory: a graph keeps its forward's saved activations (an eager step frees them after the backward) and the
@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from trainers.cuda_graphs import ShapeGraphs, autocast_setting, input_key
+from trainers.accel.cuda_graphs import ShapeGraphs, autocast_setting, input_key
 from trainers.models.output import QueryGroup, map_tensors, tensors_in
 
 

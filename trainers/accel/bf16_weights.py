@@ -2,13 +2,12 @@
 
 Under bf16 autocast each Linear and Conv2d casts its float32 weight and bias to bfloat16 in the forward (one
 cast operator per tensor) and casts their gradients back to float32 in the backward (one more). At the batch
-sizes of detection training a GPU step is bound by its kernel launches, and a 6+6-layer detector has ~280
-such tensors; a frozen teacher casts its own again at every forward. `BF16Weights` keeps a bfloat16 copy of
-them: one multi-tensor copy (`torch._foreach_copy_`) refreshes all of them before the forward, the model
-runs on them (they stand in the modules' parameter slots during the call), and `grads_to_master()` copies
-their gradients into the float32 parameters' `.grad` with one more. The optimizer, the gradient clipping and
-the checkpoint see only the float32 parameters (the master weights of mixed-precision training); the copies
-are in no state_dict.
+sizes of detection training a GPU step is bound by its kernel launches, and a detector has many such tensors; a
+frozen teacher casts its own again at every forward. `BF16Weights` keeps a bfloat16 copy of them: one
+multi-tensor copy (`torch._foreach_copy_`) refreshes all of them before the forward, the model runs on them
+(they stand in the modules' parameter slots during the call), and `grads_to_master()` copies their gradients
+into the float32 parameters' `.grad` with one more. The optimizer, the gradient clipping and the checkpoint see
+only the float32 parameters (the master weights of mixed-precision training); the copies are in no state_dict.
 
 The values are autocast's own: the copies are the same round-to-nearest bf16 casts of the same weights,
 and a bf16 gradient upcast to float32 is exact, so losses and gradients are bitwise those of plain autocast
@@ -82,9 +81,8 @@ class BF16Weights(nn.Module):
         if not self.frozen or not self._placed():
             self.refresh()
         # The copies stand in the modules' parameter slots for this call. Not torch.func.functional_call,
-        # which does the same through its general reparametrisation at ~10x the host time (1.3 ms against
-        # 0.13 ms per call for a ResNet-50 Conditional DETR's 313 tensors): host time is what a GPU step
-        # bound by its launches pays.
+        # which does the same through its general reparametrisation at many times the host time: host time
+        # is what a GPU step bound by its launches pays.
         slots = self.slots + [slot for slot in self.norm_slots if slot[0].bf16_output]
         for module, name, i in slots:
             module._parameters[name] = self.copies[i]
