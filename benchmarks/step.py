@@ -271,8 +271,8 @@ def _build_ours(family, scale, device, dtype, mode, channels_last=False, compile
     if mode == "student_group":  # the extra query group alone: query prior on, teacher output cached
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             teacher = _CachedTeacher(teacher.eval(), images, mask)
-        cfg = DistillConfig(method="detrdistill", logits={"weight": 0}, feature={"weight": 0})
-    else:  # the full DETRDistill step: all three terms, weights 1
+        cfg = DistillConfig(method="detrdistill", logits={"weight": 0}, feature={"weight": 0}, contrastive={"weight": 0})
+    else:  # the full DETRDistill step: every term at its default weight
         cfg = DistillConfig(method="detrdistill")
     loss_fn = DistillationLoss(teacher, criterion, cfg, scale["hidden"], scale["hidden"], scale["dec"],
                                scale["dec"], model.config.levels).to(device)

@@ -239,13 +239,40 @@ def test_query_prior_supervises_with_the_teachers_assignment(family):
         t_out = teacher(images)
         s_out = teacher(images, queries=t_out.queries.detach())
     indices = criterion.indices_for(t_out.predictions, _targets())
-    qp = query_prior_loss(s_out.extra, indices, _targets(), [0, 1], criterion)["kd_query_prior"]
+    qp = query_prior_loss(s_out.extra, indices, _targets(), criterion)["kd_query_prior"]
     reference = criterion(t_out.predictions, _targets())["loss"]
     assert qp.item() == pytest.approx(reference.item(), rel=1e-4)
     # and a different assignment gives a different loss: the targets really come from `indices`
     shuffled = [[(src.flip(0), tgt) for src, tgt in layer] for layer in indices]
-    other = query_prior_loss(s_out.extra, shuffled, _targets(), [0, 1], criterion)["kd_query_prior"]
+    other = query_prior_loss(s_out.extra, shuffled, _targets(), criterion)["kd_query_prior"]
     assert other.item() != pytest.approx(qp.item())
+
+
+
+def test_the_two_query_prior_readings():
+    """assignment self: the query group is supervised through its own Hungarian matching to the ground truth;
+    teacher: through the teacher's assignment of the same queries, layer by layer through the mapping (here the
+    student's only layer learns from the teacher's last). The two differ."""
+    from trainers.distill.query_prior import query_prior_indices
+    teacher, student = _tiny_model(), _tiny_model(seed=1, decoder_layers=1).train()
+    images = torch.randn(2, 3, 64, 80, generator=torch.Generator().manual_seed(4))
+    criterion = SetCriterion(4)
+    outputs = {}
+    student.register_forward_hook(lambda module, args, out: outputs.__setitem__("student", out))
+    teacher.register_forward_hook(lambda module, args, out: outputs.__setitem__("teacher", out))
+    got = {}
+    for assignment in ("self", "teacher"):
+        objective = _objective(teacher, student, logits={"weight": 0}, feature={"weight": 0},
+                               contrastive={"weight": 0}, query_prior={"weight": 0.5, "assignment": assignment})
+        got[assignment] = objective(student, images, None, _targets())["kd_query_prior"]
+    group, t_pred = outputs["student"].extra, outputs["teacher"].predictions
+    own = criterion.indices_for(group, _targets())
+    assert layer_mapping("last", 1, 2) == [1]  # the teacher's last layer
+    teachers = query_prior_indices(criterion.indices_for(t_pred, _targets()), [1])
+    for assignment, indices in (("self", own), ("teacher", teachers)):
+        want = query_prior_loss(group, indices, _targets(), criterion, scale=0.5)["kd_query_prior"]
+        assert torch.allclose(got[assignment], want, rtol=1e-6, atol=0), assignment
+    assert not torch.allclose(got["self"], got["teacher"])
 
 
 @pytest.mark.parametrize("teacher_queries", [6, 8])
@@ -271,7 +298,7 @@ def test_student_and_query_prior_losses_in_one_call_equal_the_two_apart(teacher_
     got, got_grads = losses_and_grads(*objective._detection_and_query_prior(
         s_out.predictions, s_out.extra, _targets(), student_idx, teacher_idx))
     want, want_grads = losses_and_grads(criterion(s_out.predictions, _targets(), indices=student_idx),
-                                        query_prior_loss(s_out.extra, teacher_idx, _targets(), [0, 1], criterion))
+                                        query_prior_loss(s_out.extra, teacher_idx, _targets(), criterion))
     assert got.keys() == want.keys() and "kd_query_prior" in got
     for k in got:
         assert torch.allclose(got[k], want[k], rtol=1e-5, atol=0), k
@@ -293,7 +320,7 @@ def test_losses_run_in_float32_under_bf16_autocast(method):
     """bf16 autocast covers the detector forwards only: the detection loss and the KD terms (their matrix
     products included: the KD cost's class term, the feature mask's cosines, the adapters) are the float32
     computation on the same detector outputs - under autocast they would round through bf16."""
-    from trainers.distill.logits import start_logits_distillation
+    from trainers.distill.logits import KDMatching
     from trainers.distill.objective import Step
     teacher, student = _tiny_model(), _tiny_model(seed=1).train()
     objective = _objective(teacher, student) if method == "detrdistill" else DistillationLoss(
@@ -309,13 +336,12 @@ def test_losses_run_in_float32_under_bf16_autocast(method):
     assert s_out.predictions.logits.dtype == torch.bfloat16 and s_out.features[0].dtype == torch.bfloat16
     assert not torch.is_autocast_enabled("cpu")
     s_pred, t_pred = s_out.predictions.float(), t_out.predictions.float()
-    finish = start_logits_distillation(s_pred, t_pred, objective.mapping,
-                                       objective.cfg.logits) if objective.logits_term else None
+    kd = KDMatching(s_pred, t_pred, objective.mapping, objective.cfg.logits) if objective.kd_matching else None
     criterion = objective.criterion
-    teacher_matching = criterion.start_indices(t_pred, _targets()) if method == "detrdistill" else None
+    group_matching = criterion.start_indices(s_out.extra.float(), _targets()) if method == "detrdistill" else None
     torch.manual_seed(5)
-    want = objective.losses(Step(t_out, t_pred, teacher_matching, None, s_out, s_pred,
-                                 criterion.start_indices(s_pred, _targets()), finish), images, _targets())
+    want = objective.losses(Step(t_out, t_pred, None, None, s_out, s_pred, criterion.start_indices(s_pred, _targets()),
+                                 group_matching, kd), images, _targets())
     assert got.keys() == want.keys() and len(got) > 4
     assert all(v.dtype == torch.float32 for v in got.values() if torch.is_tensor(v))
     assert all(torch.equal(got[k], want[k]) for k in got), {k: (got[k], want[k]) for k in got}
@@ -323,7 +349,8 @@ def test_losses_run_in_float32_under_bf16_autocast(method):
 
 def test_all_weights_zero_equals_plain_student_exactly():
     teacher, student = _tiny_model(), _tiny_model().train()
-    zero = _objective(teacher, student, logits={"weight": 0}, feature={"weight": 0}, query_prior={"weight": 0})
+    zero = _objective(teacher, student, logits={"weight": 0}, feature={"weight": 0}, query_prior={"weight": 0},
+                      contrastive={"weight": 0})
     plain = DetectionLoss(SetCriterion(4))
     images = torch.randn(2, 3, 64, 80)
     a = zero(student, images, None, _targets())["loss"]
@@ -390,7 +417,7 @@ def test_teacher_run_ahead_gives_the_same_losses_and_gradients(monkeypatch):
                                       (True, True, False), (True, False, True), (True, True, True)]:
         student = _tiny_model(seed=1).train()
         objective = _objective(teacher, student)
-        assert objective.logits_term
+        assert objective.kd_matching
         loss_fn = RunAhead(objective, thread) if ahead else objective
         calls.clear()
         events.clear()
@@ -672,10 +699,11 @@ def test_teacher_cuda_graph_wraps_the_teacher_which_the_cpu_calls_as_it_is(tiny_
     from trainers.models.output import tensors_in
     config = tiny_distill_trial(tiny_data_root, tmp_path_factory)
     cpu = torch.device("cpu")
-    plain = build_distillation_loss(config, SetCriterion(10), 10, cpu)
+    categories = [f"class {i}" for i in range(10)]
+    plain = build_distillation_loss(config, SetCriterion(10), categories, cpu)
     graphed = build_distillation_loss(
         config.model_copy(update={"runtime": config.runtime.model_copy(update={"teacher_cuda_graph": True})}),
-        SetCriterion(10), 10, cpu)
+        SetCriterion(10), categories, cpu)
     assert isinstance(graphed.teacher, GraphedTeacher) and not isinstance(plain.teacher, GraphedTeacher)
     assert not graphed.teacher.training and not any(p.requires_grad for p in graphed.teacher.parameters())
     images, mask = torch.randn(2, 3, 64, 80), torch.zeros(2, 64, 80, dtype=torch.bool)

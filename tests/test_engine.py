@@ -163,9 +163,14 @@ def test_param_groups_follow_the_recipe():
 
 
 def test_lr_schedule_warmup_then_step_decay():
-    f = lr_factor(ScheduleConfig(warmup_iters=4, lr_drop_epochs=[2, 3], lr_drop_factor=0.1), iters_per_epoch=10)
-    assert [f(s) for s in range(4)] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    """MMDetection's linear warm-up: lr x (1 - (1 - ratio) (1 - i / W)) for iteration i < W (the official run:
+    ratio 0.001, W 500), then the step decay."""
+    f = lr_factor(ScheduleConfig(warmup_iters=4, warmup_ratio=0.2, lr_drop_epochs=[2, 3], lr_drop_factor=0.1),
+                  iters_per_epoch=10)
+    assert [f(s) for s in range(5)] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
     assert f(19) == 1.0 and f(20) == pytest.approx(0.1) and f(30) == pytest.approx(0.01)
+    official = lr_factor(ScheduleConfig(warmup_iters=500), iters_per_epoch=7330)
+    assert [official(i) for i in (0, 250, 499, 500)] == pytest.approx([0.001, 0.5005, 1 - 0.999 / 500, 1.0])
     assert math.isclose(lr_factor(ScheduleConfig(lr_drop_epochs=[]), 5)(1000), 1.0)
 
 

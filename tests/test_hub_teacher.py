@@ -23,8 +23,8 @@ def hub(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     repo = tmp_path / "hub" / "models--org--tiny"
 
-    def seed(names=NAMES):
-        model = hf_model(labels=len(names))
+    def seed(names=NAMES, **config):
+        model = hf_model(labels=len(names), **config)
         model.config.id2label = dict(enumerate(names))
         model.config.label2id = {n: i for i, n in enumerate(names)}
         shutil.rmtree(repo, ignore_errors=True)
@@ -80,3 +80,22 @@ def test_a_category_the_teacher_lacks_is_refused_with_its_name(hub):
     teacher, meta = load_detector(hf_snapshot("hf:org/tiny"))
     with pytest.raises(ValueError, match=r"trial t: the teacher has no class for 1 .*'ring'.*teacher.label_map"):
         align_classes(teacher, meta["label_names"], ["circle", "ring"], {}, "trial t")
+
+
+def test_a_student_distils_from_a_hub_teacher(hub, tiny_data_root, tmp_path):
+    """A trial whose teacher is hf:org/tiny (the synthetic task's ten classes, listed in reverse, one under
+    another name mapped by teacher.label_map) trains: the teacher's classes are put in the data's order."""
+    from conftest import tiny_trial
+    from trainers.config import DistillConfig, TeacherConfig
+    from trainers.data.synthetic import CLASSES
+    from trainers.engine import run_trial
+    _, seed = hub
+    names = [("disc" if n == "circle" else n) for n in reversed(CLASSES)]
+    seed(names, levels=2)  # as many feature levels as the tiny student
+    config = tiny_trial(tiny_data_root, "deformable_detr", epochs=1, distill=DistillConfig(method="detrdistill"),
+                        teacher=TeacherConfig(checkpoint=hf_snapshot("hf:org/tiny"), label_map={"circle": "disc"}))
+    metrics = run_trial(config, tmp_path / "trial", log=lambda s: None)
+    assert metrics["epoch"] == 1 and metrics["train/kd_logits"] > 0 and "AP" in metrics
+    unmapped = config.model_copy(update={"teacher": config.teacher.model_copy(update={"label_map": {}})})
+    with pytest.raises(ValueError, match="no class for 1 of the dataset's categories: 'circle'"):
+        run_trial(unmapped, tmp_path / "unmapped", log=lambda s: None)

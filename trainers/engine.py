@@ -80,12 +80,14 @@ def param_groups(model: torch.nn.Module, schedule: ScheduleConfig) -> list[dict]
 
 
 def lr_factor(schedule: ScheduleConfig, iters_per_epoch: int) -> Callable[[int], float]:
-    """Step index -> lr multiplier: linear warm-up over `warmup_iters`, then x lr_drop_factor at each
-    epoch in lr_drop_epochs."""
+    """Step index -> lr multiplier: linear warm-up from `warmup_ratio` over `warmup_iters`, then x lr_drop_factor
+    at each epoch in lr_drop_epochs."""
     def factor(step: int) -> float:
         epoch = step // max(iters_per_epoch, 1)
         drops = sum(epoch >= e for e in schedule.lr_drop_epochs)
-        warm = min(1.0, (step + 1) / schedule.warmup_iters) if schedule.warmup_iters else 1.0
+        warm = 1.0
+        if step < schedule.warmup_iters:  # MMDetection's linear warm-up: warmup_ratio at step 0, 1 at warmup_iters
+            warm = schedule.warmup_ratio + (1 - schedule.warmup_ratio) * step / schedule.warmup_iters
         return warm * schedule.lr_drop_factor ** drops
     return factor
 
@@ -164,13 +166,14 @@ def build_loaders(config: TrialConfig, pin_memory: bool = False):
     return train_set, val_set, train_loader, val_loader, sampler_gen
 
 
-def build_loss(config: TrialConfig, num_classes: int, device: torch.device):
-    """The training objective of this trial: detection loss, plus distillation when configured."""
-    criterion = SetCriterion(num_classes, config.loss)
+def build_loss(config: TrialConfig, categories: list[str], device: torch.device):
+    """The training objective of this trial (categories: the dataset's names, in label order): detection loss,
+    plus distillation when configured."""
+    criterion = SetCriterion(len(categories), config.loss)
     if config.distill.method == "none":
         return DetectionLoss(criterion)
     from trainers.distill import build_distillation_loss
-    return build_distillation_loss(config, criterion, num_classes, device, amp_enabled(config.schedule, device))
+    return build_distillation_loss(config, criterion, categories, device, amp_enabled(config.schedule, device))
 
 
 def run_trial(config: TrialConfig, workdir: Path, report: Optional[Report] = None,
@@ -197,7 +200,7 @@ def run_trial(config: TrialConfig, workdir: Path, report: Optional[Report] = Non
     if config.init_checkpoint is not None:
         model.load_state_dict(load_checkpoint(config.init_checkpoint)["model"])
     model.to(device)
-    loss_fn = build_loss(config, num_classes, device)
+    loss_fn = build_loss(config, train_set.category_names, device)
     bf16_norms = amp_enabled(config.schedule, device) and config.schedule.amp_layer_norm == "bfloat16"
     for net in (model, getattr(loss_fn, "teacher", None)):
         if net is not None:

@@ -20,9 +20,9 @@ from trainers.models.output import tensors_in
 
 def runs_ahead(objective, runtime, device: torch.device) -> bool:
     """Whether an epoch runs `objective`'s teacher ahead (RuntimeConfig `runtime`.overlap_teacher): only for a
-    distillation objective with the logits term, whose assignment is the wait it hides; "auto" only on CUDA
-    with data workers, the case it speeds up and changes nothing in."""
-    if not getattr(objective, "logits_term", False) or runtime.overlap_teacher == "off":
+    distillation objective with a teacher-student assignment (the logits or the contrastive term), the wait it
+    hides; "auto" only on CUDA with data workers, the case it speeds up and changes nothing in."""
+    if not getattr(objective, "kd_matching", False) or runtime.overlap_teacher == "off":
         return False
     return runtime.overlap_teacher in ("on", "thread") or (device.type == "cuda" and runtime.data_workers > 0)
 

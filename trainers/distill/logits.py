@@ -1,9 +1,9 @@
-"""Hungarian-matching logits distillation (METHOD.md section 1).
+"""Hungarian-matching logits distillation (docs/method.md).
 
 DETR predictions are an unordered set, so student and teacher predictions are first matched one-to-one with
 the Hungarian algorithm (cost: soft BCE summed over classes + L1 - GIoU), then matched pairs are distilled.
 All layer pairs and images of a step are matched in one call of `solve_assignments`; on a GPU that solve
-runs on a helper thread while the host queues the rest of the step (`start_logits_distillation`).
+runs on a helper thread while the host queues the rest of the step (`KDMatching`).
 """
 from typing import Callable
 
@@ -116,30 +116,56 @@ def logits_distillation(student: DecoderPredictions, teacher: DecoderPredictions
     return start_logits_distillation(student, teacher, mapping, cfg)()
 
 
-def start_logits_distillation(student: DecoderPredictions, teacher: DecoderPredictions, mapping: list[int],
-                              cfg: LogitsKDConfig) -> Callable[[], dict]:
-    """`logits_distillation` in two halves: this queues the KD cost and starts its assignment (see
-    `accel.start_on_host`), the returned `finish()` waits for it and computes the loss. Between the two the
-    caller queues the rest of the step's GPU work."""
-    x, bs = student.logits, student.boxes                          # [P, B, N_S, C], [P, B, N_S, 4]
-    p, bt = teacher.logits.detach().float(), teacher.boxes.detach().float()
-    if list(mapping) != list(range(len(p))):  # the layer-wise mapping of equal depths pairs layers as they are
-        t_idx = host_to_device(torch.as_tensor(mapping), p.device)
-        p, bt = p[t_idx], bt[t_idx]
-    p, bt = p.sigmoid(), clamp_cxcywh(bt)                          # [P, B, N_T, C], [P, B, N_T, 4]
-    cost = kd_cost(x.detach(), bs.detach(), p, bt, cfg)
-    if cfg.split == "all":
-        matching = match_to_teacher(cost)
-    else:
-        matching = start_on_host(_solve_split, cost, p.max(-1).values >= cfg.threshold)  # [P, B, N_T]
+class KDMatching:
+    """The teacher-student assignment of a step, started on its predictions: what the logits term distils and
+    the contrastive term pairs. Constructing it queues the KD cost and starts its solve (see `start_on_host`);
+    `loss()` and `pairs()` wait for it. Between the two the caller queues the rest of the step's GPU work."""
 
-    def finish() -> dict:
+    def __init__(self, student: DecoderPredictions, teacher: DecoderPredictions, mapping: list[int],
+                 cfg: LogitsKDConfig):
+        self.cfg = cfg
+        self.x, self.bs = student.logits, student.boxes                # [P, B, N_S, C], [P, B, N_S, 4]
+        p, bt = teacher.logits.detach().float(), teacher.boxes.detach().float()
+        if list(mapping) != list(range(len(p))):  # the layer-wise mapping of equal depths pairs layers as they are
+            t_idx = host_to_device(torch.as_tensor(mapping), p.device)
+            p, bt = p[t_idx], bt[t_idx]
+        self.p, self.bt = p.sigmoid(), clamp_cxcywh(bt)                # [P, B, N_T, C], [P, B, N_T, 4]
+        cost = kd_cost(self.x.detach(), self.bs.detach(), self.p, self.bt, cfg)
         if cfg.split == "all":
-            terms = _pairwise_loss(x, bs, p, bt, matching())
+            self._wait = match_to_teacher(cost)
         else:
-            pos_matches, neg_matches = matching()
+            self._wait = start_on_host(_solve_split, cost, self.p.max(-1).values >= cfg.threshold)  # [P, B, N_T]
+        self._matches = None
+
+    def matches(self):
+        """split "all": per (pair, image) (student_idx, teacher_idx); "positive_negative": (positives, negatives),
+        each such a list."""
+        if self._matches is None:
+            self._matches = self._wait()
+        return self._matches
+
+    def pairs(self) -> list:
+        """Every matched pair, per (pair, image) (student_idx, teacher_idx): with the split, positives then
+        negatives."""
+        if self.cfg.split == "all":
+            return self.matches()
+        return [(torch.cat([ps, ns]), torch.cat([pt, nt])) for (ps, pt), (ns, nt) in zip(*self.matches())]
+
+    def loss(self) -> dict:
+        """The weighted total 'kd_logits' and its unweighted terms (summed over layer pairs) for logging."""
+        cfg, x, bs, p, bt = self.cfg, self.x, self.bs, self.p, self.bt
+        if cfg.split == "all":
+            terms = _pairwise_loss(x, bs, p, bt, self.matches())
+        else:
+            pos_matches, neg_matches = self.matches()
             terms = _pairwise_loss(x, bs, p, bt, pos_matches) + _pairwise_loss(x, bs, p, bt, neg_matches,
                                                                                background=True)
         total = weighted_sum(terms, [cfg.weight * cfg.cost_cls, cfg.weight * cfg.cost_l1, cfg.weight * cfg.cost_giou])
         return {"kd_logits": total, **{f"kd_logits_{k}": v for k, v in zip(("cls", "l1", "giou"), terms.detach())}}
-    return finish
+
+
+def start_logits_distillation(student: DecoderPredictions, teacher: DecoderPredictions, mapping: list[int],
+                              cfg: LogitsKDConfig) -> Callable[[], dict]:
+    """`logits_distillation` in two halves: the assignment started now, the returned `finish()` waits for it
+    and computes the loss."""
+    return KDMatching(student, teacher, mapping, cfg).loss

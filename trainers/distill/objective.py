@@ -1,14 +1,15 @@
 """The distillation training objective: detection loss of the student plus the configured KD terms.
 
-L = L_det(student, GT) + lambda_logits L_logits + lambda_feat L_feat + lambda_qp L_query_prior   (detrdistill)
+L = L_det(student, GT) + lambda_logits L_logits + lambda_feat L_feat + lambda_qp L_query_prior
+    + lambda_cl L_contrastive                                                                   (detrdistill)
 L = L_det(student, GT) + L_baseline                                                          (fitnet/fgd/mgd)
 
 The teacher is frozen: eval mode, no gradients, not in the optimizer, not in the student's checkpoint.
 Terms whose weight is 0 are not computed at all, so with every weight at 0 the objective is exactly the
 plain student's (same forward, same loss, same gradients).
 
-A step's Hungarian assignments (the teacher's to the ground truth for the query prior, the student's for its
-detection loss, the teacher-student one of the logits term) are each started as soon as its predictions are
+A step's Hungarian assignments (the student's to the ground truth for its detection loss, the query group's
+for the query prior, the teacher-student one of the logits and contrastive terms) are each started as soon as its predictions are
 there and collected only where its loss is built: on a GPU the host queues the other terms while it solves
 them (accel.start_on_host). `__call__` runs a step's parts in order; accel.teacher_ahead.RunAhead runs the
 same parts with the teacher's forward on the next batch queued in between.
@@ -22,7 +23,8 @@ from torch import nn
 from trainers.config import DistillConfig
 from trainers.criterion import float32_losses
 from trainers.distill.feature import feature_adapters, feature_distillation
-from trainers.distill.logits import start_logits_distillation
+from trainers.distill.contrastive import ContrastiveHead, contrastive_distillation
+from trainers.distill.logits import KDMatching
 from trainers.distill.mapping import layer_mapping
 from trainers.distill.query_prior import query_prior_indices, query_prior_loss, query_prior_total
 from trainers.models.output import DecoderPredictions, DetectorOutput, QueryGroup
@@ -35,12 +37,13 @@ class Step:
     and `add_student`."""
     t_out: DetectorOutput
     t_pred: Optional[DecoderPredictions]  # DETRDistill's (the baselines read features only)
-    teacher_matching: Optional[Callable]  # the teacher's assignment to the ground truth (query prior)
+    teacher_matching: Optional[Callable]  # the teacher's assignment to the ground truth (query prior "teacher")
     queries: Optional[QueryGroup]  # the teacher's query group, decoded by the student (query prior)
     s_out: Optional[DetectorOutput] = None
     s_pred: Optional[DecoderPredictions] = None
     student_matching: Optional[Callable] = None
-    finish_logits: Optional[Callable] = None  # the logits term, its teacher-student assignment started
+    group_matching: Optional[Callable] = None  # the query group's own assignment (query prior "self")
+    kd: Optional[KDMatching] = None  # the teacher-student assignment of the logits and contrastive terms
 
 
 class DistillationLoss:
@@ -63,10 +66,16 @@ class DistillationLoss:
             from trainers.distill.baselines import build_baseline
             self.trainable["baseline"] = build_baseline(cfg.method, student_dim, teacher_dim, num_levels,
                                                         cfg.baseline.weight)
-        # the logits term's teacher-student assignment is the long CPU wait of a step, which the teacher's
-        # forward on the next batch can fill (accel.teacher_ahead.RunAhead)
-        self.logits_term = cfg.method == "detrdistill" and cfg.logits.weight > 0
-        self.query_prior = cfg.method == "detrdistill" and cfg.query_prior.weight > 0
+        detrdistill = cfg.method == "detrdistill"
+        self.logits_term = detrdistill and cfg.logits.weight > 0
+        self.contrastive = detrdistill and cfg.contrastive.weight > 0
+        if self.contrastive:
+            self.trainable["contrastive_head"] = ContrastiveHead(student_dim, teacher_dim, cfg.contrastive.dim)
+        # the teacher-student assignment is the long CPU wait of a step, which the teacher's forward on the next
+        # batch can fill (accel.teacher_ahead.RunAhead)
+        self.kd_matching = self.logits_term or self.contrastive
+        self.query_prior = detrdistill and cfg.query_prior.weight > 0
+        self.prior_from_teacher = self.query_prior and cfg.query_prior.assignment == "teacher"
 
     def to(self, device):
         self.teacher.to(device)
@@ -88,24 +97,27 @@ class DistillationLoss:
 
     def begin(self, t_out, targets) -> Step:
         """A step from the teacher's output: its predictions as the terms read them, its assignment to the
-        ground truth started (query prior), its query group for the student."""
+        ground truth started (query prior "teacher"), its query group for the student."""
         with float32_losses(t_out.predictions.logits.device):  # cast once (under amp), as every term reads them
             t_pred = t_out.predictions.float() if self.cfg.method == "detrdistill" else None
-            teacher_matching = self.criterion.start_indices(t_pred, targets) if self.query_prior else None
+            teacher_matching = self.criterion.start_indices(t_pred, targets) if self.prior_from_teacher else None
         return Step(t_out, t_pred, teacher_matching, t_out.queries.detach() if self.query_prior else None)
 
     def add_student(self, step: Step, s_out, targets) -> None:
-        """The student's output into `step`: its predictions, its assignment to the ground truth and the logits
-        term's to the teacher started (on a GPU the latter is solved on the helper thread after the former)."""
+        """The student's output into `step`: its predictions, its assignment to the ground truth (and the query
+        group's own, query prior "self") and the teacher-student one started (on a GPU solved on the helper
+        thread, one after the other)."""
         with float32_losses(s_out.predictions.logits.device):
             step.s_out, step.s_pred = s_out, s_out.predictions.float()
             step.student_matching = self.criterion.start_indices(step.s_pred, targets)
-            if self.logits_term:
-                step.finish_logits = start_logits_distillation(step.s_pred, step.t_pred, self.mapping, self.cfg.logits)
+            if self.query_prior and not self.prior_from_teacher:
+                step.group_matching = self.criterion.start_indices(s_out.extra.float(), targets)
+            if self.kd_matching:
+                step.kd = KDMatching(step.s_pred, step.t_pred, self.mapping, self.cfg.logits)
 
     def losses(self, step: Step, images, targets) -> dict:
         """Detection loss and the KD terms (float32), each assignment collected where its loss needs it, the
-        logits term's last."""
+        teacher-student one last."""
         cfg, s_out, t_out = self.cfg, step.s_out, step.t_out
         with float32_losses(images.device):
             kd = {}
@@ -117,14 +129,22 @@ class DistillationLoss:
                 kd[f"kd_{cfg.method}"] = self.trainable["baseline"](
                     [f.float() for f in s_out.features], [f.detach().float() for f in t_out.features],
                     s_out.masks, targets, tuple(images.shape[-2:]))
-            teacher_indices = step.teacher_matching() if step.teacher_matching is not None else None
+            group_indices = None  # what supervises the query group at each student layer
+            if step.teacher_matching is not None:
+                group_indices = query_prior_indices(step.teacher_matching(), self.mapping)
+            elif step.group_matching is not None:
+                group_indices = step.group_matching()
             losses, qp = self._detection_and_query_prior(step.s_pred, s_out.extra, targets, step.student_matching(),
-                                                         teacher_indices)
+                                                         group_indices)
             if qp is not None:
                 kd.update(qp)
-            if step.finish_logits is not None:  # the assignment solved meanwhile
-                kd = {**step.finish_logits(), **kd}
-            weighted = [v for k, v in kd.items() if k in ("kd_logits", "kd_feature", "kd_query_prior")
+            if step.kd is not None and self.logits_term:  # the assignment solved meanwhile
+                kd = {**step.kd.loss(), **kd}
+            if step.kd is not None and self.contrastive:
+                kd.update(contrastive_distillation(self.trainable["contrastive_head"], s_out.hidden, t_out.hidden,
+                                                   self.mapping, step.kd.pairs(), cfg.contrastive.weight,
+                                                   cfg.contrastive.temperature))
+            weighted = [v for k, v in kd.items() if k in ("kd_logits", "kd_feature", "kd_query_prior", "kd_contrastive")
                         or k == f"kd_{cfg.method}"]
             if weighted:
                 losses["loss_det"] = losses["loss"].detach()
@@ -132,24 +152,24 @@ class DistillationLoss:
             losses.update({k: v.detach() if torch.is_tensor(v) else v for k, v in kd.items()})
             return losses
 
-    def _detection_and_query_prior(self, s_pred, group, targets, student_indices, teacher_indices):
+    def _detection_and_query_prior(self, s_pred, group, targets, student_indices, group_indices):
         """-> (the student's set loss as SetCriterion returns it, the query-prior loss times its KD weight or None).
 
-        group: the extra query group's predictions [L_S, B, N_T, ...]; teacher_indices: the teacher's per-layer
-        assignment to the ground truth (None: query prior off). When the group has the student's own query
+        group: the extra query group's predictions [L_S, B, N_T, ...]; group_indices: per student layer the
+        assignment that supervises it (None: query prior off). When the group has the student's own query
         count (the paper's 300 and 300) both losses are one batched criterion call over 2 L_S groups, the
         student's layers then the group's: on a GPU the set loss's launches (forward and backward) are paid
         once a step, not twice."""
         criterion, scale = self.criterion, self.cfg.query_prior.weight
-        if teacher_indices is None:
+        if group_indices is None:
             return criterion(s_pred, targets, indices=student_indices), None
         # other query counts, or indices for another depth (the criterion's own call then names the mismatch)
         if group.logits.shape[2:] != s_pred.logits.shape[2:] or len(student_indices) != s_pred.num_layers:
             return (criterion(s_pred, targets, indices=student_indices),
-                    query_prior_loss(group, teacher_indices, targets, self.mapping, criterion, scale))
+                    query_prior_loss(group, group_indices, targets, criterion, scale))
         layers = s_pred.num_layers
         terms = criterion.layer_losses(torch.cat([s_pred.logits, group.logits.float()]),
                                        torch.cat([s_pred.boxes, group.boxes.float()]), targets,
-                                       list(student_indices) + query_prior_indices(teacher_indices, self.mapping))
+                                       list(student_indices) + list(group_indices))
         return (criterion.summed({k: v[:layers] for k, v in terms.items()}),
                 query_prior_total({k: v[layers:] for k, v in terms.items()}, criterion, scale))

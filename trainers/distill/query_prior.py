@@ -1,27 +1,30 @@
-"""Query-prior assignment distillation (METHOD.md section 3).
+"""Query-prior assignment distillation (docs/method.md).
 
 DETR's bipartite assignment is unstable early in training. The teacher's learned initial queries go through
-the student's decoder as an extra, detached group; each of that group's queries is supervised by the ground
-truth that the teacher's own Hungarian matching assigned to the same teacher query (at the teacher layer
-mapped to the student layer). Unassigned queries are background. Training only.
+the student's decoder as an extra, detached group, supervised by the ground truth with the detection loss.
+Which ground truth each of its queries gets: its own Hungarian matching (assignment "self", Group-DETR style,
+what the official code runs), or the one the teacher's matching assigned to the same teacher query at the
+teacher layer mapped to the student layer (assignment "teacher", the paper's text). Unassigned queries are
+background. Training only.
 """
 from trainers.criterion import weighted_sum
 from trainers.models.output import DecoderPredictions
 
 
-def query_prior_loss(student_group: DecoderPredictions, teacher_indices: list, targets: list, mapping: list[int],
-                     criterion, scale: float = 1.0) -> dict:
-    """student_group: the extra group's predictions [L_S, B, N_T, ...]; teacher_indices[t][b] = (teacher query
-    idx, target idx) of the teacher's layer-t assignment to ground truth. Returns the weighted detection loss
-    (focal, L1, GIoU as the criterion weights them) summed over student layers, times `scale` (the term's KD
-    weight), as 'kd_query_prior'."""
-    terms = criterion.layer_losses(student_group.logits, student_group.boxes, targets,
-                                   query_prior_indices(teacher_indices, mapping))  # every student layer in one go
+def query_prior_loss(student_group: DecoderPredictions, group_indices: list, targets: list, criterion,
+                     scale: float = 1.0) -> dict:
+    """student_group: the extra group's predictions [L_S, B, N_T, ...]; group_indices[s][b] = (group query idx,
+    target idx) supervising student layer s (its own matching, or `query_prior_indices` of the teacher's).
+    Returns the weighted detection loss (focal, L1, GIoU as the criterion weights them) summed over student
+    layers, times `scale` (the term's KD weight), as 'kd_query_prior'."""
+    terms = criterion.layer_losses(student_group.logits.float(), student_group.boxes.float(), targets,
+                                   group_indices)  # every student layer in one go
     return query_prior_total(terms, criterion, scale)
 
 
 def query_prior_indices(teacher_indices: list, mapping: list[int]) -> list:
-    """The assignment that supervises the group at each student layer s: the teacher's at layer mapping[s]."""
+    """Assignment "teacher": what supervises the group at each student layer s, the teacher's assignment at
+    layer mapping[s] (teacher_indices[t][b] = (teacher query idx, target idx))."""
     return [teacher_indices[t] for t in mapping]
 
 
