@@ -163,3 +163,24 @@ def test_validate_plan_lists_trials_and_what_the_store_holds(workdir, capsys):
     assert lines[3].split()[0] == "distill.method=detrdistill" and distilled in lines[3]
     assert lines[3].endswith("to train") and "resnet18 6+6 layers, 50 epochs" in lines[3]
     assert tree(workdir) == before
+
+
+@pytest.mark.parametrize("spec", PAPER_SPECS, ids=lambda p: p.stem)
+def test_paper_specs_follow_the_official_recipe(spec, workdir):
+    """ImageNet backbones, the 500-iteration warm-up from 0.001 x lr and fp32, for every teacher and student."""
+    from orchestrator.spec import expand_trials, load_spec
+    trials = expand_trials(load_spec(spec, ["data.format=synthetic"]))
+    configs = [t.config for t in trials] + [t.teacher.config for t in trials if t.teacher is not None]
+    for config in configs:
+        assert config.model.backbone_weights == "imagenet", config.name
+        assert (config.schedule.warmup_iters, config.schedule.warmup_ratio, config.schedule.amp) == (500, 0.001, False)
+    for config in (t.config for t in trials):
+        assert config.teacher is None or config.teacher.model.backbone_weights == "imagenet"
+
+
+def test_the_official_recipe_switches_validate(workdir, capsys):
+    args = ["validate", str(REPO / "experiments" / "quickstart.yaml"), "--set", "distill.contrastive.weight=0.2",
+            "--set", "distill.query_prior.assignment=self", "--set", "student.model.backbone_weights=imagenet"]
+    assert main(args) == 0
+    assert main(args[:-2] + ["--set", "distill.query_prior.assignment=group"]) == 2
+    assert "distill.query_prior.assignment" in capsys.readouterr().err
