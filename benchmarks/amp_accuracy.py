@@ -2,8 +2,7 @@
 
     python benchmarks/amp_accuracy.py --families conditional_detr --seeds 0 1
 
-Trains the README's small config (tests/test_learning.py: small_config, ~5 min a run on 2 CPU cores in
-float32) three ways per family and seed, and prints the last epoch's mean train loss and the val AP / AP50:
+Trains the small config (tests/test_learning.py: small_config; minutes a run on a CPU, in float32) three ways per family and seed, and prints the last epoch's mean train loss and the val AP / AP50:
 - fp32: amp off;
 - bf16: amp as the engine runs it on CUDA (bf16 autocast, weights as bf16 copies, float32 LayerNorm outputs);
 - bf16-ln: the same with amp_layer_norm bfloat16.

@@ -17,7 +17,7 @@
 #           bf16, a bf16 residual stream, no cast of its outputs before each bf16 matrix product), timed
 #           interleaved, each / fp32 (~1 min; BF16_TIMEOUT, default 120 s); then, in a process of its own (a CUDA
 #           error of a graph sticks to its process), fp32 beside the three with the training forward and
-#           backward replayed from CUDA graphs (-graph: schedule.cuda_graph; the host then issues only losses,
+#           backward replayed from CUDA graphs (-graph: runtime.cuda_graph; the host then issues only losses,
 #           matching and optimizer): fp32-graph / fp32 and bf16*-graph / fp32-graph (~1.5 min; BF16_GRAPH_TIMEOUT,
 #           default 120 s). bf16-cudnn-sdp and bf16-nhwc, measured on 2026-11-27, did not help (--dtypes takes them)
 # b8        Conditional DETR at batch 8 (scale paper_b8, fp32 / bf16 / bf16-ln, ~40 s): a batch-2 step waits on its
@@ -32,7 +32,7 @@
 # step      benchmarks/step.py at paper scale: ours vs transformers, fp32 and bf16
 # distill   benchmarks/step.py --distill at paper scale: distillation step vs the floor, first with CUDA graphs
 #           (DISTILL_GRAPH_DTYPES, default bf16-graph: the student's step and the teacher's forward replayed,
-#           schedule.cuda_graph and teacher_cuda_graph; an eager dtype there, e.g. bf16, gets "graphed" rows:
+#           runtime.cuda_graph and teacher_cuda_graph; an eager dtype there, e.g. bf16, gets "graphed" rows:
 #           the teacher's forward alone graphed) (~2 min; DISTILL_GRAPH_TIMEOUT, default 200 s); then
 #           benchmarks/gil_threads.py --solve: 12 assignments solved on the pool's threads alone and beside a
 #           thread dispatching CUDA operators, with the interpreter's switch interval at 5 ms and 0.1 ms (is the
@@ -43,11 +43,11 @@
 #           interpreter's switch interval for both tables (step.py --switch-interval)
 # layout    our steps again with channels_last backbones (does bf16 then beat fp32 where it did not?)
 # matching  benchmarks/matching.py with the host's cores
-# compile   ours through torch.compile as the engine's schedule.compile does (COMPILE_FAMILIES, default Conditional
+# compile   ours through torch.compile as the engine's runtime.compile does (COMPILE_FAMILIES, default Conditional
 #           DETR; COMPILE_DTYPES, default fp32 bf16 bf16-nhwc); the first step, compiling (~75 s a graph on an
 #           H200's host), is reported apart. 2026-11-27: compiled bf16 / fp32 = 1.11 for Conditional DETR; does
 #           a channels_last backbone (no cuDNN NCHW<->NHWC transposes around each bf16 convolution) change that?
-# distill-compile  the distillation table with --compile (student and teacher compiled, as schedule.compile),
+# distill-compile  the distillation table with --compile (student and teacher compiled, as runtime.compile),
 #           bf16 (the engine's dtype on CUDA): with the host no longer the bottleneck, does the KD overhead hide?
 # kd        experiments/synthetic_kd.yaml through benchmarks/run_local.py (teacher, then 10 students at once)
 # Each stage has its own time limit and writes its log under $OUT, so one that fails or runs long loses
@@ -62,7 +62,7 @@
 # threads?)), then `profile nolt` (~3 min) or
 # `tests-compiled` with what is left, on the still warm machine. The header's `numba` says whether the
 # parallel assignment solver runs there (else scipy, one problem after another). Needs no network: pydantic
-# and pycocotools travel as wheels in .whl/ (see README).
+# and pycocotools travel as wheels in .whl/ (see docs/performance.md).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
@@ -115,7 +115,7 @@ if has bf16; then
     timeout ${BF16_TIMEOUT:-120} $PY benchmarks/step.py --scale paper --steps 10 --warmup 3 --ours-only \
         --dtypes fp32 bf16 bf16-ln --json "$OUT/bf16.json" 2>&1 | tee "$OUT/bf16.txt"
     # apart: a graph that went wrong (a CUDA error that sticks to the process) cannot take the eager rows with it
-    stamp "the same replayed from CUDA graphs (schedule.cuda_graph), beside eager fp32"
+    stamp "the same replayed from CUDA graphs (runtime.cuda_graph), beside eager fp32"
     timeout ${BF16_GRAPH_TIMEOUT:-120} $PY benchmarks/step.py --scale paper --steps 10 --warmup 3 --ours-only \
         --dtypes fp32 fp32-graph bf16-graph bf16-ln-graph --json "$OUT/bf16_graph.json" 2>&1 | tee "$OUT/bf16_graph.txt"
 fi

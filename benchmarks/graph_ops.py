@@ -3,7 +3,7 @@
     python benchmarks/graph_ops.py                       # tiny6 (the paper's depths and queries), every family
     python benchmarks/graph_ops.py --families conditional_detr --dtype bf16
 
-At batch 2 a GPU step waits on its host, which issues each operator (README, "The steps wait on the host"). With
+At batch 2 a GPU step waits on its host, which issues each operator (docs/performance.md). With
 runtime.cuda_graph and teacher_cuda_graph the student's forward and backward and the teacher's forward are one
 launch each; what is left to the host are the losses, the matching, the graphs' hand-over and the optimizer.
 Counted here on the CPU, the graphs emulated (tests/graph_emulation.py: a replay runs the captured operators

@@ -26,7 +26,7 @@ PLOT = "plot.png"
 LIGHT_BACKBONES = ("resnet18", "resnet34", "mobilenet_v2")
 PAPER_HEADER = "COCO paper ΔAP"
 
-# COCO val2017 AP gains of DETRDistill over the same student without distillation, as METHOD.md ("The paper's
+# COCO val2017 AP gains of DETRDistill over the same student without distillation, as docs/method.md ("The paper's
 # results") gives them: by student family for ResNet-50 students (Deformable DETR from the official README,
 # AdaMixer and Conditional DETR from summaries of the paper), for light backbones, and for each component
 # alone (logits, feature, query prior). These are COCO numbers at paper scale, shown beside ours for shape,

@@ -44,7 +44,7 @@ def ref_bce(x, p):
 
 
 def ref_cost(x, bs, p, bt, w=(1.0, 5.0, 2.0)):
-    """x [N, C] logits, bs [N, 4], p [M, C] probs, bt [M, 4] -> [N, M] by the METHOD.md formula."""
+    """x [N, C] logits, bs [N, 4], p [M, C] probs, bt [M, 4] -> [N, M] by the formula of docs/method.md."""
     N, M = x.shape[0], p.shape[0]
     c = np.zeros((N, M))
     for n in range(N):

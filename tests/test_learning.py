@@ -15,7 +15,7 @@ OVERFIT_EPOCHS = {"conditional_detr": 300, "deformable_detr": 150, "adamixer": 2
 
 
 def small_model(family):
-    # frozen_bn: the setting these figures were measured with (README, "Measured")
+    # frozen_bn: the setting these figures were measured with (docs/performance.md)
     kw = dict(family=family, backbone="resnet18", backbone_norm="frozen_bn", decoder_layers=2, num_queries=20,
               hidden_dim=128, dropout=0.0)
     if family != "adamixer":

@@ -218,7 +218,7 @@ def _checkpoint_issues(checkpoint: str) -> list[Issue]:
 
 def _kd_issues(distill: DistillConfig, teacher: Optional[ModelConfig], student: Optional[ModelConfig]
                ) -> list[Issue]:
-    """Impossible teacher/student combinations (METHOD.md: layer mapping, query prior, feature maps). Each
+    """Impossible teacher/student combinations (docs/method.md: layer mapping, query prior, feature maps). Each
     check runs when the models it reads are valid (None: invalid, reported elsewhere)."""
     issues = []
     at, mapping = ("distill", "layer_mapping"), distill.layer_mapping

@@ -1,4 +1,4 @@
-"""Feature-level KD baselines designed for CNN detectors (METHOD.md "Comparison baselines"): FitNet, FGD, MGD.
+"""Feature-level KD baselines designed for CNN detectors (docs/method.md, "Baselines"): FitNet, FGD, MGD.
 
 They distill the multi-scale maps that enter the transformer. Every loss is called with lists over levels j:
     student_features [B, d_S, H_j, W_j], teacher_features [B, d_T, H_j, W_j] (detached here as well),

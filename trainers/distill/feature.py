@@ -1,4 +1,4 @@
-"""Target-aware feature distillation (METHOD.md section 2).
+"""Target-aware feature distillation (docs/method.md).
 
 Plain imitation of the whole feature map does not help DETRs. The teacher's decoder queries say where the
 useful features are: each teacher decoder layer's top-K (query, class) pairs, weighted by a quality score
