@@ -36,7 +36,7 @@ from orchestrator.plan import (CHECKPOINT, LOG, TRIAL, Node, Plan, build_plan, r
                                           spec_text)
 from orchestrator.spec import Spec
 from orchestrator.store_trial import train_in_store
-from orchestrator.tracking import TAG, Tracker
+from orchestrator.tracking import TAG, Tracker, runs_page
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
 POLL_S = 0.25  # how long the driver waits on the tasks before emptying the mailbox again
@@ -56,10 +56,12 @@ def absolute_tracking_uri(uri: str) -> str:
     return uri
 
 
-def ui_command(tracking_uri: str) -> str:
+def ui_command(tracking_uri: str, experiment_id: str) -> str:
+    """How to see an experiment's runs in MLflow's UI: the server's page of its runs table."""
+    page = runs_page(experiment_id)
     if tracking_uri.startswith(("http://", "https://")):
-        return f"open {tracking_uri} (an MLflow server)"
-    return f"mlflow ui --backend-store-uri {tracking_uri}"
+        return f"{tracking_uri.rstrip('/')}/{page}"
+    return f"mlflow ui --backend-store-uri {tracking_uri}, then http://127.0.0.1:5000/{page}"
 
 
 def quiet_logging() -> None:
@@ -641,10 +643,8 @@ class _Driver:
                   f"checkpoint in {self.plan.store}.\nResume with:  detrdistill resume {self.experiment}"
                   f"{self._same_place_flags()}", file=out, flush=True)
             return None
-        table = tables.table_for_parent(self.tracker, self.parent_id, self.spec)
-        paths = tables.write_outputs(table, self.options.results_dir / self.experiment)
-        for path in paths:
-            self.tracker.log_artifact(self.parent_id, path)
+        table, paths = tables.write_parent_outputs(self.tracker, self.parent_id, self.spec,
+                                                   self.options.results_dir / self.experiment)
         failed = [s for s in states if s.state == "failed"]
         self.tracker.finish_parent(self.parent_id, status="FAILED" if failed else "FINISHED")
         print("\n" + tables.render(table, "md"), file=out)
@@ -654,7 +654,8 @@ class _Driver:
             for s in failed:
                 print(f"  {s.node.name} ({s.node.hash}): {s.reason}\n    log: {self.plan.workdir(s.node.hash) / LOG}",
                       file=out)
-        print(f"\nMLflow UI on these runs:  {ui_command(self.tracker.tracking_uri)}", file=out, flush=True)
+        print(f"\nMLflow UI on these runs:  {ui_command(self.tracker.tracking_uri, self.tracker.experiment_id)}",
+              file=out, flush=True)
         return table
 
     def _same_place_flags(self) -> str:

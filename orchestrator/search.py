@@ -633,9 +633,8 @@ class _Search:
         if spans:  # none when every cell had finished before this resume
             self.tracker.log_metric(self.parent_id, "concurrency_max", self.outcome.concurrency)
         if len(self.cells) > 1 or self.spec.table is not None:
-            table = tables.table_for_parent(self.tracker, self.parent_id, self.spec)
-            for path in tables.write_outputs(table, self.options.results_dir / self.experiment):
-                self.tracker.log_artifact(self.parent_id, path)
+            table, _ = tables.write_parent_outputs(self.tracker, self.parent_id, self.spec,
+                                                   self.options.results_dir / self.experiment)
             print("\n" + tables.render(table, "md"), file=out)
         failed = [c for c in cells if c.best is None]
         self.tracker.finish_parent(self.parent_id, status="FAILED" if failed else "FINISHED")
@@ -653,7 +652,8 @@ class _Search:
             print(f"\nconcurrency: max {self.outcome.concurrency} of max_concurrent {self.max_concurrent} "
                   f"(trials running at once, from each start to its last report)", file=out)
         print(f"Optuna dashboard:  optuna-dashboard {self.db_uri}", file=out)
-        print(f"MLflow UI on these runs:  {ui_command(self.tracker.tracking_uri)}", file=out, flush=True)
+        print(f"MLflow UI on these runs:  {ui_command(self.tracker.tracking_uri, self.tracker.experiment_id)}",
+              file=out, flush=True)
         self.outcome.exit_code = EXIT_FAILED if failed else EXIT_OK
         return self.outcome
 

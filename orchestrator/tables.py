@@ -1,4 +1,4 @@
-"""MLflow runs -> paper-style tables (Markdown, CSV, LaTeX) and a plot.
+"""MLflow runs -> paper-style tables (Markdown, CSV, LaTeX), a plot of the table and the trials' learning curves.
 
 The source is always MLflow: the children of an experiment's parent run, a trial's value being the last
 logged value of each metric. Rows and columns come from the spec's `table` block (dotted keys, `variant`,
@@ -67,6 +67,7 @@ class Trial:
     cells: list[dict[str, Any]]
     metrics: dict[str, float]
     params: dict[str, str]
+    run_id: str = ""
 
 
 @dataclasses.dataclass
@@ -112,7 +113,7 @@ def trials_of(tracker: Tracker, parent_id: str) -> list[Trial]:
         axes = {k.removeprefix("axis."): _parse(v) for k, v in tags.items() if k.startswith("axis.")}
         cells = json.loads(tags[f"{TAG}cells"]) if f"{TAG}cells" in tags else [axes] if axes else []
         trials.append(Trial(run.info.run_name, tags.get(f"{TAG}kind", "trial"), tags.get(f"{TAG}status", ""),
-                            cells, dict(run.data.metrics), dict(run.data.params)))
+                            cells, dict(run.data.metrics), dict(run.data.params), run.info.run_id))
     return trials
 
 
@@ -313,49 +314,112 @@ def render_latex(table: Table) -> str:
     return "\n".join(out) + "\n"
 
 
-def plot(table: Table, path: Path) -> Path:
-    """The first metric against the first row key, one line per column value (and per value of the
-    other row keys), with the std over seeds as error bars."""
+def _pyplot():
     import matplotlib
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
+    return plt
 
-    metric = table.metrics[0]
-    xs = []  # the first row key's values, in table order
+
+def _numeric(values: list) -> bool:
+    return bool(values) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+
+
+def _series(table: Table, metric: str) -> tuple[list[tuple], list[tuple[str, list]]]:
+    """(x values: the first row key's, in table order; [(label, [(x index, mean, std)])] one series per column
+    value and value of the other row keys)."""
+    xs, rests = [], []
     for row in table.rows:
-        if row[:1] not in xs:
-            xs.append(row[:1])
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+        xs += [row[:1]] if row[:1] not in xs else []
+        rests += [row[1:]] if row[1:] not in rests else []
+    series = []
     for c, column in enumerate(table.columns):
-        rest_values = []
-        for row in table.rows:
-            if row[1:] not in rest_values:
-                rest_values.append(row[1:])
-        for rest in rest_values:
+        for rest in rests:
             points = [(xs.index(row[:1]), *table.mean_std(r, c, metric)) for r, row in enumerate(table.rows)
                       if row[1:] == rest]
-            points = [(x, m, s) for x, m, s in points if m is not None]
-            if not points:
-                continue
+            points = [(x, m, s or 0.0) for x, m, s in points if m is not None]
             label = " ".join([f"{table.column_key}={_show(column)}"] * bool(table.column_key)
                              + [f"{k}={_show(v)}" for k, v in zip(table.row_keys[1:], rest)]) or metric
-            ax.errorbar([p[0] for p in points], [100 * p[1] for p in points],
-                        yerr=[100 * (p[2] or 0.0) for p in points], marker="o", capsize=3, label=label)
-    ax.set_xticks(range(len(xs)), [" ".join(_show(v) for v in x) or "all" for x in xs])
+            if points:
+                series.append((label, points))
+    return xs, series
+
+
+def plot(table: Table, path: Path) -> Path:
+    """The table's figure (table_figure) as a PNG."""
+    fig = table_figure(table)
+    fig.savefig(path)
+    _pyplot().close(fig)
+    return path
+
+
+def table_figure(table: Table):
+    """The first metric (mean over seeds, the sample std as error bars) against the first row key: lines when
+    its values are numbers (a depth, a weight), grouped bars when they are categories (methods, mappings)."""
+    plt = _pyplot()
+    metric = table.metrics[0]
+    xs, series = _series(table, metric)
+    numeric = _numeric([x[0] for x in xs if x])
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+    width = 0.8 / max(len(series), 1)
+    for i, (label, points) in enumerate(series):
+        at = [xs[x][0] if numeric else x + (i - (len(series) - 1) / 2) * width for x, _, _ in points]
+        means, stds = [100 * m for _, m, _ in points], [100 * s for _, _, s in points]
+        if numeric:
+            ax.errorbar(at, means, yerr=stds, marker="o", capsize=3, label=label)
+        else:
+            ax.bar(at, means, width, yerr=stds, capsize=3, label=label)
+    if not numeric:
+        ax.set_xticks(range(len(xs)), [" ".join(_show(v) for v in x) or "all" for x in xs])
     ax.set_xlabel(table.row_keys[0] if table.row_keys else "")
     ax.set_ylabel(f"{metric} (x100)")
     ax.set_title(table.title.split(": ")[0], fontsize=10)  # the experiment's name; the description is long
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
+    ax.grid(alpha=0.3, axis="y" if not numeric else "both")
+    if len(series) > 1:
         ax.legend(fontsize=8)
     fig.tight_layout()
+    return fig
+
+
+CURVES = "curves.png"
+CURVE_METRICS = ("AP", "train/loss")
+
+
+def histories(tracker: Tracker, trials: list[Trial]) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """Per trial (teachers too) the per-epoch values of CURVE_METRICS: {name: {metric: [(epoch, value)]}}."""
+    out = {}
+    for trial in trials:
+        if trial.run_id:
+            out[trial.name] = {k: sorted((m.step, m.value) for m in tracker.client.get_metric_history(trial.run_id, k))
+                               for k in CURVE_METRICS}
+    return out
+
+
+def plot_curves(curves: dict[str, dict[str, list[tuple[int, float]]]], title: str, path: Path) -> Path:
+    """Learning curves: AP and the training loss against the epoch, one line per trial."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(CURVE_METRICS), figsize=(11, 4.0), dpi=100)
+    for ax, metric in zip(axes, CURVE_METRICS):
+        scale = 100 if metric == "AP" else 1
+        for name, per_metric in curves.items():
+            points = per_metric.get(metric, [])
+            if points:
+                ax.plot([e for e, _ in points], [scale * v for _, v in points], marker="o", markersize=3, label=name)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(f"{metric} (x100)" if scale == 100 else metric)
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 3), fontsize=7)
+    fig.suptitle(f"{title}: learning curves", fontsize=10)
+    fig.tight_layout(rect=(0, 0.08 + 0.04 * ((len(labels) - 1) // 3), 1, 1))
     fig.savefig(path)
     plt.close(fig)
     return path
 
 
-def write_outputs(table: Table, out_dir: Path) -> list[Path]:
-    """results/<experiment>/table.{md,csv,tex} and plot.png."""
+def write_outputs(table: Table, out_dir: Path, curves: Optional[dict] = None) -> list[Path]:
+    """results/<experiment>/table.{md,csv,tex}, plot.png and, given the trials' histories, curves.png."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -363,6 +427,8 @@ def write_outputs(table: Table, out_dir: Path) -> list[Path]:
         (out_dir / name).write_text(render(table, fmt), encoding="utf-8")
         paths.append(out_dir / name)
     paths.append(plot(table, out_dir / PLOT))
+    if curves:
+        paths.append(plot_curves(curves, table.title.split(": ")[0], out_dir / CURVES))
     return paths
 
 
@@ -370,6 +436,17 @@ def write_outputs(table: Table, out_dir: Path) -> list[Path]:
 
 def table_for_parent(tracker: Tracker, parent_id: str, spec: Spec) -> Table:
     return build_table(spec, trials_of(tracker, parent_id))
+
+
+def write_parent_outputs(tracker: Tracker, parent_id: str, spec: Spec, out_dir: Path) -> tuple[Table, list[Path]]:
+    """The table of a parent run's trials, written with its plot and the trials' learning curves under
+    `out_dir`, and each file logged as an artifact of the parent run."""
+    trials = trials_of(tracker, parent_id)
+    table = build_table(spec, trials)
+    paths = write_outputs(table, out_dir, histories(tracker, trials))
+    for path in paths:
+        tracker.log_artifact(parent_id, path)
+    return table, paths
 
 
 def stored_spec(tracker: Tracker, parent_id: str) -> Spec:

@@ -41,6 +41,14 @@ from trainers import version
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 TAG = "detrdistill."
+EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
+
+
+def runs_page(experiment_id: str) -> str:
+    """The path (after the server's address) of an experiment's runs table in MLflow's UI. Without the
+    workflowType the UI opens on its GenAI pages (traces) whatever the experiment's kind: its sidebar mode comes
+    from the URL, else the browser's last choice, GenAI by default."""
+    return f"#/experiments/{experiment_id}?workflowType=machine_learning"
 LIBRARIES = ("torch", "ray", "mlflow", "optuna")  # whose versions every run records
 
 
@@ -112,6 +120,9 @@ class Tracker:
                               f"{', '.join(known) or 'none'}")
         self.experiment_id = found.experiment_id if found else self.client.create_experiment(
             experiment, artifact_location=local_artifact_location(self.tracking_uri, experiment))
+        if create and (found is None or found.tags.get(EXPERIMENT_KIND) != MODEL_TRAINING):
+            # MLflow's UI opens an experiment without this tag on its GenAI page (traces), not on the runs table
+            self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
         self.experiment = experiment
 
     # -- runs ---------------------------------------------------------------------------------------------

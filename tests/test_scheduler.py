@@ -44,7 +44,8 @@ def test_experiment_end_to_end_and_a_teacher_reused_by_the_next(ray_cluster, tin
     assert parent.info.status == "FINISHED" and parent.data.tags["detrdistill.kind"] == "experiment"
     client = MlflowClient(tracking_uri)
     assert {f.path for f in client.list_artifacts(parent.info.run_id)} == {
-        "spec.yaml", "table.md", "table.csv", "table.tex", "plot.png"}
+        "spec.yaml", "table.md", "table.csv", "table.tex", "plot.png", "curves.png"}
+    assert client.get_experiment_by_name("exp-a").tags["mlflow.experimentKind"] == "custom_model_development"
     assert set(runs) == {"teacher", "distill.method=none seed=0", "distill.method=detrdistill seed=0"}
     for name, run in runs.items():
         tags = run.data.tags

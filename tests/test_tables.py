@@ -128,3 +128,38 @@ def test_cells_a_trial_stands_for_and_component_numbers(tracking_uri, tmp_path, 
         tracker.set_status(run, "finished")
     _, lines = tables._grid(tables.table_for_parent(tracker, parent, spec), numeric=False)
     assert lines == [["0.0", "20.0", "21.0", "+1.0", ""], ["1.0", "20.0", "25.0", "+5.0", "kd +1.2"]]
+
+
+def test_numbers_are_lines_and_categories_bars(experiment):
+    """Decoder depth (a number) against AP: one line per method, the seeds' sample std as error bars. With the
+    method as the row key (a category): bars, one per method, each as high as the mean."""
+    spec, tracker, parent = experiment
+    fig = tables.table_figure(tables.table_for_parent(tracker, parent, spec))
+    ax = fig.axes[0]
+    series = {c.get_label(): c for c in ax.containers}  # ErrorbarContainer per line, BarContainer per bar group
+    assert not ax.patches and set(series) == {"distill.method=none", "distill.method=detrdistill"}
+    none = series["distill.method=none"].lines[0]  # the data line; [1], [2]: the error bars' caps and bars
+    assert list(none.get_xdata()) == [6, 2] and list(none.get_ydata()) == pytest.approx([31.0, 21.0])
+
+    by_method = parse_spec(SPEC.replace("rows: [student.model.decoder_layers], columns: distill.method",
+                                        "rows: [distill.method]"))
+    fig = tables.table_figure(tables.table_for_parent(tracker, parent, by_method))
+    bars = fig.axes[0].patches
+    kinds = {type(c).__name__: c for c in fig.axes[0].containers}
+    assert len(bars) == 2 and set(kinds) == {"BarContainer", "ErrorbarContainer"}
+    assert kinds["ErrorbarContainer"].lines[0] is None  # error bars on the bars, no line joining them
+    # none: seeds of both depths (0.30, 0.32, 0.20, 0.22); detrdistill: 0.34, 0.36, 0.25
+    assert [b.get_height() for b in bars] == pytest.approx([26.0, 31.666666])
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["none", "detrdistill"]
+
+
+def test_learning_curves_of_every_trial(experiment, tmp_path):
+    spec, tracker, parent = experiment
+    trials = tables.trials_of(tracker, parent)
+    curves = tables.histories(tracker, trials)
+    assert curves["6 none 0"]["AP"] == [(1, 0.01), (2, 0.30)] and curves["teacher"]["AP"] == [(1, 0.40)]
+    table, paths = tables.write_parent_outputs(tracker, parent, spec, tmp_path / "out")
+    assert [p.name for p in paths] == ["table.md", "table.csv", "table.tex", "plot.png", "curves.png"]
+    assert paths[-1].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    logged = {a.path for a in tracker.client.list_artifacts(parent)}
+    assert {"plot.png", "curves.png", "table.md"} <= logged
