@@ -301,6 +301,53 @@ def make_dataset(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", metavar="CHECKPOINT", help="a trial's checkpoint.pt (runs/<hash>/) or a "
+                        "transformers save_pretrained directory")
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    parser.add_argument("--out", required=True, metavar="DIR", help="folder for the drawn images (<stem>.png)")
+    parser.add_argument("--threshold", type=float, default=0.3, metavar="T",
+                        help="draw detections scoring at least T (default 0.3)")
+
+
+def predict(args: argparse.Namespace) -> int:
+    """Draw a trained model's detections (boxes, class names, scores) on images."""
+    from trainers.predict import predict as draw_predictions
+    missing = [image for image in [args.checkpoint, *args.images] if not os.path.exists(image)]
+    if missing:
+        print(f"detrdistill predict: not found: {', '.join(missing)}", file=sys.stderr)
+        return EXIT_INVALID
+    for path in draw_predictions(args.checkpoint, args.images, args.out, args.threshold):
+        print(path)
+    return EXIT_OK
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", metavar="CHECKPOINT", help="a trial's checkpoint.pt or a transformers directory")
+    parser.add_argument("spec", metavar="SPEC", help="the spec whose data block names the validation split")
+    add_set_argument(parser)
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    """Evaluate a checkpoint on a spec's validation split: COCO box AP, AP50, AP75, APs, APm, APl (x100)."""
+    from trainers.predict import evaluate_checkpoint
+    if not os.path.exists(args.checkpoint):
+        print(f"detrdistill eval: not found: {args.checkpoint}", file=sys.stderr)
+        return EXIT_INVALID
+    try:
+        spec = load_spec(args.spec, args.overrides)
+    except SpecError as e:
+        _print_spec_error(e, f"eval {args.checkpoint} {args.spec}")
+        return EXIT_INVALID
+    try:
+        metrics = evaluate_checkpoint(args.checkpoint, spec.data)
+    except ValueError as e:
+        print(f"detrdistill eval: {e}", file=sys.stderr)
+        return EXIT_INVALID
+    print(" ".join(f"{k} {100 * v:.1f}" for k, v in metrics.items()))
+    return EXIT_OK
+
+
 Handler = Callable[[argparse.Namespace], int]
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Handler]] = {
     "validate": (add_validate_arguments, validate),
@@ -308,6 +355,8 @@ COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Handler]] =
     "resume": (add_resume_arguments, resume),
     "table": (add_table_arguments, table),
     "make-dataset": (add_make_dataset_arguments, make_dataset),
+    "predict": (add_predict_arguments, predict),
+    "eval": (add_eval_arguments, evaluate),
 }
 
 

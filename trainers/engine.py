@@ -249,7 +249,7 @@ def run_trial(config: TrialConfig, workdir: Path, report: Optional[Report] = Non
         history.append(metrics)
         payload = {"model": model.state_dict(), "epoch": epoch, "history": history,
                    "model_config": config.model.model_dump(mode="json"), "config": config.model_dump(mode="json"),
-                   "category_ids": list(train_set.category_ids),
+                   "category_ids": list(train_set.category_ids), "category_names": list(train_set.category_names),
                    "distill": extra.state_dict() if extra is not None else None}
         if not last:  # a finished trial is never resumed: its optimizer state would double the file for nothing
             payload.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), rng=rng_state())
