@@ -274,6 +274,8 @@ def add_make_dataset_arguments(parser: argparse.ArgumentParser) -> None:
                         help="1 to K objects per image (default 8; fewer is easier)")
     parser.add_argument("--min-size", type=float, default=0.08, metavar="F",
                         help="smallest object's longer side / shorter image side (default 0.08; larger is easier)")
+    parser.add_argument("--classes", type=int, default=10, metavar="C",
+                        help="the first C of the ten shape classes (default 10; fewer is easier)")
 
 
 def make_dataset(args: argparse.Namespace) -> int:
@@ -285,7 +287,7 @@ def make_dataset(args: argparse.Namespace) -> int:
     from trainers.config import DataConfig
     from trainers.data.synthetic import make_synthetic, print_progress
     flags = {"synthetic_train": "train", "synthetic_val": "val", "synthetic_image_size": "image_size",
-             "synthetic_max_objects": "max_objects", "synthetic_min_size": "min_size"}
+             "synthetic_max_objects": "max_objects", "synthetic_min_size": "min_size", "synthetic_classes": "classes"}
     try:  # the bounds a spec's data.synthetic_* fields have, checked by the same model
         DataConfig(format="synthetic", **{field: getattr(args, flag) for field, flag in flags.items()})
     except ValidationError as e:
@@ -295,7 +297,7 @@ def make_dataset(args: argparse.Namespace) -> int:
                   file=sys.stderr)
         return EXIT_INVALID
     out = make_synthetic(args.out, args.train, args.val, args.seed, args.image_size, args.max_objects,
-                         args.min_size, progress=print_progress)
+                         args.min_size, progress=print_progress, classes=args.classes)
     print(f"{out}: {args.train} train / {args.val} val synthetic images at {args.image_size} px (seed {args.seed}); "
           f"annotations in {out}/annotations/")
     return EXIT_OK

@@ -207,7 +207,8 @@ def _data_task(key: str, data_json: dict, mailbox) -> str:
 
     ensure_synthetic(data_json["root"], data_json["synthetic_train"], data_json["synthetic_val"],
                      data_json["synthetic_seed"], data_json["synthetic_image_size"],
-                     data_json["synthetic_max_objects"], data_json["synthetic_min_size"], progress=progress)
+                     data_json["synthetic_max_objects"], data_json["synthetic_min_size"], progress=progress,
+                     classes=data_json["synthetic_classes"])
     return key
 
 

@@ -311,3 +311,21 @@ def test_ensure_synthetic_reuses_and_refuses_other_parameters(tmp_path):
     assert (root / "train" / "000000.jpg").stat().st_mtime_ns == stamp  # reused, not regenerated
     with pytest.raises(ValueError, match=r"min_size: 0.3 on disk, 0.08 wanted"):
         ensure_synthetic(root, train=3, val=1, seed=0, image_size=48, max_objects=2, progress=None)
+
+
+def test_fewer_synthetic_classes(tmp_path):
+    """synthetic_classes C: only the first C shape classes, as categories and as labels; the same seed draws the
+    same images otherwise (a box for box same layout, labels from a smaller range); another C is another dataset."""
+    from trainers.data import ensure_synthetic
+    few = make_synthetic(tmp_path / "few", train=20, val=2, seed=0, image_size=48, classes=3)
+    data = json.loads((few / "annotations" / "instances_train.json").read_text())
+    assert [c["name"] for c in data["categories"]] == list(SYNTHETIC_CLASSES[:3])
+    assert {a["category_id"] for a in data["annotations"]} == {1, 2, 3}
+    assert json.loads((few / "synthetic.json").read_text())["classes"] == 3
+    dataset = build_dataset(DataConfig(root=few, synthetic_train=20, synthetic_val=2, synthetic_image_size=48,
+                                       synthetic_classes=3), "train")
+    assert dataset.num_classes == 3
+    with pytest.raises(ValueError, match=r"classes: 3 on disk, 10 wanted"):
+        ensure_synthetic(few, train=20, val=2, seed=0, image_size=48, progress=None)
+    with pytest.raises(ValueError, match="classes <= 10"):
+        make_synthetic(tmp_path / "none", train=1, val=1, image_size=48, classes=11)

@@ -159,6 +159,7 @@ class DataConfig(StrictModel):
     synthetic_image_size: int = Field(256, ge=32)
     synthetic_max_objects: int = Field(8, ge=1)  # 1..N objects per image: fewer makes an easier task
     synthetic_min_size: float = Field(0.08, gt=0, lt=0.65)  # smallest object / shorter side: larger is easier
+    synthetic_classes: int = Field(10, ge=1, le=10)  # the first N shape classes: fewer makes an easier task
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     pad_size_divisor: int = Field(1, ge=1, description=(
         "Pad each batch's height and width up to a multiple of this (MMDetection's pad_size_divisor, "

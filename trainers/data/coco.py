@@ -150,7 +150,8 @@ def build_dataset(data_config: DataConfig, split: str) -> CocoDetection:
         try:
             ensure_synthetic(root, data_config.synthetic_train, data_config.synthetic_val,
                              data_config.synthetic_seed, data_config.synthetic_image_size,
-                             data_config.synthetic_max_objects, data_config.synthetic_min_size)
+                             data_config.synthetic_max_objects, data_config.synthetic_min_size,
+                             classes=data_config.synthetic_classes)
         except ValueError as e:
             raise DatasetError(str(e)) from None
     train = split == "train"

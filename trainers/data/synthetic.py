@@ -66,6 +66,7 @@ SHAPES = {
             15, (0,)),
 }
 CLASSES = tuple(SHAPES)
+IMPLIED = {"min_size": MIN_SIZE, "classes": len(CLASSES)}  # what a marker file without the key means
 
 
 def _object_mask(rng: np.random.Generator, name: str, size: float) -> np.ndarray:
@@ -135,15 +136,17 @@ def _contrasting_colour(rng: np.random.Generator, region_mean: np.ndarray) -> np
     return 255 - region_mean
 
 
-def draw_image(rng: np.random.Generator, image_size: int, max_objects: int, min_size: float = MIN_SIZE):
-    """-> (image uint8 [h, w, 3], objects [(label, [x, y, w, h] box of the visible pixels)])."""
+def draw_image(rng: np.random.Generator, image_size: int, max_objects: int, min_size: float = MIN_SIZE,
+               classes: int = len(CLASSES)):
+    """-> (image uint8 [h, w, 3], objects [(label, [x, y, w, h] box of the visible pixels)]); labels are among
+    the first `classes` of CLASSES."""
     long, short = image_size, max(1, round(image_size * rng.uniform(0.75, 1.0)))
     h, w = (long, short) if rng.random() < 0.5 else (short, long)
     image = _background(rng, h, w)
     owner = np.full((h, w), -1, dtype=np.int16)  # index of the topmost object on each pixel
     placed = []  # (label, x0, y0, x1, y1 of the full mask, mask pixel count)
     for _ in range(rng.integers(1, max_objects + 1)):
-        label = int(rng.integers(len(CLASSES)))
+        label = int(rng.integers(classes))
         size = min(h, w) * math.exp(rng.uniform(np.log(min_size), np.log(MAX_SIZE)))
         alpha = _object_mask(rng, CLASSES[label], size)
         mh, mw = alpha.shape
@@ -186,33 +189,34 @@ def _covered(box, by) -> float:
 
 
 def synthetic_params(train: int = 2000, val: int = 300, seed: int = 0, image_size: int = 256,
-                     max_objects: int = 8, min_size: float = MIN_SIZE) -> dict:
+                     max_objects: int = 8, min_size: float = MIN_SIZE, classes: int = len(CLASSES)) -> dict:
     """What the marker file records: everything the files depend on."""
     params = dict(generator="detrdistill.synthetic", version=GENERATOR_VERSION, train=train, val=val, seed=seed,
                   image_size=image_size, max_objects=max_objects)
-    if min_size != MIN_SIZE:  # recorded only when changed: datasets made before it existed stay valid
-        params["min_size"] = min_size
+    # recorded only when changed: datasets made before they existed stay valid
+    params.update({k: v for k, v in (("min_size", min_size), ("classes", classes)) if v != IMPLIED[k]})
     return params
 
 
 def make_synthetic(out_dir, train: int = 2000, val: int = 300, seed: int = 0, image_size: int = 256,
                    max_objects: int = 8, min_size: float = MIN_SIZE,
-                   progress: Optional[Callable[[str, int, int], None]] = None) -> Path:
+                   progress: Optional[Callable[[str, int, int], None]] = None, classes: int = len(CLASSES)) -> Path:
     """Write out_dir/{train,val}/NNNNNN.jpg, out_dir/annotations/instances_{train,val}.json (COCO instances)
     and the marker out_dir/synthetic.json (written last: its presence means the dataset is complete).
     progress(split, done, total) is called after every image. Returns out_dir."""
-    if min(train, val, max_objects) < 1 or image_size < 32 or not 0 < min_size < MAX_SIZE:
-        raise ValueError(f"make_synthetic needs train, val, max_objects >= 1, image_size >= 32 and "
-                         f"0 < min_size < {MAX_SIZE}")
+    if min(train, val, max_objects) < 1 or image_size < 32 or not 0 < min_size < MAX_SIZE or \
+            not 1 <= classes <= len(CLASSES):
+        raise ValueError(f"make_synthetic needs train, val, max_objects >= 1, image_size >= 32, "
+                         f"0 < min_size < {MAX_SIZE} and 1 <= classes <= {len(CLASSES)}")
     out = Path(out_dir)
     (out / "annotations").mkdir(parents=True, exist_ok=True)
-    categories = [dict(id=i + 1, name=n, supercategory="shape") for i, n in enumerate(CLASSES)]
+    categories = [dict(id=i + 1, name=n, supercategory="shape") for i, n in enumerate(CLASSES[:classes])]
     for split_index, (split, n) in enumerate(zip(SPLITS, (train, val))):
         (out / split).mkdir(exist_ok=True)
         images, annotations = [], []
         for i in range(n):
             rng = np.random.default_rng([seed, split_index, i])
-            pixels, objects = draw_image(rng, image_size, max_objects, min_size)
+            pixels, objects = draw_image(rng, image_size, max_objects, min_size, classes)
             name = f"{i:06d}.jpg"
             # JPEG like COCO: noisy images make PNGs ~6x larger and ~20x slower to write
             Image.fromarray(pixels).save(out / split / name, quality=90)
@@ -232,7 +236,7 @@ def make_synthetic(out_dir, train: int = 2000, val: int = 300, seed: int = 0, im
         with open(out / "annotations" / f"instances_{split}.json", "w") as f:
             json.dump(coco, f)
     with open(out / MARKER, "w") as f:
-        json.dump(synthetic_params(train, val, seed, image_size, max_objects, min_size), f, indent=1)
+        json.dump(synthetic_params(train, val, seed, image_size, max_objects, min_size, classes), f, indent=1)
     return out
 
 
@@ -244,7 +248,8 @@ def print_progress(split: str, done: int, total: int) -> None:
 
 def ensure_synthetic(root, train: int, val: int, seed: int, image_size: int, max_objects: int = 8,
                      min_size: float = MIN_SIZE,
-                     progress: Optional[Callable[[str, int, int], None]] = print_progress) -> Path:
+                     progress: Optional[Callable[[str, int, int], None]] = print_progress,
+                     classes: int = len(CLASSES)) -> Path:
     """Generate the dataset into `root` unless it is already there with the same parameters.
 
     Safe when several processes ask at once (parallel trials): each generates into a private folder and
@@ -252,11 +257,11 @@ def ensure_synthetic(root, train: int, val: int, seed: int, image_size: int, max
     holds something else.
     """
     root = Path(root)
-    wanted = synthetic_params(train, val, seed, image_size, max_objects, min_size)
+    wanted = synthetic_params(train, val, seed, image_size, max_objects, min_size, classes)
     if not root.exists() or (root.is_dir() and not any(root.iterdir())):
         tmp = root.parent / f".{root.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
-            make_synthetic(tmp, train, val, seed, image_size, max_objects, min_size, progress)
+            make_synthetic(tmp, train, val, seed, image_size, max_objects, min_size, progress, classes)
             try:
                 os.rename(tmp, root)  # atomic; fails if another process already put a complete one there
             except OSError:
@@ -269,8 +274,7 @@ def ensure_synthetic(root, train: int, val: int, seed: int, image_size: int, max
                          f"delete it or choose another data.root")
     found = json.loads(marker.read_text())
     if found != wanted:
-        implied = {"min_size": MIN_SIZE}  # what a marker without the key means
-        found, wanted = {**implied, **found}, {**implied, **wanted}
+        found, wanted = {**IMPLIED, **found}, {**IMPLIED, **wanted}
         diff = ", ".join(f"{k}: {found.get(k)!r} on disk, {v!r} wanted" for k, v in wanted.items()
                          if found.get(k) != v)
         raise ValueError(f"{root} holds a synthetic dataset made with other parameters ({diff}); "
