@@ -634,6 +634,23 @@ class _Driver:
         self.display.close()
         ray.kill(self.mailbox)
 
+    def _draw_predictions(self, count: int) -> list[Path]:
+        """results/<experiment>/predictions/: the first `count` validation images, every finished model's
+        detections side by side (teachers first), each sheet also an artifact of the parent run."""
+        from trainers.predict import side_by_side
+        done = sorted((n for n in self.plan.nodes.values() if self.plan.is_finished(n.hash)),
+                      key=lambda n: n.kind != "teacher")
+        if not done:
+            return []
+        data = done[0].config.data
+        folder = Path(data.root) / data.val_images
+        images = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))[:count]
+        paths = side_by_side({n.name: self.plan.workdir(n.hash) / CHECKPOINT for n in done}, images,
+                             self.options.results_dir / self.experiment / "predictions")
+        for path in paths:
+            self.tracker.log_artifact(self.parent_id, path, "predictions")
+        return paths
+
     def finish(self, interrupted: bool) -> Optional[tables.Table]:
         self.close()
         out, states = self.options.out, self.states.values()
@@ -646,6 +663,8 @@ class _Driver:
             return None
         table, paths = tables.write_parent_outputs(self.tracker, self.parent_id, self.spec,
                                                    self.options.results_dir / self.experiment)
+        if self.spec.table is not None and self.spec.table.predictions:
+            paths += self._draw_predictions(self.spec.table.predictions)
         failed = [s for s in states if s.state == "failed"]
         self.tracker.finish_parent(self.parent_id, status="FAILED" if failed else "FINISHED")
         print("\n" + tables.render(table, "md"), file=out)

@@ -337,7 +337,7 @@ def _series(table: Table, metric: str) -> tuple[list[tuple], list[tuple[str, lis
         for rest in rests:
             points = [(xs.index(row[:1]), *table.mean_std(r, c, metric)) for r, row in enumerate(table.rows)
                       if row[1:] == rest]
-            points = [(x, m, s or 0.0) for x, m, s in points if m is not None]
+            points = [(x, m, math.nan if s is None else s) for x, m, s in points if m is not None]  # one seed: no bar
             label = " ".join([f"{table.column_key}={_show(column)}"] * bool(table.column_key)
                              + [f"{k}={_show(v)}" for k, v in zip(table.row_keys[1:], rest)]) or metric
             if points:

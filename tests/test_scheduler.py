@@ -33,8 +33,14 @@ def steps(uri: str, run, key: str = "epoch_time") -> list[int]:
 def test_experiment_end_to_end_and_a_teacher_reused_by_the_next(ray_cluster, tiny_data_root, tmp_path,
                                                                 monkeypatch, tracking_uri, capsys):
     monkeypatch.chdir(tmp_path)
-    Path("a.yaml").write_text(tiny_spec(tiny_data_root, "exp-a", extra=DISTIL))
+    drawn = DISTIL.replace("baseline: {distill.method: none}}", "baseline: {distill.method: none}, predictions: 2}")
+    Path("a.yaml").write_text(tiny_spec(tiny_data_root, "exp-a", extra=drawn))
     assert main(["run", "a.yaml", "--tracking-uri", tracking_uri]) == 0
+    sheets = sorted(Path("results/exp-a/predictions").iterdir())
+    assert [p.name for p in sheets] == [f"{p.stem}.png" for p in sorted((tiny_data_root / "val").iterdir())[:2]]
+    from PIL import Image
+    sheet = Image.open(sheets[0])  # teacher, plain and distilled student side by side, each enlarged to >= 256 px
+    assert sheet.height >= 256 + 14 and sheet.width >= 3 * 256 + 8
     out = capsys.readouterr().out
     assert f"mlflow ui --backend-store-uri {tracking_uri}" in out and "| distill.method | AP | AP50 |" in out
 
@@ -44,7 +50,7 @@ def test_experiment_end_to_end_and_a_teacher_reused_by_the_next(ray_cluster, tin
     assert parent.info.status == "FINISHED" and parent.data.tags["detrdistill.kind"] == "experiment"
     client = MlflowClient(tracking_uri)
     assert {f.path for f in client.list_artifacts(parent.info.run_id)} == {
-        "spec.yaml", "table.md", "table.csv", "table.tex", "plot.png", "curves.png"}
+        "spec.yaml", "table.md", "table.csv", "table.tex", "plot.png", "curves.png", "predictions"}
     assert client.get_experiment_by_name("exp-a").tags["mlflow.experimentKind"] == "custom_model_development"
     assert set(runs) == {"teacher", "distill.method=none seed=0", "distill.method=detrdistill seed=0"}
     for name, run in runs.items():

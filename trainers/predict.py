@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import DataLoader, SequentialSampler
 from torchvision.transforms.v2 import functional as F
 
@@ -51,18 +51,23 @@ def detect(model, image: Image.Image, augment: AugmentConfig, threshold: float) 
                                                                   det["boxes"][keep])]
 
 
-def draw(image: Image.Image, detections: list, names: list[str], title: Optional[str] = None) -> Image.Image:
-    """The image with each detection's box, class name and score (and a title bar when given)."""
-    canvas = image.convert("RGB").copy()
+def draw(image: Image.Image, detections: list, names: list[str], title: Optional[str] = None,
+         scale: int = 1) -> Image.Image:
+    """The image (enlarged `scale` times, for small ones) with each detection's box, class name and score, and
+    a title bar when given."""
+    canvas = image.convert("RGB").resize((image.width * scale, image.height * scale), Image.Resampling.LANCZOS)
     pen = ImageDraw.Draw(canvas)
-    for score, label, (x0, y0, x1, y1) in detections:
+    font = ImageFont.load_default(size=max(10, min(canvas.size) // 24))
+    for score, label, box in detections:
+        x0, y0, x1, y1 = (v * scale for v in box)
         colour = COLOURS[label % len(COLOURS)]
         pen.rectangle([x0, y0, x1, y1], outline=colour, width=max(1, round(min(canvas.size) / 100)))
-        pen.text((x0 + 2, y0 + 1), f"{names[label]} {score:.2f}", fill=colour)
+        pen.text((x0 + 3, y0 + 2), f"{names[label]} {score:.2f}", fill=colour, font=font)
     if title:
-        framed = Image.new("RGB", (canvas.width, canvas.height + 14), "white")
-        framed.paste(canvas, (0, 14))
-        ImageDraw.Draw(framed).text((2, 1), title, fill="black")
+        bar = font.size + 6
+        framed = Image.new("RGB", (canvas.width, canvas.height + bar), "white")
+        framed.paste(canvas, (0, bar))
+        ImageDraw.Draw(framed).text((3, 2), title, fill="black", font=font)
         canvas = framed
     return canvas
 
@@ -79,6 +84,27 @@ def predict(checkpoint: Path, images: list[Path], out_dir: Path, threshold: floa
         drawn = draw(image, detect(model, image, augment, threshold), names, title)
         written.append(out_dir / f"{path.stem}.png")
         drawn.save(written[-1])
+    return written
+
+
+def side_by_side(checkpoints: dict[str, Path], images: list[Path], out_dir: Path, threshold: float = 0.3,
+                 min_side: int = 256) -> list[Path]:
+    """For each image, one PNG of the models' detections side by side (checkpoints: title -> checkpoint, in
+    panel order), small images enlarged to `min_side`; written as out_dir/<image stem>.png."""
+    models = {title: load(path) for title, path in checkpoints.items()}
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for path in map(Path, images):
+        image = Image.open(path).convert("RGB")
+        scale = max(1, -(-min_side // min(image.size)))
+        panels = [draw(image, detect(model, image, augment, threshold), names, title, scale)
+                  for title, (model, names, augment) in models.items()]
+        sheet = Image.new("RGB", (sum(p.width for p in panels) + 4 * (len(panels) - 1), panels[0].height), "white")
+        for i, panel in enumerate(panels):
+            sheet.paste(panel, (i * (panel.width + 4), 0))
+        written.append(out_dir / f"{path.stem}.png")
+        sheet.save(written[-1])
     return written
 
 

@@ -40,6 +40,9 @@ class TableSpec(StrictModel):
     columns: Optional[str] = None
     metrics: list[Metric] = Field(default_factory=lambda: ["AP", "AP50", "AP75"], min_length=1)
     baseline: Optional[dict[str, Any]] = None
+    predictions: int = Field(0, ge=0, description=(
+        "Draw this many validation images with every finished model's detections side by side (teachers "
+        "first) into results/<experiment>/predictions/, also artifacts of the parent run."))
 
 
 class ResourcesSpec(StrictModel):
