@@ -81,9 +81,13 @@ class Table:
     metrics: list[str]
     values: dict[tuple[int, int], dict[str, list[float]]]  # (row, column) -> metric -> one value per trial
     failed: dict[tuple[int, int], int]  # (row, column) -> trials that failed
-    delta: dict[tuple[int, int], float]  # (row, column) -> first metric minus its baseline cell's
+    # (row, column) -> first metric minus its baseline cell's: the mean of the per-seed differences when the
+    # two cells share seeds (paired), else the difference of the means
+    delta: dict[tuple[int, int], float]
     paper: dict[int, str]  # row -> the paper's numbers for it
     notes: list[str]
+    by_seed: dict[tuple[int, int], dict[Any, float]] = dataclasses.field(default_factory=dict)  # first metric
+    paired: dict[tuple[int, int], list[tuple[Any, float]]] = dataclasses.field(default_factory=dict)  # (seed, diff)
 
     def mean_std(self, r: int, c: int, metric: str) -> tuple[Optional[float], Optional[float]]:
         vals = self.values.get((r, c), {}).get(metric, [])
@@ -152,6 +156,7 @@ def build_table(spec: Spec, trials: list[Trial], title: Optional[str] = None) ->
 
     values: dict[tuple[int, int], dict[str, list[float]]] = {}
     failed: dict[tuple[int, int], int] = {}
+    by_seed: dict[tuple[int, int], dict[Any, float]] = {}
     paper: dict[int, dict[int, str]] = {}
     for trial, row, column in placed:
         at = (row_index[_key(row)], column_index[_key(column)])
@@ -163,6 +168,9 @@ def build_table(spec: Spec, trials: list[Trial], title: Optional[str] = None) ->
         for metric in table_spec.metrics:
             if metric in trial.metrics:
                 values.setdefault(at, {}).setdefault(metric, []).append(trial.metrics[metric])
+        if table_spec.metrics[0] in trial.metrics:
+            seed = next((cell["seed"] for cell in trial.cells if "seed" in cell), trial.name)
+            by_seed.setdefault(at, {})[seed] = trial.metrics[table_spec.metrics[0]]
         number = paper_number(trial.params)
         if number:
             paper.setdefault(at[0], {})[at[1]] = number
@@ -170,8 +178,9 @@ def build_table(spec: Spec, trials: list[Trial], title: Optional[str] = None) ->
     table = Table(
         title=title or f"{spec.name}" + (f": {spec.description}" if spec.description else ""),
         subtitle="", row_keys=row_keys, rows=rows, column_key=column_key, columns=columns,
-        metrics=list(table_spec.metrics), values=values, failed=failed, delta={}, paper={}, notes=[])
-    table.delta = _deltas(table, table_spec.baseline or {})
+        metrics=list(table_spec.metrics), values=values, failed=failed, delta={}, paper={}, notes=[],
+        by_seed=by_seed)
+    table.delta, table.paired = _deltas(table, table_spec.baseline or {})
     table.paper = {r: " · ".join(f"{_show(columns[c])} {n}" if column_key else n for c, n in sorted(by_col.items()))
                    for r, by_col in paper.items()}
     seeds = max((len(v) for cell in values.values() for v in cell.values()), default=0)
@@ -205,15 +214,16 @@ def _ordered(found: dict[str, Any], preferred: list) -> list:
     return ordered + [v for k, v in found.items() if k not in {_key(o) for o in ordered}]
 
 
-def _deltas(table: Table, baseline: dict[str, Any]) -> dict[tuple[int, int], float]:
-    """First metric of each cell minus that of its baseline cell: the cell with the baseline's values
-    substituted (e.g. the same row's distill.method=none)."""
+def _deltas(table: Table, baseline: dict[str, Any]) -> tuple[dict, dict]:
+    """First metric of each cell minus that of its baseline cell (the cell with the baseline's values
+    substituted, e.g. the same row's distill.method=none): (cell -> the mean of the per-seed differences over
+    the seeds both cells have, else the difference of their means; cell -> [(seed, difference)])."""
     if not baseline:
-        return {}
+        return {}, {}
     metric = table.metrics[0]
     row_index = {_key(r): i for i, r in enumerate(table.rows)}
     column_index = {_key(c): i for i, c in enumerate(table.columns)}
-    deltas = {}
+    deltas, paired = {}, {}
     for r, row in enumerate(table.rows):
         for c, column in enumerate(table.columns):
             base_row = tuple(baseline.get(k, v) if k in baseline else v for k, v in zip(table.row_keys, row))
@@ -221,11 +231,22 @@ def _deltas(table: Table, baseline: dict[str, Any]) -> dict[tuple[int, int], flo
             at = (row_index.get(_key(base_row)), column_index.get(_key(base_column)))
             if None in at or at == (r, c):
                 continue
-            mine, _ = table.mean_std(r, c, metric)
-            base, _ = table.mean_std(*at, metric)
-            if mine is not None and base is not None:
-                deltas[(r, c)] = mine - base
-    return deltas
+            mine, base = table.by_seed.get((r, c), {}), table.by_seed.get(at, {})
+            shared = sorted((seed for seed in mine if seed in base), key=lambda v: (isinstance(v, str), v))
+            if shared:
+                paired[(r, c)] = [(seed, mine[seed] - base[seed]) for seed in shared]
+                deltas[(r, c)] = sum(d for _, d in paired[(r, c)]) / len(shared)
+            elif table.mean_std(r, c, metric)[0] is not None and table.mean_std(*at, metric)[0] is not None:
+                deltas[(r, c)] = table.mean_std(r, c, metric)[0] - table.mean_std(*at, metric)[0]
+    return deltas, paired
+
+
+def paired_std(diffs: list[tuple[Any, float]]) -> Optional[float]:
+    """The sample standard deviation (ddof 1) of per-seed differences; None for fewer than two."""
+    if len(diffs) < 2:
+        return None
+    mean = sum(d for _, d in diffs) / len(diffs)
+    return math.sqrt(sum((d - mean) ** 2 for _, d in diffs) / (len(diffs) - 1))
 
 
 # ------------------------------------------------------------------------------------------- rendering
@@ -240,6 +261,9 @@ def _grid(table: Table, numeric: bool) -> tuple[list[str], list[list[str]]]:
             header += [f"{prefix(c)}{metric}"] + ([f"{prefix(c)}{metric} std"] if numeric else [])
     delta_columns = table.delta_columns()
     header += [f"{prefix(c)}{delta_name}" for c in delta_columns]
+    seed_columns = [c for c in delta_columns if any(len(table.paired.get((r, c), [])) > 1
+                                                    for r in range(len(table.rows)))]
+    header += [f"{prefix(c)}{delta_name} per seed" for c in seed_columns]
     with_paper = bool(table.paper)
     header += [PAPER_HEADER] if with_paper else []
 
@@ -257,9 +281,15 @@ def _grid(table: Table, numeric: bool) -> tuple[list[str], list[list[str]]]:
                 else:
                     line.append(f"{100 * mean:.1f}" + (f" ± {100 * std:.1f}" if std is not None else ""))
         for c in delta_columns:
-            d = table.delta.get((r, c))
-            # + 0.0 turns a -0.0 from rounding into 0.0
-            line.append("" if d is None else f"{100 * d:.3f}" if numeric else f"{round(100 * d, 1) + 0.0:+.1f}")
+            d, std = table.delta.get((r, c)), paired_std(table.paired.get((r, c), []))
+            if d is None:
+                line.append("")
+            elif numeric:
+                line.append(f"{100 * d:.3f}")
+            else:  # + 0.0 turns a -0.0 from rounding into 0.0
+                line.append(f"{round(100 * d, 1) + 0.0:+.1f}" + (f" ± {100 * std:.1f}" if std is not None else ""))
+        for c in seed_columns:
+            line.append(" / ".join(f"{_show(seed)}: {100 * d:+.1f}" for seed, d in table.paired.get((r, c), [])))
         if with_paper:
             line.append(table.paper.get(r, ""))
         lines.append(line)
