@@ -2,6 +2,7 @@
 (`mlflow server`), each its own process as in docker/compose.yaml, and the driver connecting to both; plus
 the clear, quick errors when either is not there or Ray refuses the driver."""
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -107,7 +108,8 @@ def test_an_experiment_on_a_ray_head_tracked_by_an_mlflow_server(ray_head, mlflo
     place = ["--ray-address", ray_head, "--tracking-uri", uri, "--store", str(tmp_path / "store")]
     done = driver(["run", "c.yaml", *place], tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert f"open {uri} (an MLflow server)" in done.stdout and "View run" not in done.stdout
+    assert re.search(rf"MLflow UI on these runs:  {re.escape(uri)}/#/experiments/\d+\?workflowType=machine_learning",
+                     done.stdout) and "View run" not in done.stdout
     assert not (tmp_path / "mlflow.db").exists()  # nothing went to a local database
 
     plan = build_plan(load_spec(tmp_path / "c.yaml"), tmp_path / "store")
